@@ -1,0 +1,87 @@
+"""InfLlavaConfig: the whole model in one frozen (hashable, jit-static) dataclass.
+
+pixels -> crops (DCM) -> vision tower -> DEM -> projector -> language model.
+`dem=None` is plain LLaVA-1.5 (one 336 px view, no crops).
+Serialised as our checkpoint's `config.json`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from infllava_jax.dem import DEMConfig
+from infllava_jax.llama import LlamaConfig
+from infllava_jax.vision import CLIPVisionConfig
+
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class InfLlavaConfig:
+    vision: CLIPVisionConfig
+    llm: LlamaConfig
+    dem: DEMConfig | None = None        # None: LLaVA-1.5 (no DCM/DEM)
+    select_layer: int = -2              # feature = hidden_states[-2] without CLS (SPEC 1)
+    image_token_index: int = -200
+    pad_token_id: int | None = None
+
+    @property
+    def sub_image_size(self) -> int:    # s = 336
+        return self.vision.image_size
+
+    @property
+    def grid(self) -> tuple[int, int]:  # nH x nW sub-images of size s
+        return (1, 1) if self.dem is None else (self.dem.grid_h, self.dem.grid_w)
+
+    @property
+    def image_size(self) -> tuple[int, int]:  # the high-resolution input (H, W) = (nH*s, nW*s)
+        nh, nw = self.grid
+        return nh * self.sub_image_size, nw * self.sub_image_size
+
+    @property
+    def tokens_per_image(self) -> int:  # 576 for CLIP-L/14-336
+        return (self.vision.image_size // self.vision.patch_size) ** 2
+
+    def replace(self, **kw) -> "InfLlavaConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["format_version"] = FORMAT_VERSION
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "InfLlavaConfig":
+        d = dict(d)
+        version = d.pop("format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise ValueError(f"config.json format_version={version}; this code reads {FORMAT_VERSION}")
+        return cls(vision=_build(CLIPVisionConfig, d.pop("vision"), "vision"),
+                   llm=_build(LlamaConfig, d.pop("llm"), "llm"),
+                   dem=None if d.get("dem") is None else _build(DEMConfig, d.pop("dem"), "dem"),
+                   **{k: v for k, v in d.items() if k != "dem"})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "InfLlavaConfig":
+        return cls.from_dict(json.loads(text))
+
+
+def _build(cls, d: dict[str, Any], where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"config.json: unknown field(s) {unknown} in '{where}'")
+    # JSON turns tuples into lists; dataclass fields must stay hashable.
+    return cls(**{k: _tuplify(v) for k, v in d.items()})
+
+
+def _tuplify(v):
+    if isinstance(v, list):
+        return tuple(_tuplify(x) for x in v)
+    if isinstance(v, dict):
+        return tuple((k, _tuplify(x)) for k, x in v.items())
+    return v

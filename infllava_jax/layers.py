@@ -1,0 +1,129 @@
+"""Building blocks shared by every module: logically-partitioned layers and the layer stack.
+
+Every parameter is created with logical axis names (`embed`, `mlp`, `heads`, `kv_heads`,
+`vocab`, `layers`, ...); `sharding.py` maps them to mesh axes with one rules table.
+Parameter leaves keep Flax names (`kernel` [in, out], `bias`, `scale`, `embedding`);
+module names follow Hugging Face (`q_proj`, `layer_norm1`, `fc1`, ...), so converting a
+PyTorch state dict is a key map plus transposes.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+LAYERS = "layers"  # logical name of the scanned layer axis
+
+# Named remat policies (config field `remat_policy`).
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,  # no rematerialisation
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "offload_dots": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+}
+
+
+def dense(features: int, axes: tuple[str | None, str | None], *, name: str, use_bias: bool = True,
+          dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+          kernel_init: Callable = nn.initializers.lecun_normal()) -> nn.Dense:
+    """nn.Dense whose kernel carries logical names `axes` = (in, out) and bias (out,)."""
+    return nn.Dense(
+        features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+        kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-1:]))
+
+
+def layer_norm(eps: float, *, name: str, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+    """nn.LayerNorm (scale, bias over the last axis, logical name `norm`); stats in fp32."""
+    return nn.LayerNorm(
+        epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))
+
+
+def layer_stack(parent_block: type[nn.Module], length: int, *, scan: bool, remat_policy: str,
+                name: str = LAYERS, **block_kwargs):
+    """`length` copies of `parent_block`, applied as `carry, ys = stack(carry, xs, bcast)`.
+
+    The block is called `block(carry, xs_i, bcast) -> (carry, ys_i)`: `xs` are per-layer
+    inputs with a leading layer axis (e.g. a KV cache, or None), `bcast` is shared by all
+    layers (masks, positions). With `scan=True` the parameters are stacked along a leading
+    `layers` axis under `name`; otherwise they live under `name_0`, `name_1`, ... and the
+    result is identical (`stack_layer_params` / `unstack_layer_params` convert the trees).
+    Must be called inside a compact method of the parent.
+    """
+    if remat_policy not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy={remat_policy!r}; expected one of {sorted(REMAT_POLICIES)}")
+    block = parent_block
+    if REMAT_POLICIES[remat_policy] is not None:
+        block = nn.remat(block, policy=REMAT_POLICIES[remat_policy], prevent_cse=not scan)
+    if scan:
+        scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                          in_axes=(0, nn.broadcast), out_axes=0, length=length,
+                          metadata_params={nn.PARTITION_NAME: LAYERS})
+        return scanned(**block_kwargs, name=name)
+
+    layers = [block(**block_kwargs, name=f"{name}_{i}") for i in range(length)]
+
+    def run(carry, xs, bcast):
+        ys = []
+        for i, layer in enumerate(layers):
+            carry, y = layer(carry, jax.tree.map(lambda a: a[i], xs), bcast)
+            ys.append(y)
+        return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+    return run
+
+
+def unstack_layer_params(tree: dict, name: str = LAYERS) -> dict:
+    """Scanned params (`name` with leading layer axis) -> unscanned (`name_0`, `name_1`, ...)."""
+    out = {}
+    for k, v in tree.items():
+        if k == name:
+            n = jax.tree.leaves(v)[0].shape[0]
+            for i in range(n):
+                out[f"{name}_{i}"] = jax.tree.map(lambda a: a[i], v)
+        elif isinstance(v, dict):
+            out[k] = unstack_layer_params(v, name)
+        else:
+            out[k] = v
+    return out
+
+
+def stack_layer_params(tree: dict, name: str = LAYERS) -> dict:
+    """Inverse of `unstack_layer_params`."""
+    out, per_layer = {}, {}
+    for k, v in tree.items():
+        prefix, _, idx = k.rpartition("_")
+        if prefix == name and idx.isdigit():
+            per_layer[int(idx)] = v
+        elif isinstance(v, dict):
+            out[k] = stack_layer_params(v, name)
+        else:
+            out[k] = v
+    if per_layer:
+        ordered = [per_layer[i] for i in range(len(per_layer))]
+        out[name] = jax.tree.map(lambda *a: jnp.stack(a), *ordered)
+    return out
+
+
+def logical_axes(boxed_params: Any) -> Any:
+    """Tree of logical-name tuples for a tree of `nn.LogicallyPartitioned` params."""
+    return nn.get_partition_spec(boxed_params)
+
+
+def assert_all_partitioned(boxed_params: Any, where: str = "params") -> None:
+    """Raise if any leaf lacks logical axis names (or has a rank mismatch)."""
+    flat = jax.tree_util.tree_flatten_with_path(
+        boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
+    for path, leaf in flat:
+        key = jax.tree_util.keystr(path)
+        if not isinstance(leaf, nn.Partitioned):
+            raise AssertionError(f"{where}{key}: no logical axis names")
+        if len(leaf.names) != leaf.value.ndim:
+            raise AssertionError(f"{where}{key}: names {leaf.names} for shape {leaf.value.shape}")

@@ -1,0 +1,506 @@
+"""Llama-3 decoder (Meta-Llama-3-8B-Instruct layout) in Flax linen, numerically matching HF.
+
+Parameter tree (HF module names, Flax leaf names; `layers` is scanned, leading axis = layer):
+
+    model/embed_tokens/embedding                      [vocab, embed]          ("vocab", "embed")
+    model/layers/input_layernorm/scale                [L, embed]              ("layers", "norm")
+    model/layers/self_attn/{q,k,v,o}_proj/kernel      [L, embed, N*H] ...     q ("embed", "heads"),
+                                                                              k/v ("embed", "kv_heads"),
+                                                                              o ("heads", "embed")
+    model/layers/post_attention_layernorm/scale       [L, embed]
+    model/layers/mlp/{gate,up}_proj/kernel            [L, embed, mlp]         ("embed", "mlp")
+    model/layers/mlp/down_proj/kernel                 [L, mlp, embed]         ("mlp", "embed")
+    model/norm/scale                                  [embed]                 ("norm",)
+    lm_head/kernel                                    [embed, vocab]          ("embed", "vocab")  (untied only)
+
+With `scan_layers=False` the stack lives under `layers_0`, `layers_1`, ... (see
+`layers.stack_layer_params` / `unstack_layer_params`). Kernels are flat ([in, out]), so a
+PyTorch Linear weight converts with a plain transpose (`params_from_hf`).
+
+KV cache (`init_cache`): a plain dict pytree, jit/scan friendly, static shapes:
+
+    k, v   [num_layers, B, S_max, num_kv_heads, head_dim]   (cache dtype)
+    valid  [B, S_max] bool    key slot holds a real token (pad slots are never attended)
+    index  int32 scalar       next slot to write (shared by the batch: slots are aligned)
+    pos    [B] int32          next RoPE position of each row (= real tokens seen so far)
+
+A call with a cache writes its T tokens at slots [index, index+T) and attends to every valid
+slot <= the query's slot. Row positions default to `pos + cumsum(mask) - 1` (clipped at 0),
+which is what HF `generate` uses for left padding; the caller must keep index + T <= S_max.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .attention import dot_product_attention
+from .layers import dense, layer_stack
+
+ACT_AXES = ("act_batch", "act_length", "act_embed")
+INIT_STD = 0.02  # HF initializer_range
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclasses.dataclass(frozen=True)
+class Llama3RopeScaling:
+    """`rope_type="llama3"` frequency scaling of Llama-3.1 (hashable)."""
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def to_hf(self) -> dict:
+        return {"rope_type": "llama3", "factor": float(self.factor),
+                "low_freq_factor": float(self.low_freq_factor),
+                "high_freq_factor": float(self.high_freq_factor),
+                "original_max_position_embeddings": int(self.original_max_position_embeddings)}
+
+
+def _rope_scaling_from_dict(d: Mapping | None) -> Llama3RopeScaling | None:
+    if d is None:
+        return None
+    rope_type = d.get("rope_type", d.get("type", "default"))
+    if rope_type in (None, "default"):
+        return None
+    if rope_type != "llama3":
+        raise NotImplementedError(f"rope_type={rope_type!r}: only 'default' and 'llama3' are supported")
+    return Llama3RopeScaling(
+        factor=float(d["factor"]), low_freq_factor=float(d["low_freq_factor"]),
+        high_freq_factor=float(d["high_freq_factor"]),
+        original_max_position_embeddings=int(d["original_max_position_embeddings"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int | None = None  # default hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: Llama3RopeScaling | None = None  # a dict is accepted and converted
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    # runtime
+    dtype: str = "float32"        # activation / compute dtype
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat_policy: str = "none"    # a key of layers.REMAT_POLICIES
+    attention_impl: str = "xla"   # see attention.IMPLS
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if isinstance(self.rope_scaling, Mapping):
+            object.__setattr__(self, "rope_scaling", _rope_scaling_from_dict(self.rope_scaling))
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"{self.num_attention_heads} heads not a multiple of "
+                             f"{self.num_key_value_heads} kv heads")
+
+    def replace(self, **kw) -> "LlamaConfig":
+        return dataclasses.replace(self, **kw)
+
+    @property
+    def jnp_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def jnp_param_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    @classmethod
+    def from_hf(cls, d: Mapping[str, Any] | Any, **runtime) -> "LlamaConfig":
+        """From an HF `LlamaConfig.to_dict()` / config.json (old `rope_theta`+`rope_scaling`
+        fields or v5 `rope_parameters`). `runtime` overrides any field (dtype, scan_layers...)."""
+        if not isinstance(d, Mapping):
+            d = d.to_dict()
+        if d.get("hidden_act", "silu") != "silu":
+            raise NotImplementedError(f"hidden_act={d['hidden_act']!r}")
+        if d.get("mlp_bias", False):
+            raise NotImplementedError("mlp_bias=True")
+        rp = d.get("rope_parameters")
+        if isinstance(rp, Mapping) and rp and "rope_type" not in rp and "rope_theta" not in rp:
+            raise NotImplementedError("per-layer-type rope_parameters")
+        if rp:
+            theta = rp.get("rope_theta", d.get("rope_theta", 10000.0))
+            scaling = _rope_scaling_from_dict(rp)
+        else:
+            theta = d.get("rope_theta", 10000.0)
+            scaling = _rope_scaling_from_dict(d.get("rope_scaling"))
+        heads = int(d["num_attention_heads"])
+        kw = dict(
+            vocab_size=int(d["vocab_size"]), hidden_size=int(d["hidden_size"]),
+            intermediate_size=int(d["intermediate_size"]),
+            num_hidden_layers=int(d["num_hidden_layers"]), num_attention_heads=heads,
+            num_key_value_heads=int(d.get("num_key_value_heads") or heads),
+            head_dim=int(d.get("head_dim") or d["hidden_size"] // heads),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
+            rope_scaling=scaling,
+            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=bool(d.get("attention_bias", False)))
+        kw.update(runtime)
+        return cls(**kw)
+
+    def to_hf(self, **extra) -> dict:
+        """Kwargs/config.json fields for `transformers.LlamaConfig` (old-style rope fields, which
+        both transformers 4.x and 5.x accept)."""
+        d = dict(model_type="llama", architectures=["LlamaForCausalLM"],
+                 vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                 intermediate_size=self.intermediate_size,
+                 num_hidden_layers=self.num_hidden_layers,
+                 num_attention_heads=self.num_attention_heads,
+                 num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim,
+                 hidden_act="silu", rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
+                 rope_scaling=None if self.rope_scaling is None else self.rope_scaling.to_hf(),
+                 max_position_embeddings=self.max_position_embeddings,
+                 tie_word_embeddings=self.tie_word_embeddings,
+                 attention_bias=self.attention_bias, mlp_bias=False)
+        d.update(extra)
+        return d
+
+
+def llama3_8b(**overrides) -> LlamaConfig:
+    """Meta-Llama-3-8B-Instruct."""
+    kw = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+              num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+              rope_theta=500000.0, rope_scaling=None, max_position_embeddings=8192,
+              tie_word_embeddings=False)
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+    """inv_freq exactly as HF computes it (fp32), including llama3 scaling. Shape (head_dim/2,)."""
+    dim = config.head_dim
+    exps = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (np.float32(1.0) / (np.float32(config.rope_theta) ** exps)).astype(np.float32)
+    rs = config.rope_scaling
+    if rs is None:
+        return inv_freq
+    factor, low, high = float(rs.factor), float(rs.low_freq_factor), float(rs.high_freq_factor)
+    old = float(rs.original_max_position_embeddings)
+    low_freq_wavelen = np.float32(old / low)
+    high_freq_wavelen = np.float32(old / high)
+    wavelen = (np.float32(2 * math.pi) / inv_freq).astype(np.float32)
+    inv_l = np.where(wavelen > low_freq_wavelen, inv_freq / np.float32(factor), inv_freq).astype(np.float32)
+    smooth = ((np.float32(old) / wavelen - np.float32(low)) / np.float32(high - low)).astype(np.float32)
+    smoothed = ((np.float32(1) - smooth) * inv_l / np.float32(factor) + smooth * inv_l).astype(np.float32)
+    medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return np.where(medium, smoothed, inv_l).astype(np.float32)
+
+
+def rope_cos_sin(positions: jax.Array, config: LlamaConfig) -> tuple[jax.Array, jax.Array]:
+    """fp32 cos/sin of shape (B, T, head_dim) in HF's rotate-half layout (freqs concatenated)."""
+    inv_freq = jnp.asarray(rope_inv_freq(config))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: (B, T, heads, H); rotation in fp32, result in x.dtype."""
+    xf = x.astype(jnp.float32)
+    h = x.shape[-1] // 2
+    rot = jnp.concatenate([-xf[..., h:], xf[..., :h]], axis=-1)
+    return (xf * cos[:, :, None] + rot * sin[:, :, None]).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- modules
+
+class RMSNorm(nn.Module):
+    """HF LlamaRMSNorm: fp32 variance, x * rsqrt(var + eps), cast back, times weight."""
+    eps: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+                           (x.shape[-1],), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
+        y = (xf * jax.lax.rsqrt(var + self.eps)).astype(self.dtype)
+        return scale.astype(self.dtype) * y
+
+
+def _dense(cfg: LlamaConfig, features: int, axes, name: str, use_bias: bool = False):
+    return dense(features, axes, name=name, use_bias=use_bias, dtype=cfg.jnp_dtype,
+                 param_dtype=cfg.jnp_param_dtype, kernel_init=nn.initializers.normal(INIT_STD))
+
+
+class LlamaAttention(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, kv, cos, sin, mask, index):
+        cfg = self.config
+        B, T, _ = x.shape
+        N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        q = _dense(cfg, N * H, ("embed", "heads"), "q_proj", bias)(x).reshape(B, T, N, H)
+        k = _dense(cfg, K * H, ("embed", "kv_heads"), "k_proj", bias)(x).reshape(B, T, K, H)
+        v = _dense(cfg, K * H, ("embed", "kv_heads"), "v_proj", bias)(x).reshape(B, T, K, H)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:  # write this chunk into the layer's cache, attend over all slots
+            k_cache, v_cache = kv
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+            kv = (k, v)
+        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
+                                    impl=cfg.attention_impl)
+        out = _dense(cfg, cfg.hidden_size, ("heads", "embed"), "o_proj", bias)(out.reshape(B, T, N * H))
+        return out, kv
+
+
+class LlamaMLP(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        gate = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
+        up = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)
+        return _dense(cfg, cfg.hidden_size, ("mlp", "embed"), "down_proj")(nn.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Block with the layer_stack signature: (x, kv_i, (cos, sin, mask, index)) -> (x, kv_i)."""
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, kv, bcast):
+        cfg = self.config
+        cos, sin, mask, index = bcast
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype, name=name)
+        h, kv = LlamaAttention(cfg, name="self_attn")(norm("input_layernorm")(x), kv, cos, sin, mask, index)
+        x = x + h
+        x = x + LlamaMLP(cfg, name="mlp")(norm("post_attention_layernorm")(x))
+        x = nn.with_logical_constraint(x, ACT_AXES)
+        return x, kv
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Any = None) -> dict:
+    """Empty KV cache for `max_len` slots (see module docstring for the layout)."""
+    dtype = config.jnp_dtype if dtype is None else jnp.dtype(dtype)
+    shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "valid": jnp.zeros((batch, max_len), bool), "index": jnp.zeros((), jnp.int32),
+            "pos": jnp.zeros((batch,), jnp.int32)}
+
+
+class LlamaModel(nn.Module):
+    """HF `LlamaModel`: embed_tokens, layers, norm. Returns final normed hidden states."""
+    config: LlamaConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("vocab", "embed")))
+        self.layers = layer_stack(LlamaDecoderLayer, cfg.num_hidden_layers, scan=cfg.scan_layers,
+                                  remat_policy=cfg.remat_policy, config=cfg)
+        self.norm = RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype)
+
+    def embed(self, input_ids):
+        return self.embed_tokens(input_ids)
+
+    def attend(self, hidden):
+        """Tied head: hidden @ embedding.T."""
+        return self.embed_tokens.attend(hidden)
+
+    def __call__(self, inputs_embeds, attention_mask=None, positions=None, cache=None):
+        B, T, _ = inputs_embeds.shape
+        x = nn.with_logical_constraint(inputs_embeds.astype(self.config.jnp_dtype), ACT_AXES)
+        mask = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
+        base = jnp.zeros((B,), jnp.int32) if cache is None else cache["pos"]
+        if positions is None:
+            positions = jnp.maximum(base[:, None] + jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
+        positions = positions.astype(jnp.int32)
+        cos, sin = rope_cos_sin(positions, self.config)
+        if cache is None:
+            causal = jnp.tril(jnp.ones((T, T), bool))
+            attn_mask = causal[None] & mask[:, None, :]
+            index, xs = None, None
+        else:
+            index = cache["index"]
+            S = cache["valid"].shape[1]
+            valid = jax.lax.dynamic_update_slice(cache["valid"], mask, (0, index))
+            q_slot = index + jnp.arange(T, dtype=jnp.int32)
+            attn_mask = (jnp.arange(S, dtype=jnp.int32)[None, :] <= q_slot[:, None])[None] & valid[:, None, :]
+            xs = (cache["k"], cache["v"])
+        x, kv = self.layers(x, xs, (cos, sin, attn_mask, index))
+        x = self.norm(x)
+        new_cache = None
+        if cache is not None:
+            seen = jnp.max(jnp.where(mask, positions + 1, 0), axis=1)
+            new_cache = {"k": kv[0], "v": kv[1], "valid": valid, "index": index + T,
+                         "pos": jnp.maximum(base, seen)}
+        return x, new_cache
+
+
+class LlamaForCausalLM(nn.Module):
+    """HF `LlamaForCausalLM`.
+
+    `__call__(input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None,
+    cache=None, return_hidden=False) -> (out, new_cache)`: out = fp32 logits (B, T, vocab), or
+    with `return_hidden=True` the final normed hidden states (B, T, D) (apply `logits` later,
+    e.g. in chunks). new_cache is None when no cache was passed.
+    `embed(input_ids)` -> (B, T, D) token embeddings; `logits(hidden)` -> fp32 logits.
+    """
+    config: LlamaConfig
+
+    def setup(self):
+        cfg = self.config
+        self.model = LlamaModel(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head")
+
+    def embed(self, input_ids):
+        return self.model.embed(input_ids)
+
+    def logits(self, hidden):
+        if self.config.tie_word_embeddings:
+            out = self.model.attend(hidden.astype(self.config.jnp_dtype))
+        else:
+            out = self.lm_head(hidden)
+        return out.astype(jnp.float32)
+
+    def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None,
+                 cache=None, return_hidden: bool = False):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids)
+        hidden, new_cache = self.model(inputs_embeds, attention_mask, positions, cache)
+        if return_hidden:
+            return hidden, new_cache
+        return self.logits(hidden), new_cache
+
+
+def init_params(config: LlamaConfig, rng: jax.Array, *, unbox: bool = True):
+    """`{"params": ...}` from a (1, 1) dummy input (boxed with logical names if unbox=False)."""
+    variables = LlamaForCausalLM(config).init(rng, jnp.zeros((1, 1), jnp.int32))
+    return nn.unbox(variables) if unbox else variables
+
+
+# ----------------------------------------------------------------------------- conversion
+
+def _hf_key_map(config: LlamaConfig) -> tuple[list[tuple[str, tuple, bool]], list[list[tuple[str, tuple, bool]]]]:
+    """([(hf_key, flax_path, transpose)] global, per-layer lists) for one config."""
+    glob = [("model.embed_tokens.weight", ("model", "embed_tokens", "embedding"), False),
+            ("model.norm.weight", ("model", "norm", "scale"), False)]
+    if not config.tie_word_embeddings:
+        glob.append(("lm_head.weight", ("lm_head", "kernel"), True))
+    per_layer = []
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        entries = [(p + "input_layernorm.weight", ("input_layernorm", "scale"), False),
+                   (p + "post_attention_layernorm.weight", ("post_attention_layernorm", "scale"), False)]
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            entries.append((p + f"self_attn.{n}.weight", ("self_attn", n, "kernel"), True))
+            if config.attention_bias:
+                entries.append((p + f"self_attn.{n}.bias", ("self_attn", n, "bias"), False))
+        for n in ("gate_proj", "up_proj", "down_proj"):
+            entries.append((p + f"mlp.{n}.weight", ("mlp", n, "kernel"), True))
+        per_layer.append(entries)
+    return glob, per_layer
+
+
+def _expected_shapes(config: LlamaConfig) -> dict:
+    D, V, M = config.hidden_size, config.vocab_size, config.intermediate_size
+    NH, KH = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    return {("embed_tokens", "embedding"): (V, D), ("norm", "scale"): (D,), ("lm_head", "kernel"): (D, V),
+            ("input_layernorm", "scale"): (D,), ("post_attention_layernorm", "scale"): (D,),
+            ("q_proj", "kernel"): (D, NH), ("k_proj", "kernel"): (D, KH), ("v_proj", "kernel"): (D, KH),
+            ("o_proj", "kernel"): (NH, D), ("q_proj", "bias"): (NH,), ("k_proj", "bias"): (KH,),
+            ("v_proj", "bias"): (KH,), ("o_proj", "bias"): (D,), ("gate_proj", "kernel"): (D, M),
+            ("up_proj", "kernel"): (D, M), ("down_proj", "kernel"): (M, D)}
+
+
+def _set(tree: dict, path: tuple, value) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+def params_from_hf(state_dict: Mapping[str, Any], config: LlamaConfig, *, prefix: str = "") -> dict:
+    """HF Llama state dict (numpy / array-like, Linear weights [out, in]) -> Flax params tree
+    (the content of `{"params": ...}`), numpy arrays in `config.param_dtype`, layers stacked
+    when `config.scan_layers`. Keys are looked up as `prefix + key` (e.g. prefix="language_model.");
+    other keys are ignored. Missing key -> KeyError; wrong shape -> ValueError."""
+    shapes = _expected_shapes(config)
+    pdt = jnp.dtype(config.param_dtype)
+
+    def get(key, path, transpose):
+        full = prefix + key
+        if full not in state_dict:
+            raise KeyError(f"missing key {full!r} in the Llama state dict")
+        a = state_dict[full]
+        if hasattr(a, "detach"):  # a torch tensor slipped through
+            a = a.detach().float().numpy()
+        a = np.asarray(a)
+        if transpose:
+            a = a.T
+        want = shapes[path[-2:]]
+        if a.shape != want:
+            got = a.shape[::-1] if transpose else a.shape
+            want_hf = want[::-1] if transpose else want
+            raise ValueError(f"{full!r}: shape {got}, expected {want_hf}")
+        return np.ascontiguousarray(a).astype(pdt)
+
+    glob, per_layer = _hf_key_map(config)
+    params: dict = {}
+    for key, path, tr in glob:
+        _set(params, path, get(key, path, tr))
+    layers = []
+    for entries in per_layer:
+        layer: dict = {}
+        for key, path, tr in entries:
+            _set(layer, path, get(key, path, tr))
+        layers.append(layer)
+    if config.scan_layers:  # stack on the host (numpy), not on a device
+        params["model"]["layers"] = jax.tree.map(lambda *a: np.stack(a), *layers)
+    else:
+        for i, layer in enumerate(layers):
+            params["model"][f"layers_{i}"] = layer
+    return params
+
+
+def params_to_hf(params: Mapping, config: LlamaConfig) -> dict[str, np.ndarray]:
+    """Inverse of `params_from_hf` (scanned or unscanned tree) -> HF state dict of numpy arrays."""
+    if "params" in params and "model" not in params:
+        params = params["params"]
+    model = params["model"]
+    glob, per_layer = _hf_key_map(config)
+
+    def get(tree, path):
+        for k in path:
+            tree = tree[k]
+        return np.asarray(tree)
+
+    out = {}
+    for key, path, tr in glob:
+        a = get(params, path)
+        out[key] = a.T if tr else a
+    for i, entries in enumerate(per_layer):
+        for key, path, tr in entries:
+            if "layers" in model:
+                a = get(model["layers"], path)[i]
+            else:
+                a = get(model[f"layers_{i}"], path)
+            out[key] = np.ascontiguousarray(a.T if tr else a)
+    return out

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Newcomer entry point. Creates (or reuses) ./.venv from the requirements files, then:
+#   bash run.sh demo [args]   the main job on its built-in small default
+#   bash run.sh test [args]   the test suite (pytest; extra args go to pytest)
+set -euo pipefail
+cd "$(dirname "$0")"
+job=${1:-}; shift || true
+case "$job" in
+  demo) reqs=requirements.txt ;;
+  test) reqs=requirements-dev.txt ;;
+  *) echo "usage: bash run.sh demo|test [args]" >&2; exit 2 ;;
+esac
+
+# (Re)install only when the requirements changed since the last install into this venv.
+[ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
+stamp=".venv/.installed-$(cat requirements*.txt | sha256sum | cut -c1-16)-$reqs"
+if [ ! -e "$stamp" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -r "$reqs"
+  touch "$stamp"
+fi
+export PATH="$PWD/.venv/bin:$PATH"
+
+case "$job" in
+  demo) exec python eval.py demo "$@" ;;
+  # pytest exits 5 when it collects nothing, so an empty run is never green.
+  test) exec python -m pytest "$@" ;;
+esac
