@@ -32,7 +32,7 @@ class InfLlavaConfig:
 
     @property
     def grid(self) -> tuple[int, int]:  # nH x nW sub-images of size s
-        return (1, 1) if self.dem is None else (self.dem.grid_h, self.dem.grid_w)
+        return (1, 1) if self.dem is None else (self.dem.nH, self.dem.nW)
 
     @property
     def image_size(self) -> tuple[int, int]:  # the high-resolution input (H, W) = (nH*s, nW*s)
@@ -75,13 +75,6 @@ def _build(cls, d: dict[str, Any], where: str):
     unknown = sorted(set(d) - names)
     if unknown:
         raise ValueError(f"config.json: unknown field(s) {unknown} in '{where}'")
-    # JSON turns tuples into lists; dataclass fields must stay hashable.
-    return cls(**{k: _tuplify(v) for k, v in d.items()})
-
-
-def _tuplify(v):
-    if isinstance(v, list):
-        return tuple(_tuplify(x) for x in v)
-    if isinstance(v, dict):
-        return tuple((k, _tuplify(x)) for k, x in v.items())
-    return v
+    # JSON turns tuples into lists (fields must stay hashable); nested dicts are sub-configs
+    # that the dataclass converts itself (e.g. LlamaConfig.rope_scaling).
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})

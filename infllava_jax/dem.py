@@ -98,14 +98,6 @@ class DEMConfig:
             raise ValueError(f"DEMConfig(fast_path=True): {self.fast_path_unsupported}")
 
     @property
-    def grid_h(self) -> int:   # alias of nH (used by config.InfLlavaConfig.grid)
-        return self.nH
-
-    @property
-    def grid_w(self) -> int:   # alias of nW
-        return self.nW
-
-    @property
     def num_crops(self) -> int:
         return self.nH * self.nW
 

@@ -66,7 +66,8 @@ class Llama3RopeScaling:
 def _rope_scaling_from_dict(d: Mapping | None) -> Llama3RopeScaling | None:
     if d is None:
         return None
-    rope_type = d.get("rope_type", d.get("type", "default"))
+    # (our own config.json stores the dataclass fields without a type: they are llama3's)
+    rope_type = d.get("rope_type", d.get("type", "llama3" if "low_freq_factor" in d else "default"))
     if rope_type in (None, "default"):
         return None
     if rope_type != "llama3":

@@ -145,7 +145,6 @@ def test_fast_path_phases_and_vit_passes():
     assert DEMConfig(nH=2, nW=2).vit_passes() == 4 + 4 + 1  # n=2: every strided crop is sampled
     assert DEMConfig(nH=3, nW=2).fast_path_phases == ((1, 0), (1, 1))
     assert DEMConfig(nH=2, nW=3).fast_path_crop_indices == (1, 4)
-    assert (DEMConfig(nH=2, nW=3).grid_h, DEMConfig(nH=2, nW=3).grid_w) == (2, 3)
 
 
 def test_released_output_ignores_unsampled_strided_crops():

@@ -1,0 +1,168 @@
+"""`InfLlava`: the public entry point (numpy in, numpy out) and our checkpoint format.
+
+A checkpoint directory holds `config.json` (InfLlavaConfig) and `params/` (an Orbax checkpoint
+of the plain parameter tree, HF-like names). `from_pretrained` restores each array straight
+onto its target sharding: the model never exists twice in memory.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from infllava_jax import sharding as sharding_lib
+from infllava_jax.config import InfLlavaConfig
+from infllava_jax.generate import LLAMA3_STOP_IDS, generate_core
+from infllava_jax.model import InfLlavaModel
+
+CONFIG_FILE, PARAMS_DIR = "config.json", "params"
+
+
+def _dummy_inputs(config: InfLlavaConfig):
+    H, W = config.image_size
+    ids = jnp.array([[config.image_token_index, 1]], jnp.int32)
+    return ids, jnp.zeros((1, H, W, 3), jnp.float32)
+
+
+def abstract_params(config: InfLlavaConfig):
+    """(tree of ShapeDtypeStruct, tree of logical PartitionSpecs) without allocating anything."""
+    boxed = jax.eval_shape(lambda: InfLlavaModel(config).init(jax.random.key(0), *_dummy_inputs(config)))
+    return nn.unbox(boxed)["params"], nn.get_partition_spec(boxed)["params"]
+
+
+def param_shardings(config: InfLlavaConfig, mesh=None):
+    """NamedShardings from the logical-axis rules table (all on one device when mesh is None)."""
+    mesh = sharding_lib.make_mesh({"fsdp": 1}, jax.devices()[:1]) if mesh is None else mesh
+    return sharding_lib.logical_to_shardings(abstract_params(config)[1], mesh)
+
+
+def init_params(config: InfLlavaConfig, seed: int = 0, mesh=None):
+    """Random parameters, created directly in their sharding."""
+    shardings = param_shardings(config, mesh)
+    init = lambda key: nn.unbox(InfLlavaModel(config).init(key, *_dummy_inputs(config)))["params"]
+    return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(config, params, input_ids, pixel_values, attention_mask):
+    return InfLlavaModel(config).apply({"params": params}, input_ids, pixel_values, attention_mask)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"))
+def _generate(config, params, input_ids, pixel_values, attention_mask, stop_ids, *, max_new_tokens):
+    x = InfLlavaModel(config).apply({"params": params}, input_ids, pixel_values, attention_mask,
+                                    method=InfLlavaModel.embed_inputs)
+    return generate_core(config.llm, params["language_model"], x["inputs_embeds"], x["attention_mask"],
+                         max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                         pad_id=config.pad_token_id or 0)
+
+
+def _to_channels_last(pixel_values) -> jax.Array:
+    """(B, 3, H, W) or (B, K, 3, H, W) numpy, as PyTorch code passes it -> channels-last."""
+    x = np.asarray(pixel_values, np.float32)
+    if x.ndim not in (4, 5) or x.shape[-3] != 3:
+        raise ValueError(f"pixel_values has shape {x.shape}; expected (B, 3, H, W) or (B, K, 3, H, W)")
+    return jnp.asarray(np.moveaxis(x, -3, -1))
+
+
+class InfLlava:
+    """An INF-LLaVA (or LLaVA-1.5) model: a config and a parameter tree.
+
+        model = InfLlava.from_pretrained(ckpt_dir)
+        logits = model(input_ids, pixel_values)     # numpy in, numpy out
+
+    input_ids (B, L) int with one -200 per image; pixel_values (B, 3, H, W) CLIP-normalised
+    float32, H = W = n*s (used directly) or s (bicubic-upsampled first, the released inference
+    path). Returns float32 logits (B, L - 1 + tokens_per_image, V).
+    """
+
+    def __init__(self, config: InfLlavaConfig, params: Any):
+        self.config, self.params = config, params
+
+    @classmethod
+    def init(cls, config: InfLlavaConfig, seed: int = 0, mesh=None) -> "InfLlava":
+        return cls(config, init_params(config, seed, mesh))
+
+    def __call__(self, input_ids, pixel_values, attention_mask=None) -> np.ndarray:
+        ids = jnp.asarray(input_ids, jnp.int32)
+        mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+        return np.asarray(_forward(self.config, self.params, ids, _to_channels_last(pixel_values), mask))
+
+    def generate(self, input_ids, pixel_values, attention_mask=None, *, max_new_tokens: int = 64,
+                 stop_ids: Sequence[int] = LLAMA3_STOP_IDS) -> list[np.ndarray]:
+        """Greedy decoding; prompts left-padded. Returns one array of new tokens per row
+        (stop token included)."""
+        ids = jnp.asarray(input_ids, jnp.int32)
+        mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+        tokens, lengths = _generate(self.config, self.params, ids, _to_channels_last(pixel_values), mask,
+                                    jnp.asarray(stop_ids, jnp.int32), max_new_tokens=max_new_tokens)
+        tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+        return [t[:n] for t, n in zip(tokens, lengths)]
+
+    # -- checkpoint format ----------------------------------------------------------------------
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write `config.json` + `params/` atomically: into a temporary sibling, then renamed."""
+        save_checkpoint(path, self.config, self.params)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, mesh=None) -> "InfLlava":
+        config = load_config(path)
+        abstract, _ = abstract_params(config)
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              abstract, param_shardings(config, mesh))
+        return cls(config, restore_params(Path(path) / PARAMS_DIR, target))
+
+
+def load_config(path: str | os.PathLike) -> InfLlavaConfig:
+    f = Path(path) / CONFIG_FILE
+    if not f.is_file():
+        raise FileNotFoundError(f"{f}: missing; not a checkpoint written by save_pretrained / python -m convert")
+    try:
+        return InfLlavaConfig.from_json(f.read_text())
+    except (ValueError, TypeError, KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{f}: {e}") from e
+
+
+def restore_params(params_dir: Path, target):
+    """Restore onto the shardings in `target` (a tree of ShapeDtypeStruct); a tree mismatch names
+    the keys."""
+    if not params_dir.is_dir():
+        raise FileNotFoundError(f"{params_dir}: missing parameter checkpoint")
+    ckptr = ocp.StandardCheckpointer()
+    saved = ckptr.metadata(params_dir).item_metadata
+    want = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(target)[0]}
+    have = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(dict(saved))[0]}
+    if want != have:
+        raise ValueError(f"{params_dir}: parameter tree does not match the config; missing "
+                         f"{sorted(want - have)[:5]}, unexpected {sorted(have - want)[:5]}")
+    return ckptr.restore(params_dir, target)
+
+
+def save_checkpoint(path: str | os.PathLike, config: InfLlavaConfig, params) -> None:
+    path = Path(path).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(tmp / PARAMS_DIR, params)
+        ckptr.wait_until_finished()
+        (tmp / CONFIG_FILE).write_text(config.to_json())   # written last: marks a complete checkpoint
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,99 @@
+"""The composition: pixels -> crops (DCM) -> vision tower -> DEM -> projector -> splice -> Llama.
+
+Parameter tree (top level): `vision_tower`, `spatial_embed` (DEM; absent for LLaVA-1.5),
+`mm_projector`, `language_model`. Pixels are channels-last (B, H, W, 3), CLIP-normalised.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from infllava_jax import crops
+from infllava_jax.config import InfLlavaConfig
+from infllava_jax.dem import DEM
+from infllava_jax.llama import LlamaForCausalLM
+from infllava_jax.pixels import resize_bicubic
+from infllava_jax.projector import Projector
+from infllava_jax.splice import (splice_attention_mask, splice_embeddings, splice_labels,
+                                 splice_layout)
+from infllava_jax.vision import CLIPVisionTransformer
+
+
+class InfLlavaModel(nn.Module):
+    config: InfLlavaConfig
+
+    def setup(self):
+        c = self.config
+        self.vision_tower = CLIPVisionTransformer(c.vision)
+        self.spatial_embed = None if c.dem is None else DEM(c.dem)
+        self.mm_projector = Projector(c.llm.hidden_size, dtype=c.llm.dtype, param_dtype=c.llm.param_dtype)
+        self.language_model = LlamaForCausalLM(c.llm)
+
+    def _features(self, views):
+        """(B, V, s, s, 3) sub-images -> (B, V, T, D): one batched ViT call, hidden_states[-2]."""
+        B, V, s = views.shape[:3]
+        f = self.vision_tower.features(views.reshape(B * V, s, s, 3), self.config.select_layer)
+        return f.reshape(B, V, *f.shape[1:])
+
+    def vision_tokens(self, pixel_values):
+        """(B, H, W, 3) -> (B, T, D_vit): visual tokens before the projector."""
+        c = self.config
+        s, (H, W) = c.sub_image_size, c.image_size
+        if c.dem is None:
+            _check_pixels(pixel_values, (s, s))
+            return self._features(pixel_values[:, None])[:, 0]
+        if pixel_values.shape[1:3] == (s, s) and (H, W) != (s, s):
+            # released inference path: the loader feeds s x s, encode_images upsamples (SPEC 2)
+            pixel_values = resize_bicubic(pixel_values, H, W)
+        _check_pixels(pixel_values, (H, W))
+        d = c.dem
+        local = crops.local_crops(pixel_values, d.nH, d.nW)                        # (B, N, s, s, 3)
+        low = resize_bicubic(pixel_values, s, s)[:, None]                           # (B, 1, s, s, 3)
+        if d.use_fast_path:   # only the sub-images that reach the output (SPEC 4, fast path)
+            if d.low_is_centre_strided_crop:  # odd grid: low-res view = centre strided crop
+                f = self._features(jnp.concatenate([local, low], axis=1))
+                return self.spatial_embed.fast(f[:, :-1], f[:, -1], f[:, -1])
+            sampled = crops.strided_crops(pixel_values, d.nH, d.nW)[:, list(d.fast_path_crop_indices)]
+            f = self._features(jnp.concatenate([local, sampled, low], axis=1))
+            N, P = d.num_crops, len(d.fast_path_crop_indices)
+            return self.spatial_embed.fast(f[:, :N], f[:, N:N + P], f[:, -1])
+        strided = crops.strided_crops(pixel_values, d.nH, d.nW)
+        f = self._features(jnp.concatenate([local, strided, low], axis=1))
+        N = d.num_crops
+        return self.spatial_embed(f[:, :N], f[:, N:2 * N], f[:, -1])
+
+    def encode_images(self, pixel_values):
+        """(B, H, W, 3) -> (B, T, D_llm): visual tokens in the LLM's embedding space."""
+        return self.mm_projector(self.vision_tokens(pixel_values))
+
+    def embed_inputs(self, input_ids, pixel_values, attention_mask=None, labels=None):
+        """Splice: ids (B, L) with K sentinels per row, pixels (B, K, H, W, 3) or (B, H, W, 3)
+        -> dict(inputs_embeds (B, L + K(T-1), D), attention_mask, labels)."""
+        c = self.config
+        if pixel_values.ndim == 4:
+            pixel_values = pixel_values[:, None]
+        B, K = pixel_values.shape[:2]
+        images = self.encode_images(pixel_values.reshape(B * K, *pixel_values.shape[2:]))
+        images = images.reshape(B, K, *images.shape[1:])
+        text = self.language_model.embed(jnp.where(input_ids == c.image_token_index, 0, input_ids))
+        layout = splice_layout(input_ids, c.tokens_per_image, K, c.image_token_index)
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        out = dict(inputs_embeds=splice_embeddings(text, images, layout),
+                   attention_mask=splice_attention_mask(attention_mask, layout))
+        if labels is not None:
+            out["labels"] = splice_labels(labels, layout)
+        return out
+
+    def __call__(self, input_ids, pixel_values, attention_mask=None, *, return_hidden: bool = False):
+        """Logits (B, L + K(T-1), V) in fp32 (or final hidden states with return_hidden)."""
+        x = self.embed_inputs(input_ids, pixel_values, attention_mask)
+        out, _ = self.language_model(inputs_embeds=x["inputs_embeds"], attention_mask=x["attention_mask"],
+                                     return_hidden=return_hidden)
+        return out
+
+
+def _check_pixels(pixel_values, hw):
+    if tuple(pixel_values.shape[1:]) != (*hw, 3):
+        raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected (B, {hw[0]}, {hw[1]}, 3) "
+                         "channels-last for this config")
