@@ -22,7 +22,7 @@ fi
 export PATH="$PWD/.venv/bin:$PATH"
 
 case "$job" in
-  demo) exec python eval.py demo "$@" ;;
+  demo) exec python -m infllava_jax.demo "$@" ;;
   # pytest exits 5 when it collects nothing, so an empty run is never green.
   test) exec python -m pytest "$@" ;;
 esac

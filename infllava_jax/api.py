@@ -2,10 +2,13 @@
 
 A checkpoint directory holds `config.json` (InfLlavaConfig) and `params/` (an Orbax checkpoint
 of the plain parameter tree, HF-like names). `from_pretrained` restores each array straight
-onto its target sharding: the model never exists twice in memory.
+onto its target sharding: the model never exists twice in memory. `save_checkpoint` also takes
+`StreamedArray` leaves (what `python -m convert` writes), written piece by piece, so a
+checkpoint larger than RAM can be produced.
 """
 from __future__ import annotations
 
+import abc
 import functools
 import json
 import os
@@ -43,7 +46,8 @@ def abstract_params(config: InfLlavaConfig):
 def param_shardings(config: InfLlavaConfig, mesh=None):
     """NamedShardings from the logical-axis rules table (all on one device when mesh is None)."""
     mesh = sharding_lib.make_mesh({"fsdp": 1}, jax.devices()[:1]) if mesh is None else mesh
-    return sharding_lib.logical_to_shardings(abstract_params(config)[1], mesh)
+    shapes, specs = abstract_params(config)
+    return sharding_lib.logical_to_shardings(specs, mesh, shapes)
 
 
 def init_params(config: InfLlavaConfig, seed: int = 0, mesh=None):
@@ -148,14 +152,107 @@ def restore_params(params_dir: Path, target):
     return ckptr.restore(params_dir, target)
 
 
-def save_checkpoint(path: str | os.PathLike, config: InfLlavaConfig, params) -> None:
+class StreamedArray(abc.ABC):
+    """A parameter that `save_checkpoint` writes slice by slice and never holds whole: e.g. a
+    tensor being converted from a PyTorch checkpoint (convert/engine.Leaf).
+
+    `read(index)` returns the region `index` (a tuple of unit-step slices) as a numpy array of
+    `dtype`; writes stream along `chunk_axis` in pieces of about STREAM_CHUNK_BYTES."""
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunk_axis: int = 0
+
+    @abc.abstractmethod
+    def read(self, index: tuple[slice, ...]) -> np.ndarray:
+        ...
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+STREAM_CHUNK_BYTES = 64 << 20      # target size of one streamed piece (at least one row / layer)
+STREAM_INFLIGHT_BYTES = 256 << 20  # pieces handed to tensorstore and not yet committed
+
+
+def stream_chunks(a: StreamedArray, chunk_bytes: int = STREAM_CHUNK_BYTES) -> tuple[int, ...]:
+    """Chunk shape of a streamed array: full extent except along chunk_axis."""
+    shape = tuple(a.shape)
+    if not shape:
+        return shape
+    ax = a.chunk_axis
+    per = max(1, a.nbytes // max(1, shape[ax]))
+    return shape[:ax] + (max(1, min(shape[ax], chunk_bytes // per)),) + shape[ax + 1:]
+
+
+class _StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
+    """Orbax handler writing a StreamedArray piece by piece into the array orbax would have
+    created for a numpy leaf (same tensorstore spec, chunked along chunk_axis); restores as a
+    plain array. At most STREAM_INFLIGHT_BYTES of pieces are in flight."""
+
+    def __init__(self, progress=None):
+        super().__init__()
+        self._progress = progress
+
+    def typestr(self) -> str:
+        return "np.ndarray"   # what it restores as
+
+    async def serialize(self, values, infos, args=None):
+        args = args or [ocp.type_handlers.SaveArgs()] * len(values)
+        return [ocp.future.CommitFutureAwaitingContractedSignals(
+            self._write_all(values, infos, args), name="streamed_array")]
+
+    async def _write_all(self, values, infos, args):
+        import tensorstore as ts
+        pending: list = []   # (future, nbytes)
+        for value, info, arg in zip(values, infos, args):
+            await info.await_path_creation()
+            chunk = stream_chunks(value)
+            spec = ocp.type_handlers.get_json_tspec_write(
+                info, use_ocdbt=info.is_ocdbt_checkpoint, global_shape=tuple(value.shape),
+                local_shape=chunk, dtype=np.dtype(value.dtype), arg=arg,
+                process_index=jax.process_index() if info.is_ocdbt_checkpoint else None)
+            store = await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
+            if not value.shape:
+                await store.write(value.read(()))
+                continue
+            ax, step = value.chunk_axis, chunk[value.chunk_axis]
+            for start in range(0, value.shape[ax], step):
+                index = (slice(None),) * ax + (slice(start, min(start + step, value.shape[ax])),)
+                piece = value.read(index)
+                pending.append((store[index].write(piece), piece.nbytes))
+                while sum(n for _, n in pending) > STREAM_INFLIGHT_BYTES:
+                    await self._done(pending.pop(0))
+        while pending:
+            await self._done(pending.pop(0))
+
+    async def _done(self, item):
+        future, nbytes = item
+        await future
+        if self._progress is not None:
+            self._progress(nbytes)
+
+
+def save_checkpoint(path: str | os.PathLike, config: InfLlavaConfig, params, *, progress=None) -> None:
+    """Write `config.json` + `params/` atomically: into a temporary sibling, then renamed.
+
+    Leaves may be arrays or `StreamedArray`s; a tree with StreamedArrays is written piece by
+    piece (peak memory ~ STREAM_INFLIGHT_BYTES + one piece, whatever the model size);
+    `progress(nbytes)` is called as pieces are committed."""
     path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(tmp / PARAMS_DIR, params)
-        ckptr.wait_until_finished()
+        if any(isinstance(x, StreamedArray) for x in jax.tree.leaves(params)):
+            registry = ocp.type_handlers.create_type_handler_registry(
+                (StreamedArray, _StreamedArrayHandler(progress)),
+                *((t, ocp.type_handlers.get_type_handler(t)) for t in ocp.type_handlers.supported_types()))
+            ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
+            ckptr.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
+        else:
+            ckptr = ocp.StandardCheckpointer()
+            ckptr.save(tmp / PARAMS_DIR, params)
+            ckptr.wait_until_finished()
         (tmp / CONFIG_FILE).write_text(config.to_json())   # written last: marks a complete checkpoint
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")

@@ -6,6 +6,7 @@ silent replication.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -61,10 +62,36 @@ def _check_names(logical_specs) -> None:
                 raise KeyError(f"logical axis {name!r} has no rule in sharding.LOGICAL_RULES")
 
 
-def logical_to_shardings(logical_specs, mesh: Mesh):
-    """Tree of logical PartitionSpecs -> tree of NamedShardings on `mesh`."""
+def logical_to_shardings(logical_specs, mesh: Mesh, shapes=None):
+    """Tree of logical PartitionSpecs -> tree of NamedShardings on `mesh`.
+
+    With `shapes` (a matching tree of arrays / ShapeDtypeStructs), a dimension that the mesh
+    axes do not divide (e.g. the 128257-row vocabulary over `tensor`) stays replicated, and
+    each such case is logged with its path: never a silent change, never a compile error.
+    """
     _check_names(logical_specs)
-    return nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_RULES)
+    shardings = nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_RULES)
+    if shapes is None:
+        return shardings
+
+    def fit(path, sh, x):
+        spec = list(sh.spec) + [None] * (len(x.shape) - len(sh.spec))
+        for d, axes in enumerate(spec):
+            size = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ())]))
+            if size > 1 and x.shape[d] % size:
+                logging.warning("sharding: %s dim %d (size %d) is not divisible by mesh axes %s (%d); "
+                                "replicated along it", jax.tree_util.keystr(path), d, x.shape[d], axes, size)
+                spec[d] = None
+        return NamedSharding(mesh, PartitionSpec(*spec))
+
+    return jax.tree_util.tree_map_with_path(fit, shardings, shapes)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
+    """Batch arrays: the batch axis over (data, fsdp), everything else replicated."""
+    spec = [None] * ndim
+    spec[batch_axis] = ("data", "fsdp")
+    return NamedSharding(mesh, PartitionSpec(*spec))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -1,0 +1,1 @@
+"""Training: loss, optimizer and frozen parts, the sharded train step, checkpoints, metrics."""

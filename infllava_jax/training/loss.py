@@ -1,0 +1,45 @@
+"""Next-token cross-entropy that never materialises the full (B, L, V) fp32 logits.
+
+The vocabulary projection runs chunk by chunk over the sequence inside a rematerialised scan:
+only one (B, chunk, V) block of logits exists at a time, forward and backward.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from infllava_jax.splice import IGNORE_INDEX
+
+
+def shift_labels(labels):
+    """Position t predicts token t+1: targets (B, L) with the last position IGNORE."""
+    pad = jnp.full((labels.shape[0], 1), IGNORE_INDEX, labels.dtype)
+    return jnp.concatenate([labels[:, 1:], pad], axis=1)
+
+
+def cross_entropy_sum(hidden, head_kernel, targets, chunk: int = 512):
+    """Sum of -log p(target) over positions with target != IGNORE, and their count.
+
+    hidden (B, L, D) final normed states; head_kernel (D, V); targets (B, L) (already shifted).
+    """
+    B, L, D = hidden.shape
+    chunk = min(chunk, L)
+    n = -(-L // chunk)
+    pad = n * chunk - L
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(B, n, chunk, D).swapaxes(0, 1)
+    t = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX).reshape(B, n, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(hc, tc):
+        logits = jnp.einsum("bcd,dv->bcv", hc, head_kernel.astype(hc.dtype)).astype(jnp.float32)
+        valid = tc != IGNORE_INDEX
+        gold = jnp.take_along_axis(logits, jnp.where(valid, tc, 0)[..., None], axis=-1)[..., 0]
+        nll = jax.nn.logsumexp(logits, axis=-1) - gold
+        return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
+
+    def body(carry, xs):
+        s, c = one(*xs)
+        return (carry[0] + s, carry[1] + c), None
+
+    (total, count), _ = jax.lax.scan(body, (jnp.float32(0), jnp.int32(0)), (h, t))
+    return total, count

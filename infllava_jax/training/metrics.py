@@ -1,0 +1,53 @@
+"""Metrics: `WORKDIR/metrics.jsonl` (one JSON object per logged step), TensorBoard event files,
+and a progress line with rate and ETA."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from tensorboardX import SummaryWriter
+
+
+log = logging.getLogger("infllava_jax")
+
+
+class MetricsWriter:
+    def __init__(self, workdir: str | Path, total_steps: int, enabled: bool = True):
+        self.enabled = enabled                     # only process 0 writes
+        self.total_steps = total_steps
+        self.path = Path(workdir) / "metrics.jsonl"
+        self.tb = SummaryWriter(str(Path(workdir) / "tensorboard")) if enabled else None
+        self._t0, self._step0 = time.perf_counter(), None
+
+    def write(self, step: int, metrics: dict) -> None:
+        """`metrics` of `step` (plain Python numbers); also logs a progress line with ETA."""
+        now = time.perf_counter()
+        if self._step0 is None:
+            self._t0, self._step0 = now, step
+        rate = (step - self._step0) / max(now - self._t0, 1e-9)
+        eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
+        log.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.0f tok/s  mfu %.2f%%  %.2f steps/s  "
+                     "ETA %s", step, self.total_steps, metrics["loss"], metrics["lr"], metrics["grad_norm"],
+                     metrics["tokens_per_s"], 100 * metrics["mfu"], rate, _fmt(eta))
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)):
+                self.tb.add_scalar(k, v, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _fmt(seconds: float) -> str:
+    if seconds != seconds:  # nan
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"

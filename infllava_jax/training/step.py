@@ -1,0 +1,113 @@
+"""The train step: frozen parts, AdamW on the trainable parts only, gradient accumulation.
+
+State = {"step", "params" (trainable subtrees, fp32 master), "frozen" (never differentiated, no
+optimizer state), "opt_state"}. Which top-level parts train is the stage (SPEC section 7):
+stage 1 trains DEM + projector; stage 2 also the LLM; the vision tower never trains.
+The loss is the token-mean next-token cross-entropy over the whole global batch (all
+micro-batches), computed by `loss.cross_entropy_sum` without full fp32 logits.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from infllava_jax.config import InfLlavaConfig
+from infllava_jax.model import InfLlavaModel
+from infllava_jax.splice import splice_labels, splice_layout
+from infllava_jax.training.loss import cross_entropy_sum, shift_labels
+
+TRAINABLE = {
+    "stage1": ("spatial_embed", "mm_projector"),
+    "stage2": ("spatial_embed", "mm_projector", "language_model"),
+}
+
+
+def split_params(params: dict, stage: str) -> tuple[dict, dict]:
+    """(trainable, frozen) top-level subtrees for `stage`."""
+    if stage not in TRAINABLE:
+        raise ValueError(f"stage={stage!r}; expected one of {sorted(TRAINABLE)}")
+    train = {k: v for k, v in params.items() if k in TRAINABLE[stage]}
+    return train, {k: v for k, v in params.items() if k not in train}
+
+
+def make_optimizer(lr: float, total_steps: int, warmup_ratio: float = 0.03, weight_decay: float = 0.0,
+                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, max_grad_norm: float | None = 1.0):
+    """AdamW with linear warmup (3%) then cosine decay to 0, as the released scripts. -> (tx, schedule)"""
+    warmup = max(1, int(round(warmup_ratio * total_steps)))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1), 0.0)
+    tx = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    if max_grad_norm:
+        tx = optax.chain(optax.clip_by_global_norm(max_grad_norm), tx)
+    return tx, schedule
+
+
+def init_state(params: dict, stage: str, tx: optax.GradientTransformation) -> dict:
+    train, frozen = split_params(params, stage)
+    return {"step": jnp.zeros((), jnp.int32), "params": train, "frozen": frozen, "opt_state": tx.init(train)}
+
+
+def head_kernel(params: dict, config: InfLlavaConfig):
+    lm = params["language_model"]
+    if config.llm.tie_word_embeddings:
+        return lm["model"]["embed_tokens"]["embedding"].T
+    return lm["lm_head"]["kernel"]
+
+
+def make_loss_fn(config: InfLlavaConfig, loss_chunk: int = 512) -> Callable:
+    """loss_sum(trainable, frozen, micro_batch) -> (sum of token NLL, supervised token count)."""
+    model = InfLlavaModel(config)
+
+    def loss_sum(trainable, frozen, mb):
+        params = {**frozen, **trainable}
+        hidden = model.apply({"params": params}, mb["input_ids"], mb["pixel_values"], mb["attention_mask"],
+                             return_hidden=True)
+        K = 1 if mb["pixel_values"].ndim == 4 else mb["pixel_values"].shape[1]
+        labels = splice_labels(mb["labels"], splice_layout(mb["input_ids"], config.tokens_per_image, K,
+                                                           config.image_token_index))
+        return cross_entropy_sum(hidden, head_kernel(params, config), shift_labels(labels), loss_chunk)
+
+    return loss_sum
+
+
+def make_grad_fn(config: InfLlavaConfig, loss_chunk: int = 512) -> Callable:
+    """grads(state, batch) -> (mean loss, token count, mean grads); batch leaves are (A, b, ...):
+    A micro-batches accumulated in a scan, normalised by the total supervised token count."""
+    vg = jax.value_and_grad(make_loss_fn(config, loss_chunk), has_aux=True)
+
+    def grads(state, batch):
+        def acc(carry, mb):
+            (s, c), g = vg(state["params"], state["frozen"], mb)
+            return (carry[0] + s, carry[1] + c, jax.tree.map(jnp.add, carry[2], g)), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state["params"])
+        (s, c, g), _ = jax.lax.scan(acc, (jnp.float32(0), jnp.int32(0), zeros), batch)
+        denom = jnp.maximum(c, 1).astype(jnp.float32)
+        return s / denom, c, jax.tree.map(lambda x: x / denom, g)
+
+    return grads
+
+
+def make_train_step(config: InfLlavaConfig, tx: optax.GradientTransformation, schedule: Callable,
+                    loss_chunk: int = 512) -> Callable:
+    """step(state, batch) -> (state, metrics). A batch with no supervised token, or a non-finite
+    loss or gradient, leaves the state unchanged (but for the step counter) and is flagged in
+    metrics["skipped"], never trained on silently."""
+    grads_fn = make_grad_fn(config, loss_chunk)
+
+    def step(state: dict[str, Any], batch):
+        loss, count, grads = grads_fn(state, batch)
+        grad_norm = optax.global_norm(grads)
+        ok = (count > 0) & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+        new_state = {"step": state["step"] + 1, "params": keep(params, state["params"]),
+                     "frozen": state["frozen"], "opt_state": keep(opt_state, state["opt_state"])}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "lr": schedule(state["step"]),
+                   "skipped": ~ok}
+        return new_state, metrics
+
+    return step

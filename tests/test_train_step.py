@@ -1,0 +1,122 @@
+"""The sharded train step: same loss and gradients on every mesh as on one device; parameters
+really split; frozen parts get no optimizer state; the chunked loss equals the plain one."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from infllava_jax import api, presets
+from infllava_jax.model import InfLlavaModel
+from infllava_jax.sharding import batch_sharding, logical_to_shardings, make_mesh
+from infllava_jax.splice import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from infllava_jax.training import step as step_lib
+from infllava_jax.training.loss import cross_entropy_sum, shift_labels
+
+CFG = presets.tiny()
+
+
+def _batch(A=2, b=8, L=20, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, CFG.llm.vocab_size, (A, b, L)).astype(np.int32)
+    ids[..., 3] = IMAGE_TOKEN_INDEX
+    labels = np.where(np.arange(L) > 8, ids, IGNORE_INDEX).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[:, ::2, -4:] = 0                                  # right padding on every other row
+    labels[mask == 0] = IGNORE_INDEX
+    H, W = CFG.image_size
+    px = rng.normal(size=(A, b, H, W, 3)).astype(np.float32)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": px}
+
+
+def _place(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    params = jax.device_get(api.init_params(CFG, seed=1))
+    tx, _ = step_lib.make_optimizer(1e-3, 10)
+    state = step_lib.init_state(params, "stage2", tx)
+    batch = _batch()
+    grads_fn = step_lib.make_grad_fn(CFG, loss_chunk=16)
+    loss, count, grads = jax.jit(grads_fn)(jax.device_put(state, jax.devices()[0]), batch)
+    return params, batch, (float(loss), int(count), jax.device_get(grads))
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
+def test_mesh_matches_single_device(reference, shape):
+    params, batch, (loss1, count1, grads1) = reference
+    mesh = make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)))
+    p_sh = api.param_shardings(CFG, mesh)
+    tx, _ = step_lib.make_optimizer(1e-3, 10)
+    state = step_lib.init_state(_place(params, p_sh), "stage2", tx)
+    b_sh = {k: batch_sharding(mesh, v.ndim, batch_axis=1) for k, v in batch.items()}
+    grads_fn = step_lib.make_grad_fn(CFG, loss_chunk=16)
+    with jax.set_mesh(mesh):
+        loss, count, grads = jax.jit(grads_fn)(state, _place(batch, b_sh))
+    assert int(count) == count1
+    np.testing.assert_allclose(float(loss), loss1, rtol=1e-5)
+    top = max(np.abs(g).max() for g in jax.tree.leaves(grads1))
+    for (path, g), g1 in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(grads1)):
+        # (the key-projection bias has an exactly-zero gradient: softmax ignores it; floor the scale)
+        scale = max(np.abs(g1).max(), 1e-3 * top)
+        err = np.abs(np.asarray(g) - g1).max() / scale
+        assert err < 1e-4, f"{jax.tree_util.keystr(path)}: relative gradient error {err:.2e}"
+    # each large parameter is really split across devices
+    emb = state["params"]["language_model"]["model"]["embed_tokens"]["embedding"]
+    assert emb.addressable_shards[0].data.size * min(8, shape[1] * shape[2]) == emb.size
+    q = state["params"]["language_model"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert q.addressable_shards[0].data.size < q.size or shape[1] * shape[2] == 1
+
+
+def test_frozen_parts_have_no_optimizer_state_and_step_updates_only_trainable():
+    params = api.init_params(CFG, seed=2)
+    tx, schedule = step_lib.make_optimizer(1e-2, 10, warmup_ratio=0.0)
+    state = step_lib.init_state(params, "stage1", tx)
+    assert set(state["params"]) == {"spatial_embed", "mm_projector"}
+    assert set(state["frozen"]) == {"vision_tower", "language_model"}
+    n_train = sum(x.size for x in jax.tree.leaves(state["params"]))
+    n_opt = sum(x.size for x in jax.tree.leaves(state["opt_state"]))
+    assert n_opt == 2 * n_train + 2   # Adam mu and nu (+ counts): nothing for frozen parts
+    step = jax.jit(step_lib.make_train_step(CFG, tx, schedule, loss_chunk=16))
+    new, metrics = step(state, _batch(A=1, b=2))
+    assert float(metrics["lr"]) == 0.0          # warmup starts from 0, as HF's scheduler
+    new, metrics = step(new, _batch(A=1, b=2))
+    assert not bool(metrics["skipped"]) and int(new["step"]) == 2 and float(metrics["lr"]) > 0
+    changed = jax.tree_util.tree_map_with_path(lambda p, a, b: (jax.tree_util.keystr(p), bool(jnp.any(a != b))),
+                                               new["params"], state["params"])
+    unchanged = [k for k, c in jax.tree.leaves(changed, is_leaf=lambda x: isinstance(x, tuple)) if not c]
+    # the DEM key bias has a zero gradient (softmax is shift-invariant), so Adam leaves it alone
+    assert unchanged in ([], ["['spatial_embed']['attention']['k_proj']['bias']"]), unchanged
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), new["frozen"], state["frozen"]))
+
+
+def test_batch_without_supervised_tokens_is_skipped_not_trained():
+    params = api.init_params(CFG, seed=3)
+    tx, schedule = step_lib.make_optimizer(1e-2, 10, warmup_ratio=0.0)
+    state = step_lib.init_state(params, "stage2", tx)
+    batch = _batch(A=1, b=2)
+    batch["labels"][:] = IGNORE_INDEX
+    new, metrics = jax.jit(step_lib.make_train_step(CFG, tx, schedule))(state, batch)
+    assert bool(metrics["skipped"]) and int(metrics["tokens"]) == 0
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), new["params"], state["params"]))
+
+
+def test_chunked_loss_equals_full_logits_loss():
+    params = api.init_params(CFG, seed=4)
+    b = jax.tree.map(lambda x: x[0], _batch(A=1, b=2, L=37))
+    model = InfLlavaModel(CFG)
+    logits = model.apply({"params": params}, b["input_ids"], b["pixel_values"], b["attention_mask"])
+    x = model.apply({"params": params}, b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"],
+                    method=InfLlavaModel.embed_inputs)
+    t = shift_labels(x["labels"])
+    valid = t != IGNORE_INDEX
+    ref = -jnp.sum(jnp.where(valid, jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.where(valid, t, 0)[..., None],
+                                                         -1)[..., 0], 0.0))
+    hidden = model.apply({"params": params}, b["input_ids"], b["pixel_values"], b["attention_mask"],
+                         return_hidden=True)
+    for chunk in (7, 16, 1000):
+        s, c = cross_entropy_sum(hidden, step_lib.head_kernel(params, CFG), t, chunk)
+        assert int(c) == int(valid.sum())
+        np.testing.assert_allclose(float(s), float(ref), rtol=1e-5)

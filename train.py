@@ -1,0 +1,188 @@
+"""Train INF-LLaVA (stage 1 or 2, SPEC section 7) on a mesh of devices.
+
+    python train.py --config configs/tiny.py --workdir W [--config.total_steps=100 ...]
+    python train.py --config configs/stage2_8b.py --workdir W --config.init_checkpoint=STAGE1/final
+
+Restarting the same command resumes from the latest complete checkpoint in W (parameters,
+optimizer state, step and the data iterator): the loss trajectory is the same as an
+uninterrupted run. At the end W/final holds the trained model in our checkpoint format
+(`InfLlava.from_pretrained(W/final)`): the stage-1 -> stage-2 hand-off and eval's input.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:args]", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl, tensorboard/, final/")
+flags.mark_flags_as_required(["config", "workdir"])
+log = logging.getLogger("infllava_jax")
+
+
+def model_config(cfg, vocab_size: int):
+    """InfLlavaConfig from the init checkpoint or a preset, with the run's runtime settings."""
+    from infllava_jax import presets
+    from infllava_jax.api import load_config
+
+    if cfg.init_checkpoint:
+        mc = load_config(cfg.init_checkpoint)
+    else:
+        kw = dict(cfg.model)
+        preset = kw.pop("preset")
+        if preset == "tiny":
+            kw["grid"] = kw["grid"] or None      # grid=0: the LLaVA-1.5 path
+            kw["vocab_size"] = vocab_size
+        mc = getattr(presets, preset)(**kw)
+    rt = dict(cfg.runtime)
+    mc = mc.replace(vision=mc.vision.replace(**rt), llm=mc.llm.replace(**rt))
+    if mc.dem is not None:
+        mc = mc.replace(dem=dataclasses.replace(mc.dem, dtype=rt["dtype"], attention_impl=rt["attention_impl"]))
+    if vocab_size > mc.llm.vocab_size:
+        raise ValueError(f"tokenizer has {vocab_size} tokens but the model's vocabulary is {mc.llm.vocab_size}")
+    return mc
+
+
+def data_config(cfg, mc, workdir: Path, per_process_batch: int):
+    from infllava_jax.data.pipeline import DataConfig
+
+    d = cfg.data
+    path, folder = d.path, d.image_folder
+    if d.synthetic and not path:
+        from infllava_jax.data import synthetic
+        root = workdir.parent / "data"
+        H, _ = mc.image_size
+        synthetic.generate(root, image_size=H, seed=0)
+        path = str(root / ("train_caption.json" if cfg.stage == "stage1" else "train_vqa.json"))
+        folder = str(root)
+    return DataConfig.for_model(mc, path, folder, stage=int(cfg.stage[-1]), max_len=d.max_len,
+                                batch_size=per_process_batch, seed=cfg.seed, num_threads=d.num_threads)
+
+
+def main(_):
+    import jax
+    import numpy as np
+
+    from infllava_jax import InfLlava, api, sharding
+    from infllava_jax.data.batching import agree_across_processes, pad_batch
+    from infllava_jax.data.pipeline import data_stats, make_dataset
+    from infllava_jax.data.tokenizer import load_tokenizer
+    from infllava_jax.training import flops, step as step_lib
+    from infllava_jax.training.checkpoints import TrainCheckpoints, abstract_like
+    from infllava_jax.training.metrics import MetricsWriter
+
+    cfg, workdir = _CONFIG.value, Path(_WORKDIR.value).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("absl").setLevel(logging.WARNING)   # Orbax's per-save chatter
+    logging.getLogger().setLevel(logging.WARNING)
+    log.setLevel(logging.INFO)
+    cache = cfg.compilation_cache_dir or str(Path.home() / ".cache" / "infllava_jax" / "xla")
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+    # -- mesh, model, data ---------------------------------------------------------------------
+    mesh_shape = dict(cfg.mesh)
+    rest = jax.device_count() // int(np.prod([v for v in mesh_shape.values() if v > 0]))
+    mesh = sharding.make_mesh({k: (rest if v == -1 else v) for k, v in mesh_shape.items()})
+    tok = load_tokenizer(cfg.tokenizer or None)
+    mc = model_config(cfg, len(tok))
+    accum = cfg.global_batch // (cfg.micro_batch * jax.process_count())
+    if accum < 1 or accum * cfg.micro_batch * jax.process_count() != cfg.global_batch:
+        raise ValueError(f"global_batch {cfg.global_batch} is not micro_batch {cfg.micro_batch} x "
+                         f"{jax.process_count()} processes x an integer number of accumulation steps")
+    dcfg = data_config(cfg, mc, workdir, cfg.micro_batch)
+    data_it = iter(make_dataset(dcfg, tok))
+    log.info("mesh %s; model grid %s, %d tokens/image; %s; %d accumulation steps of %d per process",
+                 dict(mesh.shape), mc.grid, mc.tokens_per_image, cfg.stage, accum, cfg.micro_batch)
+
+    # -- state ---------------------------------------------------------------------------------
+    tx, schedule = step_lib.make_optimizer(cfg.optimizer.lr, cfg.total_steps, cfg.optimizer.warmup_ratio,
+                                           cfg.optimizer.weight_decay,
+                                           max_grad_norm=cfg.optimizer.max_grad_norm or None)
+    if cfg.init_checkpoint:
+        params = InfLlava.from_pretrained(cfg.init_checkpoint, mesh=mesh).params  # checks keys and shapes
+        log.info("initial weights: %s", cfg.init_checkpoint)
+    else:
+        params = api.init_params(mc, cfg.seed, mesh)
+        log.info("initial weights: random (seed %d)", cfg.seed)
+    state = jax.jit(lambda p: step_lib.init_state(p, cfg.stage, tx))(params)
+    del params
+    ckpts = TrainCheckpoints(workdir, keep=cfg.keep_checkpoints)
+    start = ckpts.latest_step() or 0
+    if start:
+        state = ckpts.restore(start, abstract_like(state), data_it)
+        log.info("resumed from %s at step %d", ckpts.dir / str(start), start)
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+
+    train_step = jax.jit(step_lib.make_train_step(mc, tx, schedule, cfg.loss_chunk),
+                         in_shardings=(state_sh, None), out_shardings=(state_sh, None), donate_argnums=0)
+    n_dev = jax.device_count()
+    peak, peak_note = flops.device_peak_flops()
+    log.info("MFU denominator: %s x %d devices", peak_note, n_dev)
+    writer = MetricsWriter(workdir, cfg.total_steps, enabled=jax.process_index() == 0)
+
+    def next_global_batch():
+        micro = [next(data_it) for _ in range(accum)]
+        L = max(m["input_ids"].shape[1] for m in micro)
+        micro = [agree_across_processes(pad_batch(m, L, tok.pad_token_id), tok.pad_token_id) for m in micro]
+        L = max(m["input_ids"].shape[1] for m in micro)
+        micro = [pad_batch(m, L, tok.pad_token_id) for m in micro]
+        keys = ("input_ids", "labels", "attention_mask", "pixel_values")
+        local = {k: np.stack([m[k] for m in micro]) for k in keys}
+        return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim, 1), v)
+                for k, v in local.items()}
+
+    # -- loop ----------------------------------------------------------------------------------
+    compiled, skipped = set(), 0
+    t_last, tokens_since, flops_since = time.perf_counter(), 0, 0.0
+    with jax.set_mesh(mesh):
+        for step in range(start, cfg.total_steps):
+            batch = next_global_batch()
+            A, b, L = batch["input_ids"].shape
+            seq = L + mc.tokens_per_image - 1                  # spliced length
+            t0 = time.perf_counter()
+            state, m = train_step(state, batch)
+            if (A, b, L) not in compiled:                      # first step of a new bucket: compile
+                jax.block_until_ready(m)
+                compiled.add((A, b, L))
+                log.info("compiled the train step for micro-batches %s in %.1f s (cache %s)",
+                             (A, b, L), time.perf_counter() - t0, cache)
+                t_last, tokens_since, flops_since = time.perf_counter(), 0, 0.0
+            else:
+                tokens_since += A * b * seq
+                flops_since += flops.train_step_flops(mc, A * b, seq, cfg.stage)
+            if bool(m["skipped"]):
+                skipped += 1
+                log.warning("step %d: skipped, not trained on (supervised tokens %d, loss %s)",
+                                step + 1, int(m["tokens"]), float(m["loss"]))
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.total_steps:
+                m = jax.device_get(m)
+                dt = max(time.perf_counter() - t_last, 1e-9)
+                stats = data_stats(data_it) or {}
+                writer.write(step + 1, {
+                    "loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+                    "supervised_tokens": int(m["tokens"]), "tokens_per_s": tokens_since / dt,
+                    "mfu": flops_since / dt / (peak * n_dev), "skipped_steps": skipped,
+                    "bad_samples": stats.get("bad_total", 0), "seq_len": seq})
+                t_last, tokens_since, flops_since = time.perf_counter(), 0, 0.0
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.total_steps:
+                ckpts.save(step + 1, state, data_it)
+    ckpts.wait()
+    stats = data_stats(data_it)
+    log.info("data: %s", json.dumps(stats))
+    if cfg.export_final:
+        params = {**state["frozen"], **state["params"]}
+        InfLlava(mc, params).save_pretrained(workdir / "final")
+        log.info("wrote %s (InfLlava.from_pretrained)", workdir / "final")
+    ckpts.close()
+    writer.close()
+
+
+if __name__ == "__main__":
+    app.run(main)
