@@ -73,7 +73,7 @@ def main(_):
     from infllava_jax.data.batching import agree_across_processes, pad_batch
     from infllava_jax.data.pipeline import data_stats, make_dataset
     from infllava_jax.data.tokenizer import load_tokenizer
-    from infllava_jax.training import flops, step as step_lib
+    from infllava_jax.training import flops, partition, step as step_lib
     from infllava_jax.training.checkpoints import TrainCheckpoints, abstract_like
     from infllava_jax.training.metrics import MetricsWriter
 
@@ -111,14 +111,14 @@ def main(_):
     else:
         params = api.init_params(mc, cfg.seed, mesh)
         log.info("initial weights: random (seed %d)", cfg.seed)
-    state = jax.jit(lambda p: step_lib.init_state(p, cfg.stage, tx))(params)
+    _, state_sh = partition.state_shardings(mc, cfg.stage, tx, mesh)
+    state = jax.jit(lambda p: step_lib.init_state(p, cfg.stage, tx), out_shardings=state_sh)(params)
     del params
     ckpts = TrainCheckpoints(workdir, keep=cfg.keep_checkpoints)
     start = ckpts.latest_step() or 0
     if start:
         state = ckpts.restore(start, abstract_like(state), data_it)
         log.info("resumed from %s at step %d", ckpts.dir / str(start), start)
-    state_sh = jax.tree.map(lambda x: x.sharding, state)
 
     train_step = jax.jit(step_lib.make_train_step(mc, tx, schedule, cfg.loss_chunk),
                          in_shardings=(state_sh, None), out_shardings=(state_sh, None), donate_argnums=0)

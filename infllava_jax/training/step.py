@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
+from infllava_jax import api
+from infllava_jax.sharding import LOGICAL_RULES
 from infllava_jax.config import InfLlavaConfig
 from infllava_jax.model import InfLlavaModel
 from infllava_jax.splice import splice_labels, splice_layout
@@ -59,11 +62,16 @@ def head_kernel(params: dict, config: InfLlavaConfig):
 def make_loss_fn(config: InfLlavaConfig, loss_chunk: int = 512) -> Callable:
     """loss_sum(trainable, frozen, micro_batch) -> (sum of token NLL, supervised token count)."""
     model = InfLlavaModel(config)
+    compute = jnp.dtype(config.llm.dtype)
 
     def loss_sum(trainable, frozen, mb):
         params = {**frozen, **trainable}
-        hidden = model.apply({"params": params}, mb["input_ids"], mb["pixel_values"], mb["attention_mask"],
-                             return_hidden=True)
+        # mixed precision: matrices cast to the compute dtype while still sharded (gathers move
+        # half the bytes); norms and biases stay fp32; gradients flow back to the fp32 master.
+        cast = jax.tree.map(lambda x: x.astype(compute) if x.ndim >= 2 else x, params)
+        with nn.logical_axis_rules(LOGICAL_RULES):
+            hidden = model.apply({"params": api.rebox(config, cast)}, mb["input_ids"], mb["pixel_values"],
+                                 mb["attention_mask"], return_hidden=True)
         K = 1 if mb["pixel_values"].ndim == 4 else mb["pixel_values"].shape[1]
         labels = splice_labels(mb["labels"], splice_layout(mb["input_ids"], config.tokens_per_image, K,
                                                            config.image_token_index))
@@ -101,11 +109,15 @@ def make_train_step(config: InfLlavaConfig, tx: optax.GradientTransformation, sc
         loss, count, grads = grads_fn(state, batch)
         grad_norm = optax.global_norm(grads)
         ok = (count > 0) & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-        new_state = {"step": state["step"] + 1, "params": keep(params, state["params"]),
-                     "frozen": state["frozen"], "opt_state": keep(opt_state, state["opt_state"])}
+
+        def update(params, opt_state):
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        # a cond, not a select: no second copy of the parameters and optimizer state
+        params, opt_state = jax.lax.cond(ok, update, lambda p, o: (p, o), state["params"], state["opt_state"])
+        new_state = {"step": state["step"] + 1, "params": params, "frozen": state["frozen"],
+                     "opt_state": opt_state}
         metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "lr": schedule(state["step"]),
                    "skipped": ~ok}
         return new_state, metrics

@@ -1,0 +1,61 @@
+"""Image loading for training (SPEC section 2), split in two halves of `pixels.preprocess`:
+
+- `load_resized`: file -> RGB -> pad/square -> PIL bicubic resize + centre crop -> uint8 (S, S, 3)
+  (what the ArrayRecord builder stores);
+- `normalize`: uint8 -> float32 CLIP-normalised, bit-identical to `pixels.preprocess`
+  (a 256-entry table per channel computed with the same float64 -> float32 steps).
+The pipeline runs both per sample in its read threads/workers; batching only stacks.
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from infllava_jax.pixels import CLIP_MEAN, CLIP_STD, MEAN_COLOR, expand2square
+
+MODES = ("pad", "square")
+
+
+def resize_uint8(img: Image.Image, size: int, mode: str = "pad") -> np.ndarray:
+    """The geometric half of `pixels.preprocess`: RGB, expand2square (pad), shortest edge -> size
+    with PIL bicubic, centre crop. Returns uint8 (size, size, 3)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    if mode == "pad":
+        img = expand2square(img, MEAN_COLOR)
+    w, h = img.size
+    short, long = min(w, h), max(w, h)
+    new_long = int(size * long / short)  # the same float expression as transformers
+    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+    img = img.resize((new_w, new_h), resample=Image.BICUBIC)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return np.ascontiguousarray(np.asarray(img)[top:top + size, left:left + size])
+
+
+def load_resized(path: str, size: int, mode: str = "pad") -> np.ndarray:
+    """Decode an image file fully (truncated files raise here, not later) -> uint8 (size, size, 3)."""
+    with Image.open(path) as img:
+        img.load()
+        return resize_uint8(img.convert("RGB"), size, mode)
+
+
+def _table() -> np.ndarray:
+    v = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)[:, None]
+    return (v - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)  # (256, 3) f32
+
+
+_LUT = _table()
+_LUT.flags.writeable = False
+
+
+def normalize(pixels: np.ndarray) -> np.ndarray:
+    """uint8 (..., 3) -> float32 (..., 3): (x/255 - mean) / std exactly as `pixels.preprocess`
+    (~12 ms for 1008 x 1008: one table lookup per channel)."""
+    if pixels.dtype != np.uint8 or pixels.shape[-1] != 3:
+        raise TypeError(f"normalize expects uint8 (..., 3) pixels, got {pixels.dtype} {pixels.shape}")
+    out = np.empty(pixels.shape, np.float32)
+    for c in range(3):
+        np.take(_LUT[:, c], pixels[..., c], out=out[..., c])
+    return out

@@ -1,0 +1,242 @@
+"""LLaVA data -> grain pipeline of static-shape numpy batches (SPEC sections 2, 6, 7).
+
+    source (LLaVA JSON/JSONL list, or ArrayRecord dir)       MapDataset, random access
+      -> this process's shard   ds[:N - N % P][p::P]         equal, disjoint, every process
+      -> shuffle(seed) -> repeat(num_epochs)                  reshuffled each epoch (seed + epoch)
+      -> map(record -> example | bad)                         tokenise, truncate, decode image
+      -> to_iter_dataset(threads) [-> mp_prefetch(workers)]
+      -> LlavaBatches: drop + count bad samples, collate to a length bucket
+
+Everything up to `to_iter_dataset` is index-based, so the iterator state is one position in
+the shuffled stream. Bad samples are dropped *after* that position advances, in LlavaBatches,
+whose state adds the counters: restoring a state resumes exactly (same batches, same counts),
+with or without prefetch threads or worker processes (resume with the same `num_workers`: grain's
+multiprocess state has one entry per worker).
+
+Multi-process notes: train by step count with num_epochs=None (processes meet different numbers
+of bad samples, so finite epochs could end at different steps), and pass every local batch
+through `batching.agree_across_processes` (one bucket for the global batch). The JSON path parses
+the whole file in every process (only its shard is tokenised and decoded) and pickles the record
+list into each worker process; for LLaVA-665k-sized data prefer threads or the ArrayRecord path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+
+import grain
+
+from infllava_jax.data.batching import collate, default_buckets
+from infllava_jax.data.examples import BAD_REASONS, JsonRecordProcessor, SampleSpec
+
+log = logging.getLogger(__name__)
+_LOGGED_BAD = 20  # log the first few bad samples with their detail, then only count
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    data_path: str                        # LLaVA .json / .jsonl, or an ArrayRecord dir (arrayrecord.py)
+    image_folder: str = ""                # root of the records' relative "image" paths
+    template: str = "llama3"              # stage 1: "plain"
+    image_size: int = 1008                # model's high-res input (InfLlavaConfig.image_size)
+    image_mode: str = "pad"               # stage 1: "square"
+    tokens_per_image: int = 576           # InfLlavaConfig.tokens_per_image
+    max_len: int = 2048                   # after splicing
+    double_bos: bool = False              # True: the released doubled BOS (template.py)
+    batch_size: int = 8                   # per process
+    buckets: tuple[int, ...] | None = None  # spliced lengths; None: default_buckets(max_len, T)
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None         # None: repeat forever (stop on a step count)
+    drop_remainder: bool = True           # static batch size
+    max_bad_fraction: float = 0.01        # raise once more than this fraction of samples is bad ...
+    bad_check_after: int = 1000           # ... after this many samples (and at the end of the data)
+    num_threads: int = 16                 # grain read threads (0: synchronous)
+    prefetch_buffer: int = 64
+    num_workers: int = 0                  # >0: grain mp_prefetch worker processes
+
+    def __post_init__(self):
+        if self.buckets is not None and max(self.buckets) != self.max_len:
+            raise ValueError(f"largest bucket {max(self.buckets)} must equal max_len {self.max_len}")
+        self.spec  # validates the per-sample fields
+
+    @property
+    def spec(self) -> SampleSpec:
+        return SampleSpec(template=self.template, image_size=self.image_size, image_mode=self.image_mode,
+                          tokens_per_image=self.tokens_per_image, max_len=self.max_len,
+                          double_bos=self.double_bos)
+
+    @property
+    def bucket_lengths(self) -> tuple[int, ...]:
+        return tuple(sorted(self.buckets or default_buckets(self.max_len, self.tokens_per_image)))
+
+    @classmethod
+    def for_model(cls, model_config, data_path: str, image_folder: str = "", stage: int = 2, **kw):
+        """Image size and tokens per image from an InfLlavaConfig; stage 1 = plain + square."""
+        H, W = model_config.image_size
+        if H != W:
+            raise NotImplementedError(f"non-square inputs ({H}x{W}) have no released preprocessing")
+        base = dict(template="plain", image_mode="square") if stage == 1 else {}
+        return cls(data_path=data_path, image_folder=image_folder, image_size=H,
+                   tokens_per_image=model_config.tokens_per_image, **{**base, **kw})
+
+
+# ----------------------------------------------------------------------------- sources
+
+class _Indexed:
+    """source[i] -> (i, source[i]): the record index rides along through shuffling."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        return i, self.source[i]
+
+
+def read_llava_json(path: str) -> list:
+    """A LLaVA JSON list (or JSONL, one record a line)."""
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            return [json.loads(line) for line in f if line.strip()]
+        data = json.load(f)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: a LLaVA JSON file holds a list of records, got {type(data).__name__}")
+    return data
+
+
+def open_source(cfg: DataConfig, tokenizer):
+    """-> (random-access records, map function record -> example | bad)."""
+    if os.path.isdir(cfg.data_path):
+        from infllava_jax.data.arrayrecord import open_array_record  # tfds only on this path
+        return open_array_record(cfg.data_path, cfg.spec)
+    return read_llava_json(cfg.data_path), JsonRecordProcessor(tokenizer, cfg.spec, cfg.image_folder)
+
+
+def shard(ds: grain.MapDataset, process_index: int, process_count: int) -> grain.MapDataset:
+    """Equal disjoint strided shards (drops len % process_count records so no process runs short)."""
+    n = len(ds)
+    return ds[: n - n % process_count][process_index::process_count]
+
+
+def make_dataset(cfg: DataConfig, tokenizer, *, process_index: int | None = None,
+                 process_count: int | None = None) -> "LlavaBatches":
+    """The batched grain IterDataset of this process. `iter()` it; the iterator has
+    get_state/set_state (save it in the training checkpoint) and `stats()`."""
+    if process_index is None or process_count is None:
+        import jax
+        process_index, process_count = jax.process_index(), jax.process_count()
+    records, processor = open_source(cfg, tokenizer)
+    ds = shard(grain.MapDataset.source(_Indexed(records)), process_index, process_count)
+    if len(ds) == 0:
+        raise ValueError(f"{cfg.data_path}: no records for process {process_index} of {process_count}")
+    if cfg.shuffle:
+        ds = ds.shuffle(seed=cfg.seed)
+    if cfg.num_epochs != 1:
+        ds = ds.repeat(cfg.num_epochs)
+    ds = ds.map(processor)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads,
+                                              prefetch_buffer_size=cfg.prefetch_buffer))
+    if cfg.num_workers > 0:
+        from absl import flags  # grain reads absl flags in mp_prefetch; scripts without absl.app
+        if not flags.FLAGS.is_parsed():  # never parse them: use the defaults
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+    return LlavaBatches(it, cfg, pad_id=tokenizer.pad_token_id)
+
+
+# ----------------------------------------------------------------------------- batches
+
+class LlavaBatches(grain.IterDataset):
+    """Drops and counts bad samples, then collates `batch_size` good ones (batching.py)."""
+
+    def __init__(self, parent: grain.IterDataset, cfg: DataConfig, pad_id: int):
+        super().__init__(parent)
+        self.cfg, self.pad_id = cfg, int(pad_id)
+
+    def __iter__(self) -> "LlavaBatchIterator":
+        return LlavaBatchIterator(self._parent.__iter__(), self.cfg, self.pad_id)
+
+    def __str__(self):
+        return f"LlavaBatches(batch_size={self.cfg.batch_size}, buckets={self.cfg.bucket_lengths})"
+
+
+class TooManyBadSamples(ValueError):
+    pass
+
+
+class LlavaBatchIterator(grain.DatasetIterator):
+
+    def __init__(self, parent: grain.DatasetIterator, cfg: DataConfig, pad_id: int):
+        super().__init__(parent)
+        self.cfg, self.pad_id = cfg, pad_id
+        self._buckets = cfg.bucket_lengths
+        self._good = self._truncated = 0
+        self._bad = {r: 0 for r in BAD_REASONS}
+
+    def __next__(self) -> dict:
+        rows = []
+        while len(rows) < self.cfg.batch_size:
+            try:
+                e = next(self._parent)
+            except StopIteration:
+                self._check(final=True)
+                if rows and not self.cfg.drop_remainder:
+                    break
+                raise
+            if "bad" in e:
+                self._count_bad(e)
+                continue
+            self._good += 1
+            self._truncated += e["truncated"]
+            rows.append(e)
+        return collate(rows, buckets=self._buckets, tokens_per_image=self.cfg.tokens_per_image,
+                       image_size=self.cfg.image_size, pad_id=self.pad_id)
+
+    def _count_bad(self, e):
+        self._bad[e["bad"]] += 1
+        n_bad = sum(self._bad.values())
+        if n_bad <= _LOGGED_BAD:
+            log.warning("%s: skipping record %d (%s): %s", self.cfg.data_path, e["index"], e["bad"], e["detail"])
+        self._check()
+
+    def _check(self, final: bool = False):
+        n_bad = sum(self._bad.values())
+        seen = n_bad + self._good
+        if seen and (final or seen >= self.cfg.bad_check_after) and n_bad > self.cfg.max_bad_fraction * seen:
+            counts = {k: v for k, v in self._bad.items() if v}
+            raise TooManyBadSamples(
+                f"{self.cfg.data_path}: {n_bad} of {seen} samples read so far are bad "
+                f"({n_bad / seen:.1%} > max_bad_fraction={self.cfg.max_bad_fraction}): {counts}")
+
+    def stats(self) -> dict:
+        """Counters to log: good samples, truncated ones, bad ones by reason (this process)."""
+        return {"good": self._good, "truncated": self._truncated, "bad": dict(self._bad),
+                "bad_total": sum(self._bad.values())}
+
+    def get_state(self) -> dict:
+        return {"parent": self._parent.get_state(), "good": self._good, "truncated": self._truncated,
+                "bad": dict(self._bad)}
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["parent"])
+        self._good, self._truncated = int(state["good"]), int(state["truncated"])
+        self._bad = {r: int(state["bad"].get(r, 0)) for r in BAD_REASONS}
+
+    def __str__(self):
+        return f"LlavaBatchIterator(batch_size={self.cfg.batch_size})"
+
+
+def data_stats(iterator) -> dict:
+    """`stats()` of the LlavaBatchIterator in an iterator chain (e.g. under a device prefetch)."""
+    todo = [iterator]
+    while todo:
+        it = todo.pop()
+        if isinstance(it, LlavaBatchIterator):
+            return it.stats()
+        todo.extend(getattr(it, "_parents", ()))
+    raise ValueError("no LlavaBatchIterator in this iterator chain")

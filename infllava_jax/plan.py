@@ -1,0 +1,137 @@
+"""Memory and FLOPs plan of a train step before renting hardware: AOT-compiles the real step
+from shapes only, on fake CPU devices laid out as the target mesh.
+
+    python -m infllava_jax.plan --config configs/stage2_8b.py --mesh fsdp=8 [--micro-batch 4]
+
+Prints per-device memory (arguments, outputs, temporaries, peak) from XLA's memory analysis,
+FLOPs per step (analytic and XLA's count), and the step time implied at a given MFU on H100 and
+TPU v5p. The last line is a JSON object of those figures. Nothing is allocated: a full-size
+model needs only compile-time memory here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+GiB = 2 ** 30
+TARGETS = {"H100": 989e12, "TPU v5p": 459e12}
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    mesh = {}
+    for kv in text.split(","):
+        k, _, v = kv.partition("=")
+        mesh[k.strip()] = int(v)
+    return mesh
+
+
+def load_config(spec: str):
+    from ml_collections import config_flags  # noqa: F401  (config files import ml_collections)
+    import importlib.util
+    path, _, arg = spec.partition(":")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    mod_spec = importlib.util.spec_from_file_location("plan_config", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod.get_config(arg or None)
+
+
+def plan(cfg, mesh_shape: dict[str, int], micro_batch_per_device: int, mfu: float) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from infllava_jax import sharding
+    from infllava_jax.training import flops, partition, step as step_lib
+    from train import model_config
+
+    mesh = sharding.make_mesh(mesh_shape)
+    n_dev = mesh.devices.size
+    from infllava_jax.data.tokenizer import load_tokenizer
+    mc = model_config(cfg, len(load_tokenizer(cfg.tokenizer or None)))
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro_global = micro_batch_per_device * data_parallel
+    accum = max(1, cfg.global_batch // micro_global)
+    T = mc.tokens_per_image
+    seq = cfg.data.max_len
+    L = seq - T + 1                                             # ids per row; spliced length = seq
+    H, W = mc.image_size
+    batch = {"input_ids": jax.ShapeDtypeStruct((accum, micro_global, L), jnp.int32),
+             "labels": jax.ShapeDtypeStruct((accum, micro_global, L), jnp.int32),
+             "attention_mask": jax.ShapeDtypeStruct((accum, micro_global, L), jnp.int32),
+             "pixel_values": jax.ShapeDtypeStruct((accum, micro_global, H, W, 3), jnp.float32)}
+    tx, schedule = step_lib.make_optimizer(cfg.optimizer.lr, cfg.total_steps)
+    abstract_state, state_sh = partition.state_shardings(mc, cfg.stage, tx, mesh)
+    batch_sh = partition.batch_shardings(batch, mesh)
+    step = jax.jit(step_lib.make_train_step(mc, tx, schedule, cfg.loss_chunk),
+                   in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
+    t = time.perf_counter()
+    with jax.set_mesh(mesh):
+        compiled = step.lower(abstract_state, batch).compile()
+    compile_s = time.perf_counter() - t
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    args, outs = mem.argument_size_in_bytes, mem.output_size_in_bytes
+    temp, alias = mem.temp_size_in_bytes, mem.alias_size_in_bytes
+    peak = args + outs + temp - alias
+    step_flops = flops.train_step_flops(mc, cfg.global_batch, seq, cfg.stage)
+    n_params = sum(x.size for x in jax.tree.leaves(abstract_state["params"])) \
+        + sum(x.size for x in jax.tree.leaves(abstract_state["frozen"]))
+    return {
+        "config": cfg.model.get("preset", ""), "stage": cfg.stage, "mesh": dict(mesh.shape), "devices": n_dev,
+        "params": int(n_params), "global_batch": cfg.global_batch, "micro_batch_per_device": micro_batch_per_device,
+        "accumulation_steps": accum, "seq_len": seq, "remat_policy": mc.llm.remat_policy, "dtype": mc.llm.dtype,
+        "argument_gib": args / GiB, "output_gib": outs / GiB, "temp_gib": temp / GiB, "alias_gib": alias / GiB,
+        "peak_gib_per_device": peak / GiB,
+        "flops_per_step_analytic": step_flops,
+        "flops_per_device_xla": float(cost.get("flops", 0.0)) if cost else 0.0,
+        "compile_s": compile_s, "mfu_assumed": mfu,
+        **{f"step_s_{k.replace(' ', '_')}": step_flops / (n_dev * v * mfu) for k, v in TARGETS.items()},
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, help="configs/<name>.py[:args]")
+    ap.add_argument("--mesh", default="fsdp=8", help="e.g. fsdp=8 or data=4,fsdp=8 (fake devices)")
+    ap.add_argument("--micro-batch", type=int, default=None, help="sequences per device per micro-step")
+    ap.add_argument("--mfu", type=float, default=0.4, help="assumed MFU for the implied step time")
+    ap.add_argument("--set", action="append", default=[], help="config override key=value (e.g. runtime.remat_policy=dots)")
+    args = ap.parse_args(argv)
+    mesh_shape = parse_mesh(args.mesh)
+    n = 1
+    for v in mesh_shape.values():
+        n *= v
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    cfg = load_config(args.config)
+    for kv in args.set:
+        k, _, v = kv.partition("=")
+        node = cfg
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = type(node[leaf])(v) if not isinstance(node[leaf], bool) else v.lower() in ("1", "true")
+    mb = args.micro_batch or max(1, cfg.micro_batch // n)
+    r = plan(cfg, mesh_shape, mb, args.mfu)
+    print(f"{r['config']} {r['stage']}: {r['params'] / 1e9:.2f} B params on mesh {r['mesh']} "
+          f"({r['devices']} devices), micro-batch {mb}/device x {r['accumulation_steps']} accumulation steps, "
+          f"{r['seq_len']} tokens, remat {r['remat_policy']}, {r['dtype']} compute (compiled in {r['compile_s']:.0f} s)")
+    print(f"{'per device':<22}{'GiB':>10}")
+    for k in ("argument", "output", "temp", "alias"):
+        print(f"  {k:<20}{r[k + '_gib']:>10.2f}")
+    print(f"  {'peak':<20}{r['peak_gib_per_device']:>10.2f}")
+    print(f"FLOPs per step: {r['flops_per_step_analytic']:.3e} analytic (global), "
+          f"{r['flops_per_device_xla']:.3e} XLA count (per device)")
+    for k in TARGETS:
+        print(f"step time at MFU {args.mfu:.0%} on {k}: {r['step_s_' + k.replace(' ', '_')]:.2f} s")
+    print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
