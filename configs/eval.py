@@ -28,6 +28,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.length_buckets = (64, 128, 256, 512, 1024, 2048)
     c.image_buckets = (1, 2, 4, 8)
     c.mesh = ""                     # "" = every device on `data`; e.g. "data=2,fsdp=4"
+    c.distributed = False           # multi-host: jax.distributed.initialize() first (TPU pods, SLURM, ...)
     c.dtype = ""                    # "" = as saved; "bfloat16" compute
     c.tokenizer = ""                # "" = the checkpoint's tokenizer files; "tiny"; or a directory
     c.scorers = ""                  # e.g. "pope=llava,docvqa=lmms_eval_2024_07"

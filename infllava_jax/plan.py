@@ -55,6 +55,9 @@ def plan(cfg, mesh_shape: dict[str, int], micro_batch_per_device: int, mfu: floa
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     micro_global = micro_batch_per_device * data_parallel
     accum = max(1, cfg.global_batch // micro_global)
+    if accum * micro_global != cfg.global_batch:
+        print(f"note: {micro_batch_per_device} x {data_parallel} data-parallel devices x {accum} steps = "
+              f"{accum * micro_global} sequences per step, not the config's global batch {cfg.global_batch}")
     T = mc.tokens_per_image
     seq = cfg.data.max_len
     L = seq - T + 1                                             # ids per row; spliced length = seq
@@ -78,12 +81,12 @@ def plan(cfg, mesh_shape: dict[str, int], micro_batch_per_device: int, mfu: floa
     args, outs = mem.argument_size_in_bytes, mem.output_size_in_bytes
     temp, alias = mem.temp_size_in_bytes, mem.alias_size_in_bytes
     peak = args + outs + temp - alias
-    step_flops = flops.train_step_flops(mc, cfg.global_batch, seq, cfg.stage)
+    step_flops = flops.train_step_flops(mc, accum * micro_global, seq, cfg.stage)
     n_params = sum(x.size for x in jax.tree.leaves(abstract_state["params"])) \
         + sum(x.size for x in jax.tree.leaves(abstract_state["frozen"]))
     return {
         "config": cfg.model.get("preset", ""), "stage": cfg.stage, "mesh": dict(mesh.shape), "devices": n_dev,
-        "params": int(n_params), "global_batch": cfg.global_batch, "micro_batch_per_device": micro_batch_per_device,
+        "params": int(n_params), "global_batch": accum * micro_global, "micro_batch_per_device": micro_batch_per_device,
         "accumulation_steps": accum, "seq_len": seq, "remat_policy": mc.llm.remat_policy, "dtype": mc.llm.dtype,
         "argument_gib": args / GiB, "output_gib": outs / GiB, "temp_gib": temp / GiB, "alias_gib": alias / GiB,
         "peak_gib_per_device": peak / GiB,
