@@ -37,10 +37,25 @@ def _dummy_inputs(config: InfLlavaConfig):
     return ids, jnp.zeros((1, H, W, 3), jnp.float32)
 
 
+@functools.lru_cache(maxsize=8)
+def boxed_abstract_params(config: InfLlavaConfig):
+    """Parameter shapes boxed with their logical axis names (nn.LogicallyPartitioned)."""
+    return jax.eval_shape(lambda: InfLlavaModel(config).init(jax.random.key(0), *_dummy_inputs(config)))["params"]
+
+
 def abstract_params(config: InfLlavaConfig):
     """(tree of ShapeDtypeStruct, tree of logical PartitionSpecs) without allocating anything."""
-    boxed = jax.eval_shape(lambda: InfLlavaModel(config).init(jax.random.key(0), *_dummy_inputs(config)))
-    return nn.unbox(boxed)["params"], nn.get_partition_spec(boxed)["params"]
+    boxed = boxed_abstract_params(config)
+    return nn.unbox(boxed), nn.get_partition_spec(boxed)
+
+
+def rebox(config: InfLlavaConfig, params):
+    """Plain params -> boxed with logical names, so that inside `apply` (under
+    nn.logical_axis_rules and a mesh) every module constrains its weights to their sharding,
+    per layer inside scans: weights are gathered layer by layer and their gradients
+    reduce-scattered, never materialised whole."""
+    is_box = lambda x: isinstance(x, nn.Partitioned)
+    return jax.tree.map(lambda b, x: b.replace_boxed(x), boxed_abstract_params(config), params, is_leaf=is_box)
 
 
 def param_shardings(config: InfLlavaConfig, mesh=None):
@@ -175,8 +190,9 @@ STREAM_CHUNK_BYTES = 64 << 20      # target size of one streamed piece (at least
 STREAM_INFLIGHT_BYTES = 256 << 20  # pieces handed to tensorstore and not yet committed
 
 
-def stream_chunks(a: StreamedArray, chunk_bytes: int = STREAM_CHUNK_BYTES) -> tuple[int, ...]:
+def stream_chunks(a: StreamedArray, chunk_bytes: int | None = None) -> tuple[int, ...]:
     """Chunk shape of a streamed array: full extent except along chunk_axis."""
+    chunk_bytes = STREAM_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     shape = tuple(a.shape)
     if not shape:
         return shape
@@ -219,8 +235,9 @@ class _StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
             ax, step = value.chunk_axis, chunk[value.chunk_axis]
             for start in range(0, value.shape[ax], step):
                 index = (slice(None),) * ax + (slice(start, min(start + step, value.shape[ax])),)
-                piece = value.read(index)
-                pending.append((store[index].write(piece), piece.nbytes))
+                piece = value.read(index)   # a fresh array nobody else touches: no copy needed
+                pending.append((store[index].write(piece, can_reference_source_data_indefinitely=True),
+                                piece.nbytes))
                 while sum(n for _, n in pending) > STREAM_INFLIGHT_BYTES:
                     await self._done(pending.pop(0))
         while pending:

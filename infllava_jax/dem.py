@@ -1,4 +1,4 @@
-"""DEM, the dual-perspective enhancement module (SPEC sections 4-5), and its PyTorch converter.
+"""DEM, the dual-perspective enhancement module (SPEC sections 4-5), and its PyTorch key map.
 
 Inputs per image (batch B leading), D = CLIP width, g = tokens per side, N = nH*nW:
     local   (B, N, g*g, D)   CLIP features of the local crops (crops.local_crops order r*nW + c)
@@ -35,12 +35,11 @@ Parameter names follow the released state dict (`model.spatial_embed.*`, SPEC se
     attention.ln.{scale,bias}               <- attention.ln.{weight,bias}
     ffn_{crop,stride}.{fc1,fc2}             <- ffn_{crop,stride}.{0,2}  (Sequential: Linear, GELU, Linear)
     ln_fuse.{scale,bias}                    <- ln_fuse.{weight,bias}
-`TORCH_KEYS` is that map as data; `dem_params_from_torch` / `dem_params_to_torch` apply it.
+`key_map` is that map as data (keymap.Row); convert/engine.py applies it in both directions.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -48,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from infllava_jax import attention as attention_lib
-from infllava_jax import layers
+from infllava_jax import keymap, layers
 from infllava_jax.pixels import bilinear_matrix
 from infllava_jax.crops import interleave, local_crops, mosaic, strided_crops
 
@@ -283,99 +282,29 @@ class DEM(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# PyTorch <-> JAX parameters. Keys are relative to the released prefix `model.spatial_embed.`
-# (pass it as `prefix`). Linear weights are [out, in] in torch, kernels [in, out] here.
-_LINEARS = {"q_proj": "linears.0", "k_proj": "linears.1", "v_proj": "linears.2", "o_proj": "linears.3"}
-_FFN = {"fc1": "0", "fc2": "2"}   # torch nn.Sequential(Linear, GELU, Linear)
+# PyTorch key map, relative to the released prefix `model.spatial_embed.` (applied by convert/).
+
+def key_map(cfg: DEMConfig | None = None) -> list[keymap.Row]:
+    """Table (keymap.Row) between DEM params and the released `SpatialEmbed` keys (the same for
+    every DEMConfig: shapes come from the config, names do not)."""
+    entries = []
+    for ours, theirs in zip(("q_proj", "k_proj", "v_proj", "o_proj"), range(4)):  # linears.0..3
+        entries += keymap.linear(f"attention/{ours}", f"attention.linears.{theirs}")
+    entries += keymap.norm("attention/ln", "attention.ln")
+    for ffn in ("ffn_crop", "ffn_stride"):   # torch nn.Sequential(Linear, GELU, Linear)
+        entries += keymap.linear(f"{ffn}/fc1", f"{ffn}.0") + keymap.linear(f"{ffn}/fc2", f"{ffn}.2")
+    entries += keymap.norm("ln_fuse", "ln_fuse")
+    return keymap.rows(entries)
 
 
-def _torch_keys() -> tuple[tuple[tuple[str, ...], str, bool], ...]:
-    rows = []
-
-    def linear(path, key):
-        rows.append((path + ("kernel",), key + ".weight", True))
-        rows.append((path + ("bias",), key + ".bias", False))
-
-    def norm(path, key):
-        rows.append((path + ("scale",), key + ".weight", False))
-        rows.append((path + ("bias",), key + ".bias", False))
-
-    for name, key in _LINEARS.items():
-        linear(("attention", name), f"attention.{key}")
-    norm(("attention", "ln"), "attention.ln")
-    for ffn in ("ffn_crop", "ffn_stride"):
-        for name, key in _FFN.items():
-            linear((ffn, name), f"{ffn}.{key}")
-    norm(("ln_fuse",), "ln_fuse")
-    return tuple(rows)
+def abstract_params(cfg: DEMConfig):
+    """Param shapes/dtypes (ShapeDtypeStruct tree) without allocating."""
+    N, L, D = cfg.num_crops, cfg.g * cfg.g, cfg.hidden
+    x = jax.ShapeDtypeStruct((1, N, L, D), jnp.float32)
+    low = jax.ShapeDtypeStruct((1, L, D), jnp.float32)
+    return nn.meta.unbox(jax.eval_shape(DEM(cfg).init, jax.random.key(0), x, x, low)["params"])
 
 
-TORCH_KEYS = _torch_keys()   # (JAX param path, torch key, transpose?)
-
-
-def _torch_shapes(cfg: DEMConfig) -> dict[str, tuple[int, ...]]:
-    D, W, H, O = cfg.hidden, cfg.width, cfg.ffn_hidden, cfg.ffn_out
-    shapes = {}
-    for name in ("q_proj", "k_proj", "v_proj"):
-        shapes[f"attention.{_LINEARS[name]}.weight"], shapes[f"attention.{_LINEARS[name]}.bias"] = (W, D), (W,)
-    shapes["attention.linears.3.weight"], shapes["attention.linears.3.bias"] = (D, W), (D,)
-    for ffn in ("ffn_crop", "ffn_stride"):
-        shapes[f"{ffn}.0.weight"], shapes[f"{ffn}.0.bias"] = (H, D), (H,)
-        shapes[f"{ffn}.2.weight"], shapes[f"{ffn}.2.bias"] = (O, H), (O,)
-    for ln in ("attention.ln", "ln_fuse"):
-        shapes[f"{ln}.weight"], shapes[f"{ln}.bias"] = (D,), (D,)
-    return shapes
-
-
-def _to_numpy(x) -> np.ndarray:
-    if hasattr(x, "detach"):   # torch tensor; bf16/fp16 have no numpy dtype in torch
-        x = x.detach().cpu()
-        if x.dtype.is_floating_point and x.element_size() < 4:
-            x = x.float()
-        return x.numpy()
-    return np.asarray(x)
-
-
-def dem_params_from_torch(state_dict: Mapping[str, Any], cfg: DEMConfig = DEMConfig(),
-                          prefix: str = "") -> dict:
-    """Released `SpatialEmbed` state dict -> DEM params tree (arrays in cfg.param_dtype).
-
-    Reads the keys `prefix + TORCH_KEYS[i][1]` (e.g. prefix="model.spatial_embed."). Raises
-    KeyError naming every missing key, ValueError naming key and both shapes on a shape
-    mismatch, and ValueError naming keys under `prefix` that nothing consumes.
-    """
-    shapes = _torch_shapes(cfg)
-    missing = [prefix + k for _, k, _ in TORCH_KEYS if prefix + k not in state_dict]
-    if missing:
-        raise KeyError(f"dem_params_from_torch: missing keys {missing}")
-    known = {prefix + k for _, k, _ in TORCH_KEYS}
-    extra = sorted(k for k in state_dict if k.startswith(prefix) and k not in known)
-    if extra:
-        raise ValueError(f"dem_params_from_torch: unexpected keys under prefix {prefix!r}: {extra}")
-    pdt = jnp.dtype(cfg.param_dtype)
-    tree: dict = {}
-    for path, key, transpose in TORCH_KEYS:
-        x = _to_numpy(state_dict[prefix + key])
-        if tuple(x.shape) != shapes[key]:
-            raise ValueError(f"dem_params_from_torch: {prefix + key} has shape {tuple(x.shape)}, "
-                             f"expected {shapes[key]} for {cfg}")
-        node = tree
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = jnp.asarray(x.T if transpose else x, dtype=pdt)
-    return tree
-
-
-def dem_params_to_torch(params: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
-    """Inverse of `dem_params_from_torch` (accepts boxed or plain params): torch key -> numpy."""
-    params = nn.meta.unbox(params)
-    out = {}
-    for path, key, transpose in TORCH_KEYS:
-        x = params
-        for p in path:
-            if p not in x:
-                raise KeyError(f"dem_params_to_torch: params lack {'/'.join(path)}")
-            x = x[p]
-        x = np.asarray(x)
-        out[prefix + key] = np.ascontiguousarray(x.T) if transpose else x
-    return out
+# The same table in the older (path tuple, torch key, transpose?) form; kept because
+# tests/test_model.py reads it. New code: `key_map()`.
+TORCH_KEYS = tuple((tuple(r.path.split("/")), r.key, r.transform == "transpose") for r in key_map())

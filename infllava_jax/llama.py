@@ -15,7 +15,7 @@ Parameter tree (HF module names, Flax leaf names; `layers` is scanned, leading a
 
 With `scan_layers=False` the stack lives under `layers_0`, `layers_1`, ... (see
 `layers.stack_layer_params` / `unstack_layer_params`). Kernels are flat ([in, out]), so a
-PyTorch Linear weight converts with a plain transpose (`params_from_hf`).
+PyTorch Linear weight converts with a plain transpose (`key_map`, applied by convert/).
 
 KV cache (`init_cache`): a plain dict pytree, jit/scan friendly, static shapes:
 
@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import keymap
 from .attention import dot_product_attention
 from .layers import dense, layer_stack
 
@@ -400,108 +401,33 @@ def init_params(config: LlamaConfig, rng: jax.Array, *, unbox: bool = True):
 
 # ----------------------------------------------------------------------------- conversion
 
-def _hf_key_map(config: LlamaConfig) -> tuple[list[tuple[str, tuple, bool]], list[list[tuple[str, tuple, bool]]]]:
-    """([(hf_key, flax_path, transpose)] global, per-layer lists) for one config."""
-    glob = [("model.embed_tokens.weight", ("model", "embed_tokens", "embedding"), False),
-            ("model.norm.weight", ("model", "norm", "scale"), False)]
+def key_map(config: LlamaConfig) -> list[keymap.Row]:
+    """Table (keymap.Row) between our params and HF `LlamaForCausalLM` keys, for `config`."""
+    top = [keymap.Row("model/embed_tokens/embedding", "model.embed_tokens.weight"),
+           keymap.Row("model/norm/scale", "model.norm.weight")]
     if not config.tie_word_embeddings:
-        glob.append(("lm_head.weight", ("lm_head", "kernel"), True))
-    per_layer = []
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}."
-        entries = [(p + "input_layernorm.weight", ("input_layernorm", "scale"), False),
-                   (p + "post_attention_layernorm.weight", ("post_attention_layernorm", "scale"), False)]
-        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            entries.append((p + f"self_attn.{n}.weight", ("self_attn", n, "kernel"), True))
-            if config.attention_bias:
-                entries.append((p + f"self_attn.{n}.bias", ("self_attn", n, "bias"), False))
-        for n in ("gate_proj", "up_proj", "down_proj"):
-            entries.append((p + f"mlp.{n}.weight", ("mlp", n, "kernel"), True))
-        per_layer.append(entries)
-    return glob, per_layer
+        top.append(keymap.Row("lm_head/kernel", "lm_head.weight", "transpose"))
+    bias = config.attention_bias
+    layer = [*keymap.norm("input_layernorm", "input_layernorm", bias=False),
+             *keymap.norm("post_attention_layernorm", "post_attention_layernorm", bias=False)]
+    for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        layer += keymap.linear(f"self_attn/{n}", f"self_attn.{n}", bias=bias)
+    for n in ("gate_proj", "up_proj", "down_proj"):
+        layer += keymap.linear(f"mlp/{n}", f"mlp.{n}", bias=False)
+    return top + keymap.stack(layer, config.num_hidden_layers, scanned=config.scan_layers,
+                              path="model/layers", key="model.layers")
 
 
-def _expected_shapes(config: LlamaConfig) -> dict:
-    D, V, M = config.hidden_size, config.vocab_size, config.intermediate_size
-    NH, KH = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    return {("embed_tokens", "embedding"): (V, D), ("norm", "scale"): (D,), ("lm_head", "kernel"): (D, V),
-            ("input_layernorm", "scale"): (D,), ("post_attention_layernorm", "scale"): (D,),
-            ("q_proj", "kernel"): (D, NH), ("k_proj", "kernel"): (D, KH), ("v_proj", "kernel"): (D, KH),
-            ("o_proj", "kernel"): (NH, D), ("q_proj", "bias"): (NH,), ("k_proj", "bias"): (KH,),
-            ("v_proj", "bias"): (KH,), ("o_proj", "bias"): (D,), ("gate_proj", "kernel"): (D, M),
-            ("up_proj", "kernel"): (D, M), ("down_proj", "kernel"): (M, D)}
+# Buffers older transformers saved next to the parameters (not parameters).
+IGNORED_KEYS = ("model.layers.*.self_attn.rotary_emb.inv_freq",)
 
 
-def _set(tree: dict, path: tuple, value) -> None:
-    for k in path[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[path[-1]] = value
+def ignored_keys(config: LlamaConfig) -> tuple[str, ...]:
+    """Keys a checkpoint may hold that are not converted: buffers, and with tied embeddings the
+    `lm_head.weight` alias of embed_tokens that state_dict() lists."""
+    return IGNORED_KEYS + (("lm_head.weight",) if config.tie_word_embeddings else ())
 
 
-def params_from_hf(state_dict: Mapping[str, Any], config: LlamaConfig, *, prefix: str = "") -> dict:
-    """HF Llama state dict (numpy / array-like, Linear weights [out, in]) -> Flax params tree
-    (the content of `{"params": ...}`), numpy arrays in `config.param_dtype`, layers stacked
-    when `config.scan_layers`. Keys are looked up as `prefix + key` (e.g. prefix="language_model.");
-    other keys are ignored. Missing key -> KeyError; wrong shape -> ValueError."""
-    shapes = _expected_shapes(config)
-    pdt = jnp.dtype(config.param_dtype)
-
-    def get(key, path, transpose):
-        full = prefix + key
-        if full not in state_dict:
-            raise KeyError(f"missing key {full!r} in the Llama state dict")
-        a = state_dict[full]
-        if hasattr(a, "detach"):  # a torch tensor slipped through
-            a = a.detach().float().numpy()
-        a = np.asarray(a)
-        if transpose:
-            a = a.T
-        want = shapes[path[-2:]]
-        if a.shape != want:
-            got = a.shape[::-1] if transpose else a.shape
-            want_hf = want[::-1] if transpose else want
-            raise ValueError(f"{full!r}: shape {got}, expected {want_hf}")
-        return np.ascontiguousarray(a).astype(pdt)
-
-    glob, per_layer = _hf_key_map(config)
-    params: dict = {}
-    for key, path, tr in glob:
-        _set(params, path, get(key, path, tr))
-    layers = []
-    for entries in per_layer:
-        layer: dict = {}
-        for key, path, tr in entries:
-            _set(layer, path, get(key, path, tr))
-        layers.append(layer)
-    if config.scan_layers:  # stack on the host (numpy), not on a device
-        params["model"]["layers"] = jax.tree.map(lambda *a: np.stack(a), *layers)
-    else:
-        for i, layer in enumerate(layers):
-            params["model"][f"layers_{i}"] = layer
-    return params
-
-
-def params_to_hf(params: Mapping, config: LlamaConfig) -> dict[str, np.ndarray]:
-    """Inverse of `params_from_hf` (scanned or unscanned tree) -> HF state dict of numpy arrays."""
-    if "params" in params and "model" not in params:
-        params = params["params"]
-    model = params["model"]
-    glob, per_layer = _hf_key_map(config)
-
-    def get(tree, path):
-        for k in path:
-            tree = tree[k]
-        return np.asarray(tree)
-
-    out = {}
-    for key, path, tr in glob:
-        a = get(params, path)
-        out[key] = a.T if tr else a
-    for i, entries in enumerate(per_layer):
-        for key, path, tr in entries:
-            if "layers" in model:
-                a = get(model["layers"], path)[i]
-            else:
-                a = get(model[f"layers_{i}"], path)
-            out[key] = np.ascontiguousarray(a.T if tr else a)
-    return out
+def abstract_params(config: LlamaConfig):
+    """Param shapes/dtypes (ShapeDtypeStruct tree, the content of `{"params": ...}`)."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))["params"]

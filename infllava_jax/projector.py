@@ -1,7 +1,7 @@
 """Projector `mlp2x_gelu` (SPEC section 1): Linear(D_vit -> D_llm), exact GELU, Linear(D_llm -> D_llm).
 
-Submodule names `linear_1` / `linear_2` are HF LLaVA's; the released keys are
-`model.mm_projector.0` / `.2` (convert/ holds the map).
+Submodule names `linear_1` / `linear_2` are HF LLaVA's (`multi_modal_projector.linear_{1,2}`);
+the released keys are `model.mm_projector.0` / `.2` (nn.Sequential(Linear, GELU, Linear)).
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from infllava_jax import keymap
 from infllava_jax.layers import dense
 
 
@@ -23,3 +24,12 @@ class Projector(nn.Module):
         x = dense(self.out_features, ("embed", "mlp"), name="linear_1", **kw)(x)
         x = jax.nn.gelu(x, approximate=False)
         return dense(self.out_features, ("mlp", "embed"), name="linear_2", **kw)(x)
+
+
+RELEASED_NAMES = ("0", "2")            # model.mm_projector.{0,2}
+HF_NAMES = ("linear_1", "linear_2")    # multi_modal_projector.linear_{1,2}
+
+
+def key_map(names: tuple[str, str] = HF_NAMES) -> list[keymap.Row]:
+    """Table (keymap.Row) between our projector params and torch keys named `names`."""
+    return keymap.rows(keymap.linear("linear_1", names[0]) + keymap.linear("linear_2", names[1]))

@@ -2,7 +2,7 @@
 
 Module names follow Hugging Face `CLIPVisionModel` (`embeddings`, `pre_layrnorm` [sic],
 `encoder.layers`, `self_attn.q_proj`, `layer_norm1`, `mlp.fc1`, `post_layernorm`), so
-`params_from_hf` is a key map plus transposes. Pixels are NHWC. INF-LLaVA uses
+the PyTorch conversion is a key map (`key_map`) plus transposes. Pixels are NHWC. INF-LLaVA uses
 `hidden_states[-2]` without CLS (`features`), which never runs the last encoder layer.
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from infllava_jax import keymap
 from infllava_jax.attention import dot_product_attention
 from infllava_jax.layers import LAYERS, dense, layer_norm, layer_stack
 
@@ -247,113 +247,34 @@ def init_params(config: CLIPVisionConfig, rng=None, *, boxed: bool = False):
 
 
 # ---------------------------------------------------------------------------------------------
-# Hugging Face PyTorch state dict -> params.  Torch Linear weight is [out, in] -> kernel [in, out];
-# Conv2d weight [D, C, p, p] -> kernel [p, p, C, D].
-_T = (1, 0)
-_TOP = {  # hf suffix -> (flax path, permutation of the torch array)
-    "embeddings.class_embedding": (("embeddings", "class_embedding"), None),
-    "embeddings.patch_embedding.weight": (("embeddings", "patch_embedding", "kernel"), (2, 3, 1, 0)),
-    "embeddings.position_embedding.weight": (("embeddings", "position_embedding", "embedding"), None),
-    "pre_layrnorm.weight": (("pre_layrnorm", "scale"), None),
-    "pre_layrnorm.bias": (("pre_layrnorm", "bias"), None),
-    "post_layernorm.weight": (("post_layernorm", "scale"), None),
-    "post_layernorm.bias": (("post_layernorm", "bias"), None),
-}
-_LAYER = {  # per encoder layer, relative to encoder.layers.{i}.
-    **{f"self_attn.{n}_proj.weight": (("self_attn", f"{n}_proj", "kernel"), _T) for n in ("q", "k", "v", "out")},
-    **{f"self_attn.{n}_proj.bias": (("self_attn", f"{n}_proj", "bias"), None) for n in ("q", "k", "v", "out")},
-    **{f"mlp.{n}.weight": (("mlp", n, "kernel"), _T) for n in ("fc1", "fc2")},
-    **{f"mlp.{n}.bias": (("mlp", n, "bias"), None) for n in ("fc1", "fc2")},
-    **{f"layer_norm{j}.weight": ((f"layer_norm{j}", "scale"), None) for j in (1, 2)},
-    **{f"layer_norm{j}.bias": ((f"layer_norm{j}", "bias"), None) for j in (1, 2)},
-}
-_VISION_ROOTS = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
-_IGNORED = ("embeddings.position_ids",)  # a buffer, not a parameter
+# PyTorch key map (HF CLIPVisionModel names, relative to the tower: `embeddings.*`, `encoder.*`;
+# CLIPModel / LLaVA checkpoints put a prefix before them). Applied by convert/engine.py.
+
+def key_map(config: CLIPVisionConfig) -> list[keymap.Row]:
+    """Table (keymap.Row) between our tower params and HF CLIPVisionModel keys, for `config`."""
+    top = keymap.rows([
+        ("embeddings/class_embedding", "embeddings.class_embedding", "none"),
+        ("embeddings/patch_embedding/kernel", "embeddings.patch_embedding.weight", "conv"),
+        ("embeddings/position_embedding/embedding", "embeddings.position_embedding.weight", "none"),
+        *keymap.norm("pre_layrnorm", "pre_layrnorm"),
+        *keymap.norm("post_layernorm", "post_layernorm"),
+    ])
+    layer = [*keymap.linear("self_attn/q_proj", "self_attn.q_proj"),
+             *keymap.linear("self_attn/k_proj", "self_attn.k_proj"),
+             *keymap.linear("self_attn/v_proj", "self_attn.v_proj"),
+             *keymap.linear("self_attn/out_proj", "self_attn.out_proj"),
+             *keymap.linear("mlp/fc1", "mlp.fc1"), *keymap.linear("mlp/fc2", "mlp.fc2"),
+             *keymap.norm("layer_norm1", "layer_norm1"), *keymap.norm("layer_norm2", "layer_norm2")]
+    return top + keymap.stack(layer, config.num_hidden_layers, scanned=config.scan_layers,
+                              path=f"encoder/{LAYERS}", key="encoder.layers")
 
 
-def _key_map(config: CLIPVisionConfig) -> dict[str, tuple[tuple[str, ...], tuple | None]]:
-    """hf key (no prefix) -> (path in the unscanned param tree, permutation)."""
-    m = dict(_TOP)
-    for i in range(config.num_hidden_layers):
-        m.update({f"encoder.layers.{i}.{k}": (("encoder", f"{LAYERS}_{i}") + p, t) for k, (p, t) in _LAYER.items()})
-    return m
+# Tensors HF checkpoints may hold that are not parameters (transformers < 4.31 saved this buffer).
+IGNORED_KEYS = ("embeddings.position_ids",)
+# The first key of every HF CLIP vision tower; what precedes it is the tower's prefix.
+ANCHOR_KEY = "embeddings.patch_embedding.weight"
 
 
-def detect_prefix(state_dict: Mapping[str, Any]) -> str:
-    """The prefix before `embeddings.patch_embedding.weight` ('', 'vision_model.', 'vision_tower.vision_model.', ...)."""
-    anchor = "embeddings.patch_embedding.weight"
-    found = [k[: -len(anchor)] for k in state_dict if k == anchor or k.endswith("." + anchor)]
-    if len(found) != 1:
-        raise KeyError(f"cannot find a unique vision tower ('*{anchor}'): found prefixes {found}; pass prefix=")
-    return found[0]
-
-
-def _flat_shapes(tree, path=()):
-    if isinstance(tree, Mapping):
-        out = {}
-        for k, v in tree.items():
-            out.update(_flat_shapes(v, path + (k,)))
-        return out
-    return {path: tuple(tree.shape)}
-
-
-def params_from_hf(state_dict: Mapping[str, Any], config: CLIPVisionConfig, prefix: str | None = None, *,
-                   strict: bool = True) -> dict:
-    """HF CLIPVisionModel / CLIPModel / LLaVA state dict (name -> array) -> our params (numpy).
-
-    prefix: the text before `embeddings.` (None = detect). Missing key -> KeyError; wrong shape ->
-    ValueError (key, both shapes); leftover vision keys -> ValueError unless strict=False. Keys outside
-    the tower (text_model.*, visual_projection, language_model.*, ...) are ignored.
-    Layout (scanned or not) and dtype follow `config`.
-    """
-    prefix = detect_prefix(state_dict) if prefix is None else prefix
-    expected = _flat_shapes(jax.eval_shape(lambda: init_params(config.replace(scan_layers=False))))
-    dtype = np.dtype(jnp.dtype(config.param_dtype))
-    flat = {}
-    for hf_key, (path, perm) in _key_map(config).items():
-        key = prefix + hf_key
-        if key not in state_dict:
-            raise KeyError(f"missing vision key {key!r}")
-        a = np.asarray(state_dict[key])
-        want = expected[path]
-        want_hf = tuple(want[perm.index(j)] for j in range(len(want))) if perm else want
-        if a.shape != want_hf:
-            raise ValueError(f"{key}: shape {tuple(a.shape)} in the state dict, expected {want_hf} "
-                             f"(for {'/'.join(path)} {want})")
-        flat[path] = (a.transpose(perm) if perm else a).astype(dtype)
-    if strict:
-        used = {prefix + k for k in _key_map(config)} | {prefix + k for k in _IGNORED}
-        extra = sorted(k for k in state_dict if k.startswith(prefix) and k not in used
-                       and (prefix or k.startswith(_VISION_ROOTS)))
-        if extra:
-            raise ValueError(f"unexpected vision keys under {prefix!r}: {extra[:10]}"
-                             f"{' ...' if len(extra) > 10 else ''} ({len(extra)} total)")
-    tree: dict = {}
-    for path, a in flat.items():
-        node = tree
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = a
-    if config.scan_layers:  # stack encoder/layers_i -> encoder/layers with a leading layer axis
-        enc = tree["encoder"]
-        per = [enc.pop(f"{LAYERS}_{i}") for i in range(config.num_hidden_layers)]
-        enc[LAYERS] = jax.tree.map(lambda *a: np.stack(a), *per)
-    return tree
-
-
-def params_to_hf(params: Mapping[str, Any], config: CLIPVisionConfig, prefix: str = "") -> dict:
-    """Inverse of `params_from_hf` (numpy arrays in torch layout)."""
-    enc = params["encoder"]
-    if LAYERS in enc:  # scanned
-        stacked = enc[LAYERS]
-        enc = {f"{LAYERS}_{i}": jax.tree.map(lambda a: a[i], stacked) for i in range(config.num_hidden_layers)}
-    params = {**params, "encoder": enc}
-    out = {}
-    for hf_key, (path, perm) in _key_map(config).items():
-        a = params
-        for p in path:
-            a = a[p]
-        a = np.asarray(a)
-        out[prefix + hf_key] = a.transpose(np.argsort(perm)) if perm else a
-    return out
-
+def abstract_params(config: CLIPVisionConfig):
+    """Param shapes/dtypes (ShapeDtypeStruct tree) without allocating."""
+    return jax.eval_shape(lambda: init_params(config))

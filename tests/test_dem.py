@@ -9,13 +9,22 @@ import numpy as np
 import pytest
 import torch
 
-from infllava_jax import layers
+from convert import engine
+from infllava_jax import dem, layers
 from infllava_jax.pixels import bilinear_matrix
-from infllava_jax.dem import (DEM, DEMConfig, TORCH_KEYS, dem_params_from_torch,
-                              dem_params_to_torch)
+from infllava_jax.dem import DEM, DEMConfig
 from tests.torch_ref import random_spatial_embed
 
 TOL = 1e-5  # max |x - ref| / max |ref|
+
+
+def dem_params_from_torch(sd, cfg=DEMConfig(), prefix=""):
+    """dem.key_map applied by the one conversion engine."""
+    return engine.from_torch(dem.key_map(cfg), sd, dem.abstract_params(cfg), prefix=prefix)
+
+
+def dem_params_to_torch(params, prefix=""):
+    return engine.to_torch(dem.key_map(), params, prefix=prefix)
 
 
 def rel(x, ref):
@@ -210,6 +219,7 @@ def test_bilinear_pooling_samples(n):
     np.testing.assert_allclose(t, want, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("nH, nW", [(3, 3), (2, 3)])
 def test_paper_variant_against_torch_and_numpy(nH, nW):
     """Average pooling over each nH x nW cell, v = S + pooled; heads/width configurable."""
     cfg = small(variant="paper", nH=nH, nW=nW, g=4, num_heads=2, head_dim=8)   # width 16 != D 64
@@ -256,7 +266,7 @@ def test_converter_covers_every_param_and_round_trips():
     assert jax.tree.structure(params) == jax.tree.structure(init)
     assert jax.tree.map(lambda x: x.shape, params) == jax.tree.map(lambda x: x.shape, init)
     sd = {k: v.numpy() for k, v in tm.state_dict().items()}
-    assert sorted(sd) == sorted(k for _, k, _ in TORCH_KEYS)
+    assert sorted(sd) == sorted(r.key for r in dem.key_map(cfg))
     back = dem_params_to_torch(params, prefix="model.spatial_embed.")
     assert sorted(back) == sorted("model.spatial_embed." + k for k in sd)
     for k, v in sd.items():

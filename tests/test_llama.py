@@ -11,10 +11,12 @@ import pytest
 import torch
 import transformers
 
+from convert import engine
+from infllava_jax import llama
 from infllava_jax.generate import generate, generate_from_embeds, greedy_generate, top_p_filter
 from infllava_jax.layers import assert_all_partitioned, stack_layer_params, unstack_layer_params
 from infllava_jax.llama import (Llama3RopeScaling, LlamaConfig, LlamaForCausalLM, init_cache,
-                                init_params, llama3_8b, params_from_hf, params_to_hf, rope_inv_freq)
+                                init_params, llama3_8b, rope_inv_freq)
 
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500000.0,
@@ -27,6 +29,16 @@ VARIANTS = {
     "tied": LlamaConfig(**TINY, tie_word_embeddings=True),
 }
 PAD = 0
+
+
+def params_from_hf(sd, cfg, prefix=""):
+    """llama.key_map applied by the one conversion engine."""
+    return engine.from_torch(llama.key_map(cfg), sd, llama.abstract_params(cfg), prefix=prefix,
+                             ignore=[prefix + k for k in llama.ignored_keys(cfg)])
+
+
+def params_to_hf(params, cfg):
+    return engine.to_torch(llama.key_map(cfg), params)
 
 
 @functools.lru_cache(maxsize=None)

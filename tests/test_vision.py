@@ -7,12 +7,29 @@ import pytest
 import torch
 import transformers
 
+from convert import engine, formats
+from infllava_jax import vision
 from infllava_jax.layers import assert_all_partitioned, stack_layer_params, unstack_layer_params
 from infllava_jax.vision import (CLIPVisionConfig, CLIPVisionTransformer, clip_vit_l14_336, init_params,
-                                 params_from_hf, params_to_hf, select_features)
+                                 select_features)
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             image_size=56, patch_size=14)
+
+
+def params_from_hf(sd, cfg, prefix=None, strict=True):
+    """vision.key_map applied by the one conversion engine (prefix None: found from the anchor key);
+    CLIPModel's text half and the position_ids buffer are not converted by design."""
+    prefix = formats.find_prefix(sd, vision.ANCHOR_KEY, "vision tower") if prefix is None else prefix
+    ignore = [prefix + k for k in vision.IGNORED_KEYS] + list(formats.CLIP_TEXT_KEYS)
+    return engine.from_torch(vision.key_map(cfg), sd, vision.abstract_params(cfg), prefix=prefix, strict=strict,
+                             ignore=ignore)
+
+
+def params_to_hf(params, cfg):
+    return engine.to_torch(vision.key_map(cfg), params)
+
+
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
