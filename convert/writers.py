@@ -7,7 +7,6 @@ then every tensor's bytes in header order, read in pieces of at most PIECE_BYTES
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -17,6 +16,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from convert.sources import SAFETENSORS_INDEX, SAFETENSORS_NAMES, Tensor
+from infllava_jax.api import commit_directory
 
 PIECE_BYTES = 256 << 20
 DEFAULT_SHARD_BYTES = 5 * 10 ** 9   # transformers' default max_shard_size="5GB"
@@ -111,12 +111,6 @@ def atomic_directory(path: Path, fill: Callable[[Path], None], *, overwrite: boo
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         fill(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
+        commit_directory(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -271,12 +271,18 @@ def save_checkpoint(path: str | os.PathLike, config: InfLlavaConfig, params, *, 
             ckptr.save(tmp / PARAMS_DIR, params)
             ckptr.wait_until_finished()
         (tmp / CONFIG_FILE).write_text(config.to_json())   # written last: marks a complete checkpoint
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
+        commit_directory(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def commit_directory(tmp: Path, path: Path) -> None:
+    """Rename the finished directory `tmp` to `path`, replacing an existing `path` only once the
+    new one is complete: a reader sees the old checkpoint or the new one, never half of one."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(path)
