@@ -7,6 +7,12 @@ Restarting the same command resumes from the latest complete checkpoint in W (pa
 optimizer state, step and the data iterator): the loss trajectory is the same as an
 uninterrupted run. At the end W/final holds the trained model in our checkpoint format
 (`InfLlava.from_pretrained(W/final)`): the stage-1 -> stage-2 hand-off and eval's input.
+
+Multi-process (README "Scale-out"): one process per host, started with the same command plus
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I`, or with nothing extra on a
+TPU pod slice or under Slurm (auto-detected; infllava_jax/distributed.py). W must be on a
+filesystem every process sees. The global batch is the same whatever the process count, and a
+checkpoint resumes onto another mesh, device count or process count (elastic resume).
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -22,6 +29,25 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:args]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl, tensorboard/, final/")
+# multi-process (infllava_jax/distributed.py); unset: JAX_* variables, then Slurm / Open MPI / TPU pod detection
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator service")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes (hosts)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index in [0, num_processes)")
+_LOCAL_DEVICES = flags.DEFINE_string("local_device_ids", "auto",
+                                     "auto | all | 0,1,..: auto = one GPU per process when a cluster runs "
+                                     "several processes per node, else all local devices")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                                 "auto: jax.distributed when flags, JAX_* variables or a multi-process cluster "
+                                 "say so; on: always (JAX auto-detects the unset values); off: never")
+_INIT_TIMEOUT = flags.DEFINE_integer("initialization_timeout", 300, "s for all processes to meet at start-up")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer("heartbeat_timeout", 100,
+                                          "s without heartbeats after which a process is declared dead")
+_STEP_TIMEOUT = flags.DEFINE_integer("step_timeout", 1800, "multi-process: s a step (or a checkpoint save) may "
+                                     "take before the watchdog ends the process; 0 = no watchdog")
+_COMPILE_TIMEOUT = flags.DEFINE_integer("compile_timeout", 3600, "multi-process: the same for start-up and for "
+                                        "steps that compile")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "print the resolved multi-process settings and batch layout as "
+                             "JSON and exit (starts nothing)")
 flags.mark_flags_as_required(["config", "workdir"])
 log = logging.getLogger("infllava_jax")
 
@@ -65,7 +91,68 @@ def data_config(cfg, mc, workdir: Path, per_process_batch: int):
                                 batch_size=per_process_batch, seed=cfg.seed, num_threads=d.num_threads)
 
 
+def export_final(path: Path, mc, params) -> None:
+    """W/final in our checkpoint format. One process: InfLlava.save_pretrained. Several: every
+    process writes its shards into one temporary directory, process 0 adds config.json (written
+    last: marks a complete checkpoint) and renames it into place."""
+    import jax
+
+    from infllava_jax import InfLlava
+    if jax.process_count() == 1:
+        InfLlava(mc, params).save_pretrained(path)
+        return
+    import orbax.checkpoint as ocp
+    from jax.experimental import multihost_utils
+
+    from infllava_jax.api import CONFIG_FILE, PARAMS_DIR, commit_directory
+    path = Path(path).absolute()
+    tmp = path.with_name(f".{path.name}.tmp-multiprocess")
+    if jax.process_index() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    multihost_utils.sync_global_devices("export_final:start")
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(tmp / PARAMS_DIR, params)
+    ckptr.wait_until_finished()
+    multihost_utils.sync_global_devices("export_final:params")
+    if jax.process_index() == 0:
+        (tmp / CONFIG_FILE).write_text(mc.to_json())
+        commit_directory(tmp, path)
+    multihost_utils.sync_global_devices("export_final:done")
+
+
 def main(_):
+    from infllava_jax import distributed
+
+    cfg = _CONFIG.value
+    cluster = distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                  _LOCAL_DEVICES.value, _DISTRIBUTED.value, timeout=_INIT_TIMEOUT.value)
+    if _DRY_RUN.value:   # what this process would do; the launch recipes' dry runs print it
+        P = cluster.num_processes or 1
+        accum, rem = divmod(cfg.global_batch, cfg.micro_batch * P)
+        print(json.dumps({"cluster": dataclasses.asdict(cluster), "workdir": str(Path(_WORKDIR.value).absolute()),
+                          "global_batch": cfg.global_batch, "micro_batch_per_process": cfg.micro_batch,
+                          "accumulation_steps": accum if accum and not rem else
+                          f"invalid: global_batch is not micro_batch x {P} processes x an integer",
+                          "mesh": dict(cfg.mesh)}))
+        return
+    logging.getLogger().setLevel(logging.WARNING)
+    log.setLevel(logging.INFO)
+    distributed.initialize(cluster, initialization_timeout=_INIT_TIMEOUT.value,
+                           heartbeat_timeout=_HEARTBEAT_TIMEOUT.value)
+    if not cluster.distributed:
+        return train(cfg, None)
+    import jax
+    dog = distributed.Watchdog() if _STEP_TIMEOUT.value > 0 else None
+    try:
+        train(cfg, dog)
+    except BaseException as e:   # noqa: BLE001 - never wait in the shutdown barrier after a failure
+        distributed.fail_fast(e, f"process {jax.process_index()} of {jax.process_count()}")
+    if dog:
+        dog.disarm()
+
+
+def train(cfg, dog):
     import jax
     import numpy as np
 
@@ -77,8 +164,17 @@ def main(_):
     from infllava_jax.training.checkpoints import TrainCheckpoints, abstract_like
     from infllava_jax.training.metrics import MetricsWriter
 
-    cfg, workdir = _CONFIG.value, Path(_WORKDIR.value).absolute()
+    workdir = Path(_WORKDIR.value).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
+    P, me = jax.process_count(), f"process {jax.process_index()} of {jax.process_count()}"
+
+    def watch(seconds: int, what: str):      # multi-process: bounded waits, never a silent hang
+        if dog:
+            dog.arm(seconds, f"{me}: {what} made no progress in {seconds} s. A collective is probably "
+                             "waiting for a process that hangs, was stopped or lost its network: see the "
+                             "other processes' logs (raise --step_timeout/--compile_timeout for slow steps)")
+
+    watch(_COMPILE_TIMEOUT.value, "start-up (model, data, checkpoint restore)")
     logging.getLogger("absl").setLevel(logging.WARNING)   # Orbax's per-save chatter
     logging.getLogger().setLevel(logging.WARNING)
     log.setLevel(logging.INFO)
@@ -96,10 +192,19 @@ def main(_):
     if accum < 1 or accum * cfg.micro_batch * jax.process_count() != cfg.global_batch:
         raise ValueError(f"global_batch {cfg.global_batch} is not micro_batch {cfg.micro_batch} x "
                          f"{jax.process_count()} processes x an integer number of accumulation steps")
+    if P > 1 and cfg.data.synthetic and not cfg.data.path:   # process 0 writes the demo data once
+        from jax.experimental import multihost_utils
+        if jax.process_index() == 0:
+            data_config(cfg, mc, workdir, cfg.micro_batch)
+        multihost_utils.sync_global_devices("synthetic data")
     dcfg = data_config(cfg, mc, workdir, cfg.micro_batch)
     data_it = iter(make_dataset(dcfg, tok))
     log.info("mesh %s; model grid %s, %d tokens/image; %s; %d accumulation steps of %d per process",
                  dict(mesh.shape), mc.grid, mc.tokens_per_image, cfg.stage, accum, cfg.micro_batch)
+    if P > 1:
+        log.info("%s (%d local devices): reads rows [%d, %d) of every global micro-batch of %d",
+                 me, jax.local_device_count(), jax.process_index() * cfg.micro_batch,
+                 (jax.process_index() + 1) * cfg.micro_batch, P * cfg.micro_batch)
 
     # -- state ---------------------------------------------------------------------------------
     tx, schedule = step_lib.make_optimizer(cfg.optimizer.lr, cfg.total_steps, cfg.optimizer.warmup_ratio,
@@ -143,8 +248,11 @@ def main(_):
     t_last, tokens_since, flops_since = time.perf_counter(), 0, 0.0
     with jax.set_mesh(mesh):
         for step in range(start, cfg.total_steps):
+            watch(_STEP_TIMEOUT.value, f"step {step + 1}")
             batch = next_global_batch()
             A, b, L = batch["input_ids"].shape
+            if (A, b, L) not in compiled:
+                watch(_COMPILE_TIMEOUT.value, f"step {step + 1} (compiling for micro-batches {(A, b, L)})")
             seq = L + mc.tokens_per_image - 1                  # spliced length
             t0 = time.perf_counter()
             state, m = train_step(state, batch)
@@ -173,12 +281,13 @@ def main(_):
                 t_last, tokens_since, flops_since = time.perf_counter(), 0, 0.0
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.total_steps:
                 ckpts.save(step + 1, state, data_it)
+    watch(_COMPILE_TIMEOUT.value, "the last checkpoint and the export")
     ckpts.wait()
     stats = data_stats(data_it)
     log.info("data: %s", json.dumps(stats))
     if cfg.export_final:
         params = {**state["frozen"], **state["params"]}
-        InfLlava(mc, params).save_pretrained(workdir / "final")
+        export_final(workdir / "final", mc, params)
         log.info("wrote %s (InfLlava.from_pretrained)", workdir / "final")
     ckpts.close()
     writer.close()

@@ -30,7 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.synthetic = True         # generate the demo dataset into WORKDIR/../data if missing
     c.data.path = ""                # LLaVA JSON (or ArrayRecord dir); "" with synthetic: generated
     c.data.image_folder = ""
-    c.data.max_len = 128
+    c.data.max_len = 256
     c.data.num_threads = 2
 
     c.global_batch = 8

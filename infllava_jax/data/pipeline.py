@@ -1,22 +1,45 @@
 """LLaVA data -> grain pipeline of static-shape numpy batches (SPEC sections 2, 6, 7).
 
     source (LLaVA JSON/JSONL list, or ArrayRecord dir)       MapDataset, random access
-      -> this process's shard   ds[:N - N % P][p::P]         equal, disjoint, every process
-      -> shuffle(seed) -> repeat(num_epochs)                  reshuffled each epoch (seed + epoch)
+      -> shuffle(seed) -> repeat(num_epochs)                  ONE global stream, reshuffled each epoch
+      -> this process's rows                                  [p*b, (p+1)*b) of every block of P*b
       -> map(record -> example | bad)                         tokenise, truncate, decode image
       -> to_iter_dataset(threads) [-> mp_prefetch(workers)]
       -> LlavaBatches: drop + count bad samples, collate to a length bucket
 
-Everything up to `to_iter_dataset` is index-based, so the iterator state is one position in
-the shuffled stream. Bad samples are dropped *after* that position advances, in LlavaBatches,
-whose state adds the counters: restoring a state resumes exactly (same batches, same counts),
-with or without prefetch threads or worker processes (resume with the same `num_workers`: grain's
-multiprocess state has one entry per worker).
+The global sample stream (shuffled once, globally, from `seed`) does not depend on the number of
+processes P: it is cut into blocks of P*b positions (b = batch_size, per process) and process p
+reads positions [p*b, (p+1)*b) of every block, so global micro-batch k (the P local batches of
+the k-th `next()`, in process order) holds exactly positions [k*P*b, (k+1)*P*b) of the stream:
+the same samples as one process reading batches of P*b. Each process maps, tokenises and decodes
+only its own rows. A finite stream (num_epochs) drops `len % P` positions and splits its last,
+partial block equally, so every process gets the same number of samples.
+
+Everything up to `to_iter_dataset` is index-based, so the iterator state is one position in this
+process's rows of the stream. Bad samples are dropped *after* that position advances, in
+LlavaBatches, whose state adds the counters: restoring a state resumes exactly (same batches,
+same counts), with or without prefetch threads or worker processes (resume with the same
+`num_workers`: grain's multiprocess state has one entry per worker).
+
+Bad samples are skipped per process: a process that meets one fills its batch from its next
+rows (its rows of the next block), so from then on that process's rows of a global batch come
+from slightly later stream positions than with another process count. Every sample is still read
+by exactly one process, once per epoch; only the batch composition shifts.
+
+Elastic resume (a different process count or per-process batch): the state also records the
+layout (p, P, b) and `global_position`, the first stream position after this process's last read
+sample. `LlavaBatchIterator.resume_elastic(old states of all processes)` resumes at the largest
+old `global_position`, rounded up to a block boundary of the new layout (without bad samples the
+processes stand exactly at a global-batch boundary, so nothing is skipped or repeated; with bad
+samples the processes stand at different positions, and the rows the slower ones had not reached
+yet (about P x the difference in bad samples met, plus the rounding) are skipped, never
+repeated; their number is logged). checkpoints.py calls it when a checkpoint's layout differs
+from the run's.
 
 Multi-process notes: train by step count with num_epochs=None (processes meet different numbers
 of bad samples, so finite epochs could end at different steps), and pass every local batch
 through `batching.agree_across_processes` (one bucket for the global batch). The JSON path parses
-the whole file in every process (only its shard is tokenised and decoded) and pickles the record
+the whole file in every process (only its rows are tokenised and decoded) and pickles the record
 list into each worker process; for LLaVA-665k-sized data prefer threads or the ArrayRecord path.
 """
 from __future__ import annotations
@@ -24,7 +47,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
+import sys
 
 import grain
 
@@ -117,28 +142,63 @@ def open_source(cfg: DataConfig, tokenizer):
     return read_llava_json(cfg.data_path), JsonRecordProcessor(tokenizer, cfg.spec, cfg.image_folder)
 
 
-def shard(ds: grain.MapDataset, process_index: int, process_count: int) -> grain.MapDataset:
-    """Equal disjoint strided shards (drops len % process_count records so no process runs short)."""
-    n = len(ds)
-    return ds[: n - n % process_count][process_index::process_count]
+class ProcessRows(grain.MapDataset):
+    """Process p's rows of the global stream: positions [p*b, (p+1)*b) of every block of P*b.
+
+    Infinite parents (repeat(None)) are cut into full blocks only; a finite parent of length n
+    keeps n - n % P positions and splits its last, partial block equally among the processes."""
+
+    def __init__(self, parent: grain.MapDataset, process_index: int, process_count: int, rows: int):
+        super().__init__(parent)
+        if not (0 <= process_index < process_count) or rows < 1:
+            raise ValueError(f"process {process_index} of {process_count}, {rows} rows per batch")
+        self.p, self.P, self.b = process_index, process_count, rows
+        n = len(parent)
+        self.infinite = n >= sys.maxsize
+        if self.infinite:
+            self._length = sys.maxsize
+        else:
+            n -= n % self.P
+            self._full, rest = divmod(n, self.P * self.b)       # full blocks, then the last one
+            self._tail = rest // self.P
+            self._length = self._full * self.b + self._tail
+
+    def __len__(self) -> int:
+        return self._length
+
+    def global_index(self, i: int) -> int:
+        """Stream position of this process's i-th row."""
+        blk, j = divmod(i, self.b)
+        if self.infinite or blk < self._full:
+            return (blk * self.P + self.p) * self.b + j
+        return self._full * self.P * self.b + self.p * self._tail + (i - self._full * self.b)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self.global_index(index)]
+
+    def __str__(self) -> str:
+        return f"ProcessRows(process {self.p} of {self.P}, {self.b} rows of each block of {self.P * self.b})"
 
 
 def make_dataset(cfg: DataConfig, tokenizer, *, process_index: int | None = None,
                  process_count: int | None = None) -> "LlavaBatches":
     """The batched grain IterDataset of this process. `iter()` it; the iterator has
-    get_state/set_state (save it in the training checkpoint) and `stats()`."""
+    get_state/set_state (save it in the training checkpoint), `resume_elastic` and `stats()`."""
     if process_index is None or process_count is None:
         import jax
         process_index, process_count = jax.process_index(), jax.process_count()
     records, processor = open_source(cfg, tokenizer)
-    ds = shard(grain.MapDataset.source(_Indexed(records)), process_index, process_count)
-    if len(ds) == 0:
-        raise ValueError(f"{cfg.data_path}: no records for process {process_index} of {process_count}")
+    ds = grain.MapDataset.source(_Indexed(records))
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)
-    if cfg.num_epochs != 1:
+    if cfg.num_epochs != 1 and len(ds):
         ds = ds.repeat(cfg.num_epochs)
-    ds = ds.map(processor)
+    rows = ProcessRows(ds, process_index, process_count, cfg.batch_size)
+    if len(rows) == 0:
+        raise ValueError(f"{cfg.data_path}: no records for process {process_index} of {process_count}")
+    ds = rows.map(processor)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads,
                                               prefetch_buffer_size=cfg.prefetch_buffer))
     if cfg.num_workers > 0:
@@ -146,20 +206,31 @@ def make_dataset(cfg: DataConfig, tokenizer, *, process_index: int | None = None
         if not flags.FLAGS.is_parsed():  # never parse them: use the defaults
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
-    return LlavaBatches(it, cfg, pad_id=tokenizer.pad_token_id)
+    return LlavaBatches(it, cfg, pad_id=tokenizer.pad_token_id, rows=rows)
 
 
 # ----------------------------------------------------------------------------- batches
 
+class _OneProcess:
+    """The layout of an iterator built without ProcessRows: one process reading every row."""
+    p, P, infinite, _full = 0, 1, True, sys.maxsize
+
+    def __init__(self, rows: int):
+        self.b = rows
+
+    def global_index(self, i: int) -> int:
+        return i
+
+
 class LlavaBatches(grain.IterDataset):
     """Drops and counts bad samples, then collates `batch_size` good ones (batching.py)."""
 
-    def __init__(self, parent: grain.IterDataset, cfg: DataConfig, pad_id: int):
+    def __init__(self, parent: grain.IterDataset, cfg: DataConfig, pad_id: int, rows: ProcessRows | None = None):
         super().__init__(parent)
-        self.cfg, self.pad_id = cfg, int(pad_id)
+        self.cfg, self.pad_id, self.rows = cfg, int(pad_id), rows
 
     def __iter__(self) -> "LlavaBatchIterator":
-        return LlavaBatchIterator(self._parent.__iter__(), self.cfg, self.pad_id)
+        return LlavaBatchIterator(self._parent.__iter__(), self.cfg, self.pad_id, self.rows)
 
     def __str__(self):
         return f"LlavaBatches(batch_size={self.cfg.batch_size}, buckets={self.cfg.bucket_lengths})"
@@ -171,12 +242,15 @@ class TooManyBadSamples(ValueError):
 
 class LlavaBatchIterator(grain.DatasetIterator):
 
-    def __init__(self, parent: grain.DatasetIterator, cfg: DataConfig, pad_id: int):
+    def __init__(self, parent: grain.DatasetIterator, cfg: DataConfig, pad_id: int,
+                 rows: ProcessRows | None = None):
         super().__init__(parent)
         self.cfg, self.pad_id = cfg, pad_id
+        self.rows = rows or _OneProcess(cfg.batch_size)
         self._buckets = cfg.bucket_lengths
         self._good = self._truncated = 0
         self._bad = {r: 0 for r in BAD_REASONS}
+        self._position = 0            # rows of this process read so far (index of the next one)
 
     def __next__(self) -> dict:
         rows = []
@@ -188,6 +262,7 @@ class LlavaBatchIterator(grain.DatasetIterator):
                 if rows and not self.cfg.drop_remainder:
                     break
                 raise
+            self._position += 1
             if "bad" in e:
                 self._count_bad(e)
                 continue
@@ -218,14 +293,76 @@ class LlavaBatchIterator(grain.DatasetIterator):
         return {"good": self._good, "truncated": self._truncated, "bad": dict(self._bad),
                 "bad_total": sum(self._bad.values())}
 
+    @property
+    def layout(self) -> dict:
+        """Which rows of the global stream this iterator reads (see the module docstring)."""
+        return {"process_index": self.rows.p, "process_count": self.rows.P, "rows": self.rows.b}
+
     def get_state(self) -> dict:
+        k = self._position
         return {"parent": self._parent.get_state(), "good": self._good, "truncated": self._truncated,
-                "bad": dict(self._bad)}
+                "bad": dict(self._bad), "position": k, "layout": self.layout,
+                "global_position": self.rows.global_index(k - 1) + 1 if k else 0}
+
+    def same_layout(self, state: dict) -> bool:
+        """True if `state` was saved by an iterator reading the same rows (exact resume); states
+        saved before layouts were recorded count as the same."""
+        return state.get("layout", self.layout) == self.layout
 
     def set_state(self, state: dict) -> None:
+        if not self.same_layout(state):
+            raise ValueError(f"data iterator state of layout {state['layout']} cannot resume exactly as "
+                             f"{self.layout}: use resume_elastic with the states of all processes")
         self._parent.set_state(state["parent"])
         self._good, self._truncated = int(state["good"]), int(state["truncated"])
         self._bad = {r: int(state["bad"].get(r, 0)) for r in BAD_REASONS}
+        self._position = int(state.get("position", self._good + sum(self._bad.values())))
+
+    def resume_elastic(self, states: list[dict]) -> dict:
+        """Resume from the states of ALL processes of a run with another layout (process count or
+        per-process batch size): at the largest old `global_position`, rounded up to a block of
+        this layout. Counters: process 0 takes the old totals, the others start at zero.
+        Returns what happened: {"global_position", "start", "skipped", "from": old layout}."""
+        if len(states) == 1 and "layout" not in states[0]:   # one process, saved before layouts were recorded
+            k = int(states[0]["good"]) + sum(int(v) for v in states[0]["bad"].values())
+            states = [{**states[0], "position": k, "global_position": k,
+                       "layout": {"process_index": 0, "process_count": 1, "rows": None}}]
+        layouts = [s.get("layout") for s in states]
+        if not states or None in layouts:
+            raise ValueError("elastic data resume needs the states of all processes with their layouts (saved "
+                             "since layouts are recorded); resume with the original process count instead")
+        P_old = layouts[0]["process_count"]
+        if sorted(l["process_index"] for l in layouts) != list(range(P_old)) or \
+                any(l["process_count"] != P_old for l in layouts):
+            raise ValueError(f"elastic data resume needs the states of all {P_old} processes, got layouts {layouts}")
+        g_old = max(int(s["global_position"]) for s in states)
+        block = self.rows.P * self.rows.b
+        blocks = math.ceil(g_old / block)
+        if self.rows.infinite or blocks <= self.rows._full:
+            k, g_new = blocks * self.rows.b, blocks * block
+        else:   # a finite stream, past its last full block: nothing left to read
+            k, g_new = len(self.rows), g_old
+        try:
+            grain.experimental.set_next_index(self._parent, k)
+        except NotImplementedError as e:
+            raise NotImplementedError(
+                f"elastic data resume cannot move this grain iterator ({self._parent}) to a position: "
+                "resume once with num_workers <= 1, then change it back") from e
+        self._position = k
+        first = self.rows.p == 0
+        self._good = sum(int(s["good"]) for s in states) if first else 0
+        self._truncated = sum(int(s["truncated"]) for s in states) if first else 0
+        self._bad = {r: sum(int(s["bad"].get(r, 0)) for s in states) if first else 0 for r in BAD_REASONS}
+        # positions before g_new that no old process read: the rows the old processes had passed
+        # are exactly positions, so this is g_new minus their sum (0 without bad samples)
+        unread = max(0, g_new - sum(int(s["position"]) for s in states))
+        info = {"global_position": g_new, "start": k, "skipped": unread,
+                "from": {"process_count": P_old, "rows": layouts[0]["rows"]}}
+        log.info("data: elastic resume of %s from %d process(es) x %s rows at global position %d "
+                 "(%d positions skipped): process %d of %d starts at its row %d",
+                 self.cfg.data_path, P_old, layouts[0]["rows"], g_new, info["skipped"],
+                 self.rows.p, self.rows.P, k)
+        return info
 
     def __str__(self):
         return f"LlavaBatchIterator(batch_size={self.cfg.batch_size})"

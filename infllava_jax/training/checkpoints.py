@@ -1,13 +1,22 @@
 """Train checkpoints: Orbax CheckpointManager (async, keep N) of the train state and the grain
 iterator state, in `WORKDIR/checkpoints/<step>/{state,data}`.
 
+Elastic: the state restores onto whatever shardings the restore target carries (another mesh,
+device or process count). The data iterator state is one JSON file per process
+(`data/process_<p>-of-<P>.json`, grain's format); a run with the same layout (process count and
+per-process batch) resumes exactly from its own file, otherwise every process reads all the old
+files and `LlavaBatchIterator.resume_elastic` recomputes its position in the global stream.
+
 Only finalised checkpoints count: Orbax writes into a temporary directory and renames it when
 complete, so a run killed mid-save leaves a temporary directory that is ignored (with a warning)
 and the restart resumes from the latest complete step.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +26,42 @@ import orbax.checkpoint as ocp
 
 
 log = logging.getLogger("infllava_jax")
+
+
+class ElasticDataHandler(grain.checkpoint.CheckpointHandler):
+    """grain's iterator checkpoint (same files), restorable onto another process layout."""
+
+    def restore(self, directory, item=None, args=None):
+        item = item if item is not None else args.item
+        p, P = jax.process_index(), jax.process_count()
+        own = directory / f"process_{p}-of-{P}.json"
+        state = json.loads(own.read_text()) if own.exists() else None
+        elastic = hasattr(item, "resume_elastic")
+        if state is not None and (not elastic or item.same_layout(state)):
+            item.set_state(state)
+        elif elastic:
+            files = sorted(directory.glob("process_*-of-*.json"))
+            counts = {int(re.fullmatch(r"process_\d+-of-(\d+)\.json", f.name).group(1)) for f in files}
+            if len(counts) != 1 or len(files) != counts.copy().pop():
+                raise ValueError(f"{directory}: incomplete data iterator checkpoint {[f.name for f in files]}")
+            item.resume_elastic([json.loads(f.read_text()) for f in files])
+        else:
+            raise ValueError(f"{own} does not exist: the checkpoint was saved by another number of "
+                             f"processes and this iterator ({type(item).__name__}) cannot resume elastically")
+        item.start_prefetch()
+        return item
+
+
+@ocp.args.register_with_handler(ElasticDataHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(ElasticDataHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+    item: Any
 
 
 class TrainCheckpoints:
@@ -34,13 +79,13 @@ class TrainCheckpoints:
 
     def save(self, step: int, state: Any, data_iterator) -> None:
         self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)))
+            state=ocp.args.StandardSave(state), data=DataSave(data_iterator)))
 
     def restore(self, step: int, abstract_state: Any, data_iterator) -> Any:
         """Restores the state onto the shardings in `abstract_state` (ShapeDtypeStructs) and the
         iterator in place; returns the state."""
         out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)))
+            state=ocp.args.StandardRestore(abstract_state), data=DataRestore(data_iterator)))
         return out["state"]
 
     def wait(self) -> None:

@@ -1,0 +1,294 @@
+"""Multi-process start-up and fail-fast behaviour (train.py; README "Scale-out").
+
+Where the settings of `jax.distributed.initialize` come from, first match wins per value:
+
+  1. flags: train.py --coordinator_address, --num_processes, --process_id
+  2. the environment: JAX_COORDINATOR_ADDRESS (read by JAX itself), JAX_NUM_PROCESSES,
+     JAX_PROCESS_ID (read here)
+  3. a cluster JAX auto-detects: Slurm (SLURM_JOB_ID, SLURM_STEP_NODELIST, SLURM_NTASKS,
+     SLURM_PROCID, SLURM_LOCALID; coordinator = first node of the step, port from the job id or
+     JAX_COORDINATOR_PORT), Open MPI (OMPI_*), Cloud TPU pod slices (GCE metadata or GKE's
+     TPU_WORKER_* variables: `jax.distributed.initialize()` with no arguments)
+  4. nothing: one process, `jax.distributed` is not used.
+
+`resolve()` does the lookup without starting anything (`python -m infllava_jax.distributed`
+prints it: the dry run of the launch recipes); `initialize()` starts the distributed runtime.
+
+Fail-fast, so that a lost host never leaves the others hanging silently:
+  * start-up: every process must reach the coordinator within `initialization_timeout` seconds,
+    else it prints who it was waiting for and exits with EXIT_INIT (3) (JAX itself would abort
+    a few seconds later with a less specific message);
+  * a process that stops sending heartbeats for `heartbeat_timeout` seconds (dead, stopped,
+    partitioned) is declared failed by the coordinator and JAX ends the others;
+  * a collective whose peer died fails at once (gloo on CPU: "Connection closed by peer"):
+    train.py logs it and exits with EXIT_FAILED (4) without waiting in the shutdown barrier;
+  * a `Watchdog` ends a process whose step (or start-up) makes no progress within its
+    deadline, after dumping every thread's stack, with EXIT_HUNG (5): the case of a peer that is
+    alive (heartbeats flow) but stuck.
+"""
+from __future__ import annotations
+
+import dataclasses
+import faulthandler
+import json
+import logging
+import os
+import sys
+import threading
+import time
+
+log = logging.getLogger("infllava_jax")
+
+EXIT_INIT = 3      # the processes did not all meet at the coordinator in time
+EXIT_FAILED = 4    # this process failed (often: a peer died and a collective broke)
+EXIT_HUNG = 5      # the watchdog fired: no progress within the deadline
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """Resolved settings; `source` says where they came from ("single": no jax.distributed)."""
+    source: str                              # single | flags | env | slurm | ompi | tpu | auto
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    local_device_ids: tuple[int, ...] | None = None   # None: every local device
+    detail: str = ""
+
+    @property
+    def distributed(self) -> bool:
+        return self.source != "single"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+
+def _int_or_none(x) -> int | None:
+    return None if x in (None, "", -1) else int(x)
+
+
+def _parse_ids(text: str) -> tuple[int, ...]:
+    return tuple(int(t) for t in text.split(",") if t.strip())
+
+
+def _cluster_env(timeout: int):
+    """JAX's auto-detected cluster class among Slurm, Open MPI, Cloud TPU (GKE, GCE), or None.
+    K8s and mpi4py detection stay opt-in (distributed="on" / JAX's cluster_detection_method)."""
+    try:
+        from jax._src.clusters import cloud_tpu_cluster, ompi_cluster, slurm_cluster
+    except ImportError:          # a JAX without these modules: no auto-detection
+        return None
+    for name, cls in (("slurm", slurm_cluster.SlurmCluster), ("ompi", ompi_cluster.OmpiCluster),
+                      ("tpu", cloud_tpu_cluster.GkeTpuCluster), ("tpu", cloud_tpu_cluster.GceTpuCluster)):
+        try:
+            if cls.is_env_present():
+                return name, cls
+        except Exception as e:   # e.g. a metadata server that does not answer
+            log.warning("cluster detection %s failed: %s", cls.__name__, e)
+    return None
+
+
+def _tasks_on_this_node(source: str) -> int:
+    env = os.environ
+    if source == "slurm":
+        per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or ""
+        try:                      # "8(x2)" or "8,8": this node's count is the first entry
+            return int(per_node.split(",")[0].split("(")[0])
+        except ValueError:
+            nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+            return max(1, int(env.get("SLURM_NTASKS", "1")) // nodes)
+    if source == "ompi":
+        return int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1"))
+    return 1
+
+
+def resolve(coordinator_address: str | None = None, num_processes: int | None = None,
+            process_id: int | None = None, local_device_ids: str = "auto", mode: str = "auto",
+            timeout: int = 300, query_tpu: bool = False) -> Cluster:
+    """The settings `initialize` will use (see the module docstring); starts nothing.
+
+    mode: "auto" (distributed when flags, environment or a multi-process cluster say so),
+    "on" (always, with JAX's auto-detection for what is unset), "off" (never).
+    local_device_ids: "auto" (one device per process when the cluster runs several processes on
+    this node, as JAX does on Slurm/Open MPI GPU nodes; all local devices otherwise), "all", or
+    "0,1,...". On TPU JAX never restricts devices.
+    """
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"distributed mode {mode!r}; expected auto, on or off")
+    if mode == "off":
+        return Cluster("single", detail="distributed=off")
+    env = os.environ
+    given = {"coordinator_address": coordinator_address or None, "num_processes": _int_or_none(num_processes),
+             "process_id": _int_or_none(process_id)}
+    source = "flags" if any(v is not None for v in given.values()) else None
+    for key, var in (("coordinator_address", "JAX_COORDINATOR_ADDRESS"), ("num_processes", "JAX_NUM_PROCESSES"),
+                     ("process_id", "JAX_PROCESS_ID")):
+        if given[key] is None and env.get(var):
+            given[key] = env[var] if key == "coordinator_address" else int(env[var])
+            source = source or "env"
+    found = _cluster_env(timeout) if None in given.values() else None
+    detail = ""
+    if found:
+        name, cls = found
+        detail = f"{cls.__name__} detected"
+        if name == "tpu" and not query_tpu:
+            # JAX resolves TPU pods itself (metadata server, DNS); leave the unset values to it
+            return Cluster("tpu" if source is None else source, given["coordinator_address"], given["num_processes"],
+                           given["process_id"], None, detail + "; jax.distributed.initialize() resolves the rest")
+        if given["num_processes"] is None:
+            given["num_processes"] = cls.get_process_count()
+        if given["process_id"] is None:
+            given["process_id"] = cls.get_process_id()
+        if given["coordinator_address"] is None and (given["num_processes"] > 1 or mode == "on"):
+            given["coordinator_address"] = cls.get_coordinator_address(
+                timeout_secs=timeout, override_coordinator_port=env.get("JAX_COORDINATOR_PORT"))
+        source = source or name
+    if source is None or (given["num_processes"] == 1 and mode == "auto"):
+        if mode == "on":
+            return Cluster("auto", *given.values(), detail="distributed=on: jax.distributed.initialize() "
+                           "auto-detects the unset values")
+        return Cluster("single", num_processes=1, process_id=0,
+                       detail=detail or "no flags, JAX_* variables or multi-process cluster")
+    missing = [k for k, v in given.items() if v is None]
+    if missing:
+        raise ValueError(f"multi-process settings from {source}: {given}; missing {missing} (pass "
+                         f"--{' --'.join(missing)} or the JAX_* environment variables)")
+    if not 0 <= given["process_id"] < given["num_processes"]:
+        raise ValueError(f"process_id {given['process_id']} is not in [0, {given['num_processes']})")
+    if local_device_ids == "all":
+        ids = None
+    elif local_device_ids == "auto":
+        ids = None
+        if found and found[0] in ("slurm", "ompi") and _tasks_on_this_node(found[0]) > 1:
+            ids = (found[1].get_local_process_id(),)
+        elif env.get("JAX_LOCAL_DEVICE_IDS"):
+            ids = _parse_ids(env["JAX_LOCAL_DEVICE_IDS"])
+    else:
+        ids = _parse_ids(local_device_ids)
+    return Cluster(source, given["coordinator_address"], given["num_processes"], given["process_id"], ids, detail)
+
+
+def initialize(cluster: Cluster, *, initialization_timeout: int = 300, heartbeat_timeout: int = 100,
+               shutdown_timeout: int = 300) -> Cluster:
+    """Start jax.distributed for `cluster` (a no-op for "single"); CPU collectives use gloo.
+    Exits the process with EXIT_INIT and a clear message when the start-up does not complete
+    within `initialization_timeout` seconds. Call before anything touches a JAX device."""
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if not cluster.distributed:
+        return cluster
+    who = (f"process {cluster.process_id if cluster.process_id is not None else '?'} of "
+           f"{cluster.num_processes or '?'} (coordinator {cluster.coordinator_address or 'auto-detected'}, "
+           f"from {cluster.source})")
+    log.info("jax.distributed.initialize: %s; timeouts: start-up %d s, heartbeat %d s",
+             who, initialization_timeout, heartbeat_timeout)
+    dog = Watchdog(exit_code=EXIT_INIT, dump_stacks=False)
+    dog.arm(initialization_timeout,
+            f"jax.distributed.initialize: {who} did not complete its start-up within "
+            f"--initialization_timeout={initialization_timeout} s: not every process reached the "
+            f"coordinator. Check that all {cluster.num_processes or ''} processes were started, that "
+            f"process 0 runs at the coordinator address and that its port is reachable from this host.")
+    kw = dict(coordinator_address=cluster.coordinator_address, num_processes=cluster.num_processes,
+              process_id=cluster.process_id,
+              local_device_ids=list(cluster.local_device_ids) if cluster.local_device_ids else None,
+              initialization_timeout=int(initialization_timeout), heartbeat_timeout_seconds=int(heartbeat_timeout),
+              shutdown_timeout_seconds=int(shutdown_timeout))
+    if cluster.source != "tpu" and None not in (cluster.coordinator_address, cluster.num_processes,
+                                                cluster.process_id):
+        kw["cluster_detection_method"] = "deactivate"    # resolved here; keep local_device_ids as given
+    t0 = time.perf_counter()
+    try:
+        jax.distributed.initialize(**kw)
+    except Exception as e:
+        dog.disarm()
+        raise RuntimeError(f"jax.distributed.initialize failed for {who}: {e}") from e
+    dog.disarm()
+    log.info("jax.distributed: process %d of %d up in %.1f s", jax.process_index(), jax.process_count(),
+             time.perf_counter() - t0)
+    return cluster
+
+
+def fail_fast(exc: BaseException, what: str) -> None:
+    """Multi-process: log `exc` with a clear message and end this process at once with
+    EXIT_FAILED (no shutdown barrier: the other processes' collectives then fail fast too)."""
+    import traceback
+    msg = (f"{what} failed: {type(exc).__name__}: {exc}\n"
+           "In a multi-process run a failed collective or transfer (e.g. 'Connection closed by peer', "
+           "'heartbeat', 'DEADLINE_EXCEEDED') usually means another process died or hung: see its log. "
+           f"Ending this process now with exit code {EXIT_FAILED}.")
+    traceback.print_exception(exc, file=sys.stderr)
+    log.critical(msg)
+    _exit(EXIT_FAILED)
+
+
+def _exit(code: int) -> None:
+    for h in logging.getLogger().handlers + log.handlers:
+        try:
+            h.flush()
+        except Exception:
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+class Watchdog:
+    """Ends the process (all threads' stacks to stderr, a message, then `exit_code`) when it
+    stays armed past its deadline. `arm(seconds, message)` (re)starts the clock, `disarm()`
+    stops it. One daemon thread; re-arming is cheap (call it every step)."""
+
+    def __init__(self, exit_code: int = EXIT_HUNG, dump_stacks: bool = True):
+        self.exit_code, self.dump_stacks = exit_code, dump_stacks
+        self._deadline: float | None = None
+        self._message = ""
+        self._cv = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="infllava-watchdog", daemon=True)
+        self._thread.start()
+
+    def arm(self, seconds: float, message: str) -> None:
+        with self._cv:
+            self._deadline, self._message = time.monotonic() + float(seconds), message
+            self._cv.notify()
+
+    def disarm(self) -> None:
+        with self._cv:
+            self._deadline = None
+            self._cv.notify()
+
+    def _run(self) -> None:
+        with self._cv:
+            while True:
+                if self._deadline is None:
+                    self._cv.wait()
+                    continue
+                left = self._deadline - time.monotonic()
+                if left > 0:
+                    self._cv.wait(left)
+                    continue
+                if self.dump_stacks:
+                    sys.stderr.write("\n--- watchdog: stacks of all threads ---\n")
+                    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+                sys.stderr.write(f"\nFATAL (watchdog): {self._message}\nExiting with code {self.exit_code}.\n")
+                log.critical("watchdog: %s", self._message)
+                _exit(self.exit_code)
+
+
+def main(argv=None) -> int:
+    """Dry run: print the resolved settings of this process as JSON (no start-up)."""
+    import argparse
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--coordinator_address", default=None)
+    ap.add_argument("--num_processes", type=int, default=None)
+    ap.add_argument("--process_id", type=int, default=None)
+    ap.add_argument("--local_device_ids", default="auto")
+    ap.add_argument("--distributed", default="auto", choices=("auto", "on", "off"))
+    ap.add_argument("--query_tpu", action="store_true", help="also ask the TPU metadata server")
+    a = ap.parse_args(argv)
+    c = resolve(a.coordinator_address, a.num_processes, a.process_id, a.local_device_ids, a.distributed,
+                query_tpu=a.query_tpu)
+    print(c.to_json())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
