@@ -8,7 +8,7 @@ PyTorch state dict is a key map plus transposes.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax

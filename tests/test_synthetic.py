@@ -7,7 +7,6 @@ mass. Each oracle runs on the full 252 px image and on the same image downsample
 bicubic, the single view of a LLaVA-1.5-style model) and upsampled back to 252 px.
 """
 import json
-import os
 from pathlib import Path
 
 import numpy as np

@@ -3,12 +3,11 @@ really split; frozen parts get no optimizer state; the chunked loss equals the p
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from infllava_jax import api, presets
 from infllava_jax.model import InfLlavaModel
-from infllava_jax.sharding import batch_sharding, logical_to_shardings, make_mesh
+from infllava_jax.sharding import batch_sharding, make_mesh
 from infllava_jax.splice import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from infllava_jax.training import step as step_lib
 from infllava_jax.training.loss import cross_entropy_sum, shift_labels
