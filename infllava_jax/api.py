@@ -164,6 +164,12 @@ def restore_params(params_dir: Path, target):
     if want != have:
         raise ValueError(f"{params_dir}: parameter tree does not match the config; missing "
                          f"{sorted(want - have)[:5]}, unexpected {sorted(have - want)[:5]}")
+    shapes = {jax.tree_util.keystr(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(dict(saved))[0]}
+    for p, t in jax.tree_util.tree_flatten_with_path(target)[0]:
+        key = jax.tree_util.keystr(p)
+        if shapes[key] != tuple(t.shape):
+            raise ValueError(f"{params_dir}: parameter {key} has shape {shapes[key]} in the checkpoint, "
+                             f"{tuple(t.shape)} in config.json")
     return ckptr.restore(params_dir, target)
 
 
