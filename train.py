@@ -120,6 +120,25 @@ def export_final(path: Path, mc, params) -> None:
     multihost_utils.sync_global_devices("export_final:done")
 
 
+def periodic_eval(cfg, step, mc, params, tok, mesh, workdir, writer):
+    """Score `cfg.eval_config` (configs/eval.py arguments) on `cfg.eval_data` with the in-memory
+    parameters (no checkpoint round trip), on the training mesh; logged as eval/<task>@<res>."""
+    from configs.eval import get_config
+    from infllava_jax import InfLlava
+    from infllava_jax.evaluation import scorers, sweep
+
+    ecfg = get_config(cfg.eval_config)
+    ecfg.mesh = ",".join(f"{k}={v}" for k, v in mesh.shape.items())
+    ecfg.progress = False
+    t = time.perf_counter()
+    summary = sweep.run(ecfg, ckpt="(in memory)", data=cfg.eval_data, out=str(workdir / "eval" / f"step_{step}"),
+                        log=log.info, model=InfLlava(mc, params), tokenizer=tok)
+    scores = {f"eval/{task}@{res}": scorers.main_metric(rec["metrics"])
+              for task, by_res in summary["results"].items() for res, rec in by_res.items() if rec.get("metrics")}
+    log.info("step %d eval (%.1f s): %s", step, time.perf_counter() - t, json.dumps(scores))
+    writer.write_eval(step, scores)
+
+
 def main(_):
     from infllava_jax import distributed
 
@@ -280,6 +299,9 @@ def train(cfg, dog):
                 t_last, tokens_since, flops_since = time.perf_counter(), 0, 0.0
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.total_steps:
                 ckpts.save(step + 1, state, data_it)
+            if cfg.get("eval_every", 0) and (step + 1) % cfg.eval_every == 0:
+                periodic_eval(cfg, step + 1, mc, {**state["frozen"], **state["params"]}, tok, mesh, workdir, writer)
+                t_last, tokens_since, flops_since = time.perf_counter(), 0, 0.0
     watch(_COMPILE_TIMEOUT.value, "the last checkpoint and the export")
     ckpts.wait()
     stats = data_stats(data_it)

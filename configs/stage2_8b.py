@@ -38,6 +38,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss_chunk = 512
     c.optimizer = ml_collections.ConfigDict({"lr": 1e-3 if stage1 else 2e-5, "warmup_ratio": 0.03,
                                              "weight_decay": 0.0, "max_grad_norm": 1.0})
+    c.eval_every = 0                # > 0: score eval_config on eval_data every N steps (in-memory params)
+    c.eval_config = "tasks=pope,res=1008,limit=64"   # configs/eval.py arguments
+    c.eval_data = ""                # directory of the eval tasks' local files
     c.compilation_cache_dir = ""
     c.export_final = True
     return c

@@ -84,3 +84,17 @@ def test_sigkill_and_resume_is_exact(tmp_path, dataset):
 def jax_leaves(tree):
     import jax
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_periodic_eval_uses_in_memory_params(tmp_path, dataset):
+    from infllava_jax.evaluation import synthetic
+    data = synthetic.make_data(tmp_path / "eval_data", tasks=("pope",))
+    run = tmp_path / "run"
+    cmd = _cmd(run, dataset, steps=2) + ["--config.eval_every=2", f"--config.eval_data={data}",
+                                         "--config.eval_config=tasks=pope,res=1008,limit=4,batch_size=2,"
+                                         "max_new_tokens=4"]
+    subprocess.run(cmd, env=_env(), check=True, capture_output=True)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/pope@1008" in r]
+    assert len(evals) == 1 and evals[0]["step"] == 2 and 0.0 <= evals[0]["eval/pope@1008"] <= 1.0
+    assert (run / "eval" / "step_2" / "results.json").is_file()

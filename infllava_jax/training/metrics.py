@@ -40,6 +40,16 @@ class MetricsWriter:
                 self.tb.add_scalar(k, v, step)
         self.tb.flush()
 
+    def write_eval(self, step: int, scores: dict) -> None:
+        """Evaluation scores of `step` (one JSON line with `step` and the scores)."""
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **scores}) + "\n")
+        for k, v in scores.items():
+            self.tb.add_scalar(k, v, step)
+        self.tb.flush()
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
