@@ -280,6 +280,16 @@ def mmmu_lmms_eval(rows, preds, seed: int = 0) -> dict:
     return dict(accuracy=_mean(ok))
 
 
+def hires_synth_exact(rows, preds) -> dict:
+    """The synthetic hi-res set: GQA's exact match, overall and per question type."""
+    rows, preds = list(rows), list(preds)
+    out = gqa_lmms_eval(rows, preds)
+    for t in sorted({r["type"] for r in rows}):
+        pairs = [(r, p) for r, p in zip(rows, preds) if r["type"] == t]
+        out[f"accuracy_{t}"] = gqa_lmms_eval([r for r, _ in pairs], [p for _, p in pairs])["accuracy"]
+    return out
+
+
 # ----------------------------------------------------------------------------- registry
 
 SCORERS: dict[str, dict[str, Callable]] = {
@@ -294,6 +304,7 @@ SCORERS: dict[str, dict[str, Callable]] = {
     "ok_vqa": {"lmms_eval": vqa_lmms_eval},
     "ai2d": {"lmms_eval": ai2d_lmms_eval},
     "mmmu": {"lmms_eval": mmmu_lmms_eval},
+    "hires_synth": {"lmms_eval": hires_synth_exact},
     "docvqa": {"lmms_eval": anls_lmms_eval, "lmms_eval_2024_07": anls_lmms_eval_2024_07},
     "infovqa": {"lmms_eval": anls_lmms_eval, "lmms_eval_2024_07": anls_lmms_eval_2024_07},
 }
