@@ -107,7 +107,7 @@ def make_train_step(config: InfLlavaConfig, tx: optax.GradientTransformation, sc
 
     def step(state: dict[str, Any], batch):
         loss, count, grads = grads_fn(state, batch)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         ok = (count > 0) & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def update(params, opt_state):
