@@ -9,23 +9,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from infllava_jax import InfLlava
+from tests.test_multihost import make_clean_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    img = Image.open(ROOT / "infllava_jax" / "assets" / "astronaut.jpg")
-    recs = []
-    for i in range(24):
-        img.rotate(15 * i).resize((128 + 8 * i, 128)).save(d / f"{i}.png")
-        recs.append({"id": str(i), "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nHow far is the picture rotated?"},
-            {"from": "gpt", "value": f"about {15 * i} degrees"}]})
+    """The multi-host tests' 24 records, plus a text-only one and one with a missing image."""
+    d = make_clean_dataset(tmp_path_factory.mktemp("data"))
+    recs = json.loads((d / "train.json").read_text())
     recs.append({"id": "text", "conversations": [{"from": "human", "value": "Say hi."},
                                                   {"from": "gpt", "value": "hi"}]})
     recs.append({"id": "broken", "image": "missing.png", "conversations": [

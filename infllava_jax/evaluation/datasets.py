@@ -76,8 +76,8 @@ def _read_parquet(f: Path, columns=None, skip_columns=()) -> list[dict]:
         raise DataError(f"{f}: cannot read parquet: {e}") from e
 
 
-def _read_jsonl(f: Path) -> list[dict]:
-    rows = []
+def _jsonl_objects(f: Path):
+    """(line number, object) for each non-blank line; DataError names the file and line."""
     with open(f, encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
@@ -88,9 +88,11 @@ def _read_jsonl(f: Path) -> list[dict]:
                 raise DataError(f"{f}:{n}: not valid JSON ({e.msg})") from e
             if not isinstance(row, dict):
                 raise DataError(f"{f}:{n}: expected a JSON object, got {type(row).__name__}")
-            row["_base_dir"] = str(f.parent)
-            rows.append(row)
-    return rows
+            yield n, row
+
+
+def _read_jsonl(f: Path) -> list[dict]:
+    return [{**row, "_base_dir": str(f.parent)} for _, row in _jsonl_objects(f)]
 
 
 def read_rows(files: Iterable[Path], skip_columns: Sequence[str] = ()) -> list[dict]:
@@ -199,23 +201,16 @@ def read_predictions(path: str | os.PathLike) -> tuple[dict[str, str], int]:
         raise DataError(f"{path}: predictions file not found")
     preds: dict[str, str] = {}
     dups = 0
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-            if not isinstance(row, dict) or "question_id" not in row or "text" not in row:
-                raise DataError(f"{path}:{n}: expected an object with 'question_id' and 'text'")
-            if not isinstance(row["text"], str):
-                raise DataError(f"{path}:{n}: 'text' must be a string, got {type(row['text']).__name__}")
-            if isinstance(row["question_id"], (dict, list)) or row["question_id"] is None:
-                raise DataError(f"{path}:{n}: 'question_id' must be a string or a number")
-            key = id_key(row["question_id"])
-            dups += key in preds
-            preds[key] = row["text"]
+    for n, row in _jsonl_objects(path):
+        if "question_id" not in row or "text" not in row:
+            raise DataError(f"{path}:{n}: expected an object with 'question_id' and 'text'")
+        if not isinstance(row["text"], str):
+            raise DataError(f"{path}:{n}: 'text' must be a string, got {type(row['text']).__name__}")
+        if isinstance(row["question_id"], (dict, list)) or row["question_id"] is None:
+            raise DataError(f"{path}:{n}: 'question_id' must be a string or a number")
+        key = id_key(row["question_id"])
+        dups += key in preds
+        preds[key] = row["text"]
     return preds, dups
 
 
