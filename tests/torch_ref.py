@@ -11,38 +11,18 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 
-class MultiHeadedAttention(nn.Module):
-    """LN(linears[3](softmax(Q K^T / sqrt(d_k)) V) + query); Q, K, V = linears[0..2]."""
-
-    def __init__(self, d_model: int = 1024, heads: int = 8, d_k: int = 128, eps: float = 1e-5):
-        super().__init__()
-        self.heads, self.d_k = heads, d_k
-        self.linears = nn.ModuleList([nn.Linear(d_model, heads * d_k) for _ in range(3)]
-                                     + [nn.Linear(heads * d_k, d_model)])
-        self.ln = nn.LayerNorm(d_model, eps=eps)
-
-    def forward(self, query: torch.Tensor, key_value: torch.Tensor) -> torch.Tensor:
-        B = query.shape[0]
-        q, k, v = (lin(x).view(B, -1, self.heads, self.d_k).transpose(1, 2)
-                   for lin, x in zip(self.linears[:3], (query, key_value, key_value)))
-        probs = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(self.d_k), dim=-1)
-        x = (probs @ v).transpose(1, 2).reshape(B, -1, self.heads * self.d_k)
-        return self.ln(self.linears[3](x) + query)
+from convert import torch_reference
 
 
-class SpatialEmbed(nn.Module):
+class SpatialEmbed(torch_reference.SpatialEmbed):
+    """The verify tool's module (same parameters and names), with the test-only extras: pooling
+    and combination chosen separately, the intermediate maps, and the closed form."""
+
     def __init__(self, d_model: int = 1024, heads: int = 8, d_k: int = 128, ffn_hidden: int = 64,
                  eps: float = 1e-5):
-        super().__init__()
-        self.attention = MultiHeadedAttention(d_model, heads, d_k, eps)
-        self.ffn_crop = nn.Sequential(nn.Linear(d_model, ffn_hidden), nn.GELU(),
-                                      nn.Linear(ffn_hidden, d_model // 2))
-        self.ffn_stride = nn.Sequential(nn.Linear(d_model, ffn_hidden), nn.GELU(),
-                                        nn.Linear(ffn_hidden, d_model // 2))
-        self.ln_fuse = nn.LayerNorm(d_model, eps=eps)
+        super().__init__(d_model, heads, d_k, ffn_hidden, d_model // 2, eps)
 
     def fuse(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         return self.ln_fuse(torch.cat([self.ffn_crop(B), self.ffn_stride(A)], dim=-1) + A + B)
