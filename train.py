@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -88,36 +87,6 @@ def data_config(cfg, mc, workdir: Path, per_process_batch: int):
         folder = str(root)
     return DataConfig.for_model(mc, path, folder, stage=int(cfg.stage[-1]), max_len=d.max_len,
                                 batch_size=per_process_batch, seed=cfg.seed, num_threads=d.num_threads)
-
-
-def export_final(path: Path, mc, params) -> None:
-    """W/final in our checkpoint format. One process: InfLlava.save_pretrained. Several: every
-    process writes its shards into one temporary directory, process 0 adds config.json (written
-    last: marks a complete checkpoint) and renames it into place."""
-    import jax
-
-    from infllava_jax import InfLlava
-    if jax.process_count() == 1:
-        InfLlava(mc, params).save_pretrained(path)
-        return
-    import orbax.checkpoint as ocp
-    from jax.experimental import multihost_utils
-
-    from infllava_jax.api import CONFIG_FILE, PARAMS_DIR, commit_directory
-    path = Path(path).absolute()
-    tmp = path.with_name(f".{path.name}.tmp-multiprocess")
-    if jax.process_index() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    multihost_utils.sync_global_devices("export_final:start")
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(tmp / PARAMS_DIR, params)
-    ckptr.wait_until_finished()
-    multihost_utils.sync_global_devices("export_final:params")
-    if jax.process_index() == 0:
-        (tmp / CONFIG_FILE).write_text(mc.to_json())
-        commit_directory(tmp, path)
-    multihost_utils.sync_global_devices("export_final:done")
 
 
 def periodic_eval(cfg, step, mc, params, tok, mesh, workdir, writer):
@@ -308,7 +277,7 @@ def train(cfg, dog):
     log.info("data: %s", json.dumps(stats))
     if cfg.export_final:
         params = {**state["frozen"], **state["params"]}
-        export_final(workdir / "final", mc, params)
+        InfLlava(mc, params).save_pretrained(workdir / "final")   # all processes take part
         log.info("wrote %s (InfLlava.from_pretrained)", workdir / "final")
     ckpts.close()
     writer.close()

@@ -261,10 +261,21 @@ def save_checkpoint(path: str | os.PathLike, config: InfLlavaConfig, params, *, 
 
     Leaves may be arrays or `StreamedArray`s; a tree with StreamedArrays is written piece by
     piece (peak memory ~ STREAM_INFLIGHT_BYTES + one piece, whatever the model size);
-    `progress(nbytes)` is called as pieces are committed."""
+    `progress(nbytes)` is called as pieces are committed. With several processes every process
+    writes its shards into one temporary directory and process 0 adds config.json and renames."""
+    from jax.experimental import multihost_utils
+
     path = Path(path).absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    multi = jax.process_count() > 1
+    if multi:   # one shared name that every process can compute
+        tmp = path.with_name(f".{path.name}.tmp-multiprocess")
+        if jax.process_index() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        multihost_utils.sync_global_devices(f"save_checkpoint:{path}:start")
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         if any(isinstance(x, StreamedArray) for x in jax.tree.leaves(params)):
             registry = ocp.type_handlers.create_type_handler_registry(
@@ -276,10 +287,16 @@ def save_checkpoint(path: str | os.PathLike, config: InfLlavaConfig, params, *, 
             ckptr = ocp.StandardCheckpointer()
             ckptr.save(tmp / PARAMS_DIR, params)
             ckptr.wait_until_finished()
-        (tmp / CONFIG_FILE).write_text(config.to_json())   # written last: marks a complete checkpoint
-        commit_directory(tmp, path)
+        if multi:
+            multihost_utils.sync_global_devices(f"save_checkpoint:{path}:params")
+        if jax.process_index() == 0:
+            (tmp / CONFIG_FILE).write_text(config.to_json())   # written last: marks a complete checkpoint
+            commit_directory(tmp, path)
+        if multi:
+            multihost_utils.sync_global_devices(f"save_checkpoint:{path}:done")
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if jax.process_index() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def commit_directory(tmp: Path, path: Path) -> None:
