@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Newcomer entry point. Creates (or reuses) ./.venv from the requirements files, then:
-#   bash run.sh demo [args]   the main job on its built-in small default
+#   bash run.sh study [args]  the main job: the miniature INF-LLaVA study (infllava_jax/study.py)
+#   bash run.sh demo [args]   a one-minute tour of the model API with random weights
 #   bash run.sh test [args]   the test suite (pytest; extra args go to pytest)
 set -euo pipefail
 cd "$(dirname "$0")"
 job=${1:-}; shift || true
 case "$job" in
-  demo) reqs=requirements.txt ;;
+  study|demo) reqs=requirements.txt ;;
   test) reqs=requirements-dev.txt ;;
-  *) echo "usage: bash run.sh demo|test [args]" >&2; exit 2 ;;
+  *) echo "usage: bash run.sh study|demo|test [args]" >&2; exit 2 ;;
 esac
 
 # (Re)install only when the requirements changed since the last install into this venv.
@@ -22,6 +23,7 @@ fi
 export PATH="$PWD/.venv/bin:$PATH"
 
 case "$job" in
+  study) exec python -m infllava_jax.study "$@" ;;
   demo) exec python -m infllava_jax.demo "$@" ;;
   # pytest exits 5 when it collects nothing, so an empty run is never green.
   test) exec python -m pytest "$@" ;;

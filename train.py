@@ -81,11 +81,11 @@ def data_config(cfg, mc, workdir: Path, per_process_batch: int):
     if d.synthetic and not path:
         from infllava_jax.data import synthetic
         root = workdir.parent / "data"
-        H, _ = mc.image_size
-        synthetic.generate(root, image_size=H, seed=0)
+        synthetic.generate(root, seed=0)           # 252 px; the pipeline resizes to the model's input
         path = str(root / ("train_caption.json" if cfg.stage == "stage1" else "train_vqa.json"))
         folder = str(root)
     return DataConfig.for_model(mc, path, folder, stage=int(cfg.stage[-1]), max_len=d.max_len,
+                                buckets=tuple(d.get("buckets", ())) or None,
                                 batch_size=per_process_batch, seed=cfg.seed, num_threads=d.num_threads)
 
 
@@ -128,18 +128,21 @@ def main(_):
     distributed.initialize(cluster, initialization_timeout=_INIT_TIMEOUT.value,
                            heartbeat_timeout=_HEARTBEAT_TIMEOUT.value)
     if not cluster.distributed:
-        return train(cfg, None)
+        train(cfg, _WORKDIR.value)
+        return
     import jax
     dog = distributed.Watchdog() if _STEP_TIMEOUT.value > 0 else None
     try:
-        train(cfg, dog)
+        train(cfg, _WORKDIR.value, dog)
     except BaseException as e:   # noqa: BLE001 - never wait in the shutdown barrier after a failure
         distributed.fail_fast(e, f"process {jax.process_index()} of {jax.process_count()}")
     if dog:
         dog.disarm()
 
 
-def train(cfg, dog):
+def train(cfg, workdir, dog=None) -> dict:
+    """Run (or resume) the training of `cfg` in `workdir`; returns a summary (steps, seconds,
+    final loss, data statistics). `dog`: the multi-process step watchdog."""
     import jax
     import numpy as np
 
@@ -151,17 +154,19 @@ def train(cfg, dog):
     from infllava_jax.training.checkpoints import TrainCheckpoints, abstract_like
     from infllava_jax.training.metrics import MetricsWriter
 
-    workdir = Path(_WORKDIR.value).absolute()
+    t_start = time.perf_counter()
+    workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     P, me = jax.process_count(), f"process {jax.process_index()} of {jax.process_count()}"
 
-    def watch(seconds: int, what: str):      # multi-process: bounded waits, never a silent hang
+    def watch(timeout_flag, what: str):      # multi-process: bounded waits, never a silent hang
         if dog:
+            seconds = timeout_flag.value
             dog.arm(seconds, f"{me}: {what} made no progress in {seconds} s. A collective is probably "
                              "waiting for a process that hangs, was stopped or lost its network: see the "
                              "other processes' logs (raise --step_timeout/--compile_timeout for slow steps)")
 
-    watch(_COMPILE_TIMEOUT.value, "start-up (model, data, checkpoint restore)")
+    watch(_COMPILE_TIMEOUT, "start-up (model, data, checkpoint restore)")
     logging.getLogger("absl").setLevel(logging.WARNING)   # Orbax's per-save chatter
     logging.getLogger().setLevel(logging.WARNING)
     log.setLevel(logging.INFO)
@@ -176,6 +181,10 @@ def train(cfg, dog):
     tok = load_tokenizer(cfg.tokenizer or None)
     mc = model_config(cfg, len(tok))
     accum = cfg.global_batch // (cfg.micro_batch * jax.process_count())
+    rows = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)   # the batch axis is split over data x fsdp
+    if (cfg.micro_batch * jax.process_count()) % rows:
+        raise ValueError(f"config.micro_batch={cfg.micro_batch} x {jax.process_count()} processes does not split "
+                         f"over the mesh's data x fsdp = {rows} devices ({dict(mesh.shape)})")
     if accum < 1 or accum * cfg.micro_batch * jax.process_count() != cfg.global_batch:
         raise ValueError(f"global_batch {cfg.global_batch} is not micro_batch {cfg.micro_batch} x "
                          f"{jax.process_count()} processes x an integer number of accumulation steps")
@@ -203,8 +212,9 @@ def train(cfg, dog):
     else:
         params = api.init_params(mc, cfg.seed, mesh)
         log.info("initial weights: random (seed %d)", cfg.seed)
-    _, state_sh = partition.state_shardings(mc, cfg.stage, tx, mesh)
-    state = jax.jit(lambda p: step_lib.init_state(p, cfg.stage, tx), out_shardings=state_sh)(params)
+    stage = "+".join(filter(None, [cfg.stage, cfg.get("also_train", "")]))   # what trains
+    _, state_sh = partition.state_shardings(mc, stage, tx, mesh)
+    state = jax.jit(lambda p: step_lib.init_state(p, stage, tx), out_shardings=state_sh)(params)
     del params
     ckpts = TrainCheckpoints(workdir, keep=cfg.keep_checkpoints)
     start = ckpts.latest_step() or 0
@@ -231,33 +241,35 @@ def train(cfg, dog):
                 for k, v in local.items()}
 
     # -- loop ----------------------------------------------------------------------------------
-    compiled, skipped = set(), 0
+    compiled, skipped, compile_s, last_loss = set(), 0, 0.0, None
     t_last, tokens_since, flops_since = time.perf_counter(), 0, 0.0
     with jax.set_mesh(mesh):
         for step in range(start, cfg.total_steps):
-            watch(_STEP_TIMEOUT.value, f"step {step + 1}")
+            watch(_STEP_TIMEOUT, f"step {step + 1}")
             batch = next_global_batch()
             A, b, L = batch["input_ids"].shape
             if (A, b, L) not in compiled:
-                watch(_COMPILE_TIMEOUT.value, f"step {step + 1} (compiling for micro-batches {(A, b, L)})")
+                watch(_COMPILE_TIMEOUT, f"step {step + 1} (compiling for micro-batches {(A, b, L)})")
             seq = L + mc.tokens_per_image - 1                  # spliced length
             t0 = time.perf_counter()
             state, m = train_step(state, batch)
             if (A, b, L) not in compiled:                      # first step of a new bucket: compile
                 jax.block_until_ready(m)
                 compiled.add((A, b, L))
+                compile_s += time.perf_counter() - t0
                 log.info("compiled the train step for micro-batches %s in %.1f s (cache %s)",
                              (A, b, L), time.perf_counter() - t0, cache)
                 t_last, tokens_since, flops_since = time.perf_counter(), 0, 0.0
             else:
                 tokens_since += A * b * seq
-                flops_since += flops.train_step_flops(mc, A * b, seq, cfg.stage)
+                flops_since += flops.train_step_flops(mc, A * b, seq, stage)
             if bool(m["skipped"]):
                 skipped += 1
                 log.warning("step %d: skipped, not trained on (supervised tokens %d, loss %s)",
                                 step + 1, int(m["tokens"]), float(m["loss"]))
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.total_steps:
                 m = jax.device_get(m)
+                last_loss = float(m["loss"])
                 dt = max(time.perf_counter() - t_last, 1e-9)
                 stats = data_stats(data_it) or {}
                 writer.write(step + 1, {
@@ -271,7 +283,7 @@ def train(cfg, dog):
             if cfg.get("eval_every", 0) and (step + 1) % cfg.eval_every == 0:
                 periodic_eval(cfg, step + 1, mc, {**state["frozen"], **state["params"]}, tok, mesh, workdir, writer)
                 t_last, tokens_since, flops_since = time.perf_counter(), 0, 0.0
-    watch(_COMPILE_TIMEOUT.value, "the last checkpoint and the export")
+    watch(_COMPILE_TIMEOUT, "the last checkpoint and the export")
     ckpts.wait()
     stats = data_stats(data_it)
     log.info("data: %s", json.dumps(stats))
@@ -281,6 +293,8 @@ def train(cfg, dog):
         log.info("wrote %s (InfLlava.from_pretrained)", workdir / "final")
     ckpts.close()
     writer.close()
+    return {"steps": cfg.total_steps, "resumed_from": start, "seconds": round(time.perf_counter() - t_start, 1),
+            "compile_seconds": round(compile_s, 1), "final_loss": last_loss, "data": stats}
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2
     c.mesh = {"data": 1, "fsdp": -1, "tensor": 1}     # -1: all remaining devices
 
+    c.also_train = ""               # "+"-joined parts that train beyond the stage's, e.g. "vision_tower"
     c.init_checkpoint = ""          # our checkpoint dir (python -m convert / a stage-1 export)
     c.model = ml_collections.ConfigDict({"preset": "tiny", "grid": a["grid"], "variant": a["variant"]})
     c.runtime = ml_collections.ConfigDict({"dtype": "float32", "remat_policy": "none", "scan_layers": True,
@@ -31,6 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.path = ""                # LLaVA JSON (or ArrayRecord dir); "" with synthetic: generated
     c.data.image_folder = ""
     c.data.max_len = 256
+    c.data.buckets = ()             # spliced lengths to pad to; () = max_len / 4, / 2, 3/4, 1
     c.data.num_threads = 2
 
     c.global_batch = 8

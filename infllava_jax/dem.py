@@ -30,6 +30,11 @@ the model runs N + 1 ViT passes instead of 2N + 1 (n=3: 10 instead of 19) and ca
 Requires g divisible by nH and nW (else ValueError; use the full computation).
 `DEMConfig.fast_path` (None = whenever supported) and `use_fast_path` tell the model which to run.
 
+DCM ablations (`DEMConfig.views`, the miniature study's rows; not in the released code):
+    views="local"    v = avgpool_{nH x nW}(F_loc)   only the N local crops, no DEM, no S
+    views="strided"  v = avgpool_{nH x nW}(F_glo)   only the N strided crops, no DEM, no S
+Both keep g*g tokens per image and have no DEM parameters (`DEM.single_view`).
+
 Parameter names follow the released state dict (`model.spatial_embed.*`, SPEC section 8):
     attention.{q,k,v,o}_proj.{kernel,bias}  <- attention.linears.{0,1,2,3}.{weight^T,bias}
     attention.ln.{scale,bias}               <- attention.ln.{weight,bias}
@@ -52,6 +57,7 @@ from infllava_jax.pixels import bilinear_matrix
 from infllava_jax.crops import interleave, local_crops, mosaic, strided_crops
 
 VARIANTS = ("released", "paper")
+VIEWS = ("both", "local", "strided")
 
 
 def _pool_taps(n: int) -> tuple[tuple[int, float], ...]:
@@ -77,6 +83,7 @@ class DEMConfig:
     param_dtype: str = "float32"
     attention_impl: str = "xla"
     fast_path: bool | None = None  # None: use it whenever supported (released variant)
+    views: str = "both"         # "both" = DCM + DEM; "local" | "strided": one view, pooled (ablation)
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -85,6 +92,8 @@ class DEMConfig:
             raise ValueError(f"DEMConfig: 2 * ffn_out ({2 * self.ffn_out}) must equal hidden ({self.hidden})")
         if min(self.nH, self.nW, self.g, self.num_heads, self.head_dim) < 1:
             raise ValueError(f"DEMConfig: non-positive size in {self}")
+        if self.views not in VIEWS:
+            raise ValueError(f"DEMConfig.views={self.views!r}; expected one of {VIEWS}")
         if self.attention_impl not in attention_lib.IMPLS:
             raise ValueError(f"DEMConfig.attention_impl={self.attention_impl!r}; "
                              f"expected one of {attention_lib.IMPLS}")
@@ -107,6 +116,8 @@ class DEMConfig:
     @property
     def fast_path_unsupported(self) -> str | None:
         """Why `DEM.fast` cannot run for this config, or None if it can."""
+        if self.views != "both":
+            return f"views={self.views!r} runs no DEM (DEM.single_view)"
         if self.variant != "released":
             return ("the fast path exists only for variant='released' (the paper variant "
                     "average-pools every position, so every query and strided crop matters)")
@@ -142,6 +153,8 @@ class DEMConfig:
     def vit_passes(self, fast: bool | None = None) -> int:
         """Sub-images the vision tower must encode per image (full: 2N + 1)."""
         fast = self.use_fast_path if fast is None else fast
+        if self.views != "both":
+            return self.num_crops
         if not fast:
             return 2 * self.num_crops + 1
         return self.num_crops + len(self.fast_path_phases) + (0 if self.low_is_centre_strided_crop else 1)
@@ -243,6 +256,17 @@ class DEM(nn.Module):
         out = self._combine(S, pooled.astype(F.dtype))
         return out.reshape(B, g * g, D)
 
+    # -- DCM ablations: one view, no DEM ----------------------------------------------------------
+    def single_view(self, crops_features):
+        """views="local" | "strided": (B, N, g*g, D) features of that view's crops -> (B, g*g, D),
+        the mosaic (local) or interleaved (strided) map average-pooled over every nH x nW cell."""
+        c = self.cfg
+        B, g, D = crops_features.shape[0], c.g, c.hidden
+        x = self._check(c.views, crops_features, (B, c.num_crops, g * g, D)).reshape(B, c.num_crops, g, g, D)
+        F = mosaic(x, c.nH, c.nW) if c.views == "local" else interleave(x, c.nH, c.nW)
+        pooled = F.astype(jnp.float32).reshape(B, g, c.nH, g, c.nW, D).mean(axis=(2, 4))
+        return pooled.astype(F.dtype).reshape(B, g * g, D)
+
     # -- exact fast path (released) -------------------------------------------------------------
     def fast(self, local, sampled, low):
         """Same output as `__call__` computing only the queries the pooling reads.
@@ -286,7 +310,10 @@ class DEM(nn.Module):
 
 def key_map(cfg: DEMConfig | None = None) -> list[keymap.Row]:
     """Table (keymap.Row) between DEM params and the released `SpatialEmbed` keys (the same for
-    every DEMConfig: shapes come from the config, names do not)."""
+    every DEMConfig: shapes come from the config, names do not); empty for the views ablations,
+    which have no DEM parameters."""
+    if cfg is not None and cfg.views != "both":
+        return []
     entries = []
     for ours, theirs in zip(("q_proj", "k_proj", "v_proj", "o_proj"), range(4)):  # linears.0..3
         entries += keymap.linear(f"attention/{ours}", f"attention.linears.{theirs}")

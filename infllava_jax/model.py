@@ -47,6 +47,9 @@ class InfLlavaModel(nn.Module):
             pixel_values = resize_bicubic(pixel_values, H, W)
         _check_pixels(pixel_values, (H, W))
         d = c.dem
+        if d.views != "both":   # DCM ablation: one view's crops, pooled, no DEM
+            view = crops.local_crops if d.views == "local" else crops.strided_crops
+            return self.spatial_embed.single_view(self._features(view(pixel_values, d.nH, d.nW)))
         local = crops.local_crops(pixel_values, d.nH, d.nW)                        # (B, N, s, s, 3)
         low = resize_bicubic(pixel_values, s, s)[:, None]                           # (B, 1, s, s, 3)
         if d.use_fast_path:   # only the sub-images that reach the output (SPEC 4, fast path)

@@ -33,10 +33,11 @@ def llava15_7b() -> InfLlavaConfig:
     return InfLlavaConfig(vision=CLIPVisionConfig.clip_vit_l14_336(), llm=llm, dem=None, pad_token_id=0)
 
 
-def tiny(grid: int | None = 3, variant: str = "released", vocab_size: int = 512, **runtime) -> InfLlavaConfig:
+def tiny(grid: int | None = 3, variant: str = "released", vocab_size: int = 512, views: str = "both",
+         **runtime) -> InfLlavaConfig:
     """A few-MB model of the same structure (84 px sub-images, 6x6 tokens) for tests and demos.
 
-    grid=None gives the LLaVA-1.5 path; `runtime` (dtype, scan_layers, remat_policy, ...) goes to
+    grid=None gives the LLaVA-1.5 path; views="local" | "strided" the DCM ablations; `runtime` (dtype, scan_layers, remat_policy, ...) goes to
     the vision tower and the language model."""
     vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                               num_attention_heads=4, image_size=84, patch_size=14, **runtime)
@@ -44,5 +45,5 @@ def tiny(grid: int | None = 3, variant: str = "released", vocab_size: int = 512,
                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
                       rope_theta=500000.0, max_position_embeddings=4096, tie_word_embeddings=False, **runtime)
     dem = None if grid is None else DEMConfig(variant=variant, hidden=64, num_heads=4, head_dim=16,
-                                              ffn_hidden=16, ffn_out=32, nH=grid, nW=grid, g=6)
+                                              ffn_hidden=16, ffn_out=32, nH=grid, nW=grid, g=6, views=views)
     return InfLlavaConfig(vision=vision, llm=llm, dem=dem, pad_token_id=0)

@@ -48,7 +48,10 @@ def test_files_and_records(built):
     with_image = [r for r in vqa if "image" in r]
     text_only = [r for r in vqa if "image" not in r]
     assert len(with_image) == 24 and len(text_only) == meta["counts"]["train_vqa_text_only"] >= 1
-    assert any(len(r["conversations"]) == 4 for r in with_image)  # some two-turn records
+    for i, r in enumerate(with_image):   # S.TURNS questions of different types, the first balanced
+        qs = [t["value"].removeprefix("<image>\n").split("\n")[0] for t in r["conversations"][::2]]
+        types = [next(k for k, v in S.QUESTIONS.items() if q in v) for q in qs]
+        assert len(set(types)) == len(types) == S.TURNS and types[0] == S.TYPES[i % len(S.TYPES)]
     for r in vqa:
         conv = r["conversations"]
         assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
@@ -190,13 +193,15 @@ def _lowres(img: np.ndarray, s: int = 84) -> np.ndarray:
 
 
 def _dark_window(img, box, margin) -> np.ndarray:
-    """Darkness (0 white .. 1 black) of the box (y, x, h, w) grown by margin, edge-padded."""
+    """Darkness above the local background (the window's median: white, or the tint inside the
+    box and the circle) of the box (y, x, h, w) grown by margin, edge-padded; 0 .. 1."""
     y, x, h, w = box
     y0, x0, y1, x1 = y - margin, x - margin, y + h + margin, x + w + margin
     crop = img[max(y0, 0):y1, max(x0, 0):x1].astype(np.float32).mean(-1)
     crop = np.pad(crop, ((max(-y0, 0), max(y1 - img.shape[0], 0)), (max(-x0, 0), max(x1 - img.shape[1], 0))),
                   mode="edge")                               # marks may touch the image border
-    return 1 - crop / 255
+    dark = 1 - crop / 255
+    return np.clip(dark - np.median(dark), 0, None)
 
 
 def _best_correlation(win, template) -> float:
@@ -238,8 +243,9 @@ def count_components(img, s):
 
 
 def count_ink(img, s):
-    """Ink mass / mean dot area (2.25 px), with the image's true ink level given for free."""
-    ink_dark = 1 - s.ink / 255
+    """Ink mass / mean dot area (2.25 px), with the image's true ink and tint levels given for free."""
+    y, x, h, w = s.layout["count"]
+    ink_dark = (img[y + h // 2, x - 1].mean() - s.ink) / 255     # the circle's tint next to the dots
     mass = _dark_window(img, s.layout["count"], 3).sum() / ink_dark
     return str(int(np.clip(round(mass / 2.25), 2, 6)))
 

@@ -1,4 +1,4 @@
-"""A deterministic synthetic high-resolution VQA dataset: the data of the built-in demo.
+"""A deterministic synthetic high-resolution VQA dataset: the data of the miniature study.
 
     python -m infllava_jax.data.synthetic OUT_DIR [--n-train 2000] [--n-val 200] [--n-test 300]
 
@@ -12,8 +12,8 @@ ViT patch of an 84 px local crop) holding four facts, each asked by one question
                                                     bottom left, ...      + where it is
     side    Is the box left or right of the circle? left, right           global only (a control)
 
-The box and the circle are large (70 px, coloured, often straddling local-crop borders); the
-glyph, the dot cluster and the four 3x3 marks sit in the middle of one cell each (+-1 px jitter,
+The box and the circle are large (70 px, a coloured outline filled with a 60% tint of the colour,
+often straddling local-crop borders); the glyph, the dot cluster and the four 3x3 marks sit in the middle of one cell each (+-1 px jitter,
 grey level 0..60 per image). Grey strokes and dots are clutter. Downsampled 3x (252 -> 84 px, the
 single view of a LLaVA-1.5-style model) the glyph becomes a 1x2 px smudge, the dots merge into
 one blob (their sizes vary, so the ink mass does not give the count), "x" and "+" (same ink and
@@ -27,7 +27,8 @@ majority-class accuracy of every type. Output (`generate`):
 
     images/{train,val,test}/{i:06d}.png   RGB PNG, written byte-identically for a given seed
     train_caption.json    stage 1: "<image>\\nDescribe the image." -> a caption naming every fact
-    train_vqa.json        stage 2: one record per image (some with two QA turns), a few text-only
+    train_vqa.json        stage 2: one record per image, TURNS (2) questions of different types
+                          (the first cycles through the types), a few text-only records
     val.jsonl, test.jsonl one question per image: {question_id, image, question, answer, type}
     meta.json             written last; a complete directory with the same arguments is reused
 """
@@ -45,12 +46,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-VERSION = 1
+VERSION = 2
 GRID = 18                        # cells per side
 SPLITS = ("train", "val", "test")
 SHORT = "Answer the question using a single word or phrase."   # as the eval task's post-prompt
 CAPTION_PROMPT = "Describe the image."
-TWO_TURN_FRACTION = 0.3          # train VQA records with a second question about the same image
+TURNS = 2                        # questions (of different types) per train VQA record
 TEXT_ONLY_FRACTION = 0.01        # extra text-only train VQA records (>= 1)
 PNG_OPTIONS = {"format": "PNG", "compress_level": 1, "optimize": False}  # no metadata chunks
 
@@ -93,6 +94,7 @@ COLORS = {"red": (220, 30, 30), "blue": (30, 70, 220), "green": (20, 150, 40),
 BACKGROUNDS = ((255, 255, 255), (250, 246, 236), (240, 246, 252), (246, 250, 240))
 CLUTTER = ((150, 150, 150), (175, 175, 175), (120, 160, 200), (200, 150, 120), (150, 190, 150))
 INK_LEVELS = 61                 # the fine details of one image are drawn in grey 0 .. 60
+TINT = 0.6                      # the box and the circle are filled with 60% of their colour
 
 
 @dataclasses.dataclass
@@ -141,14 +143,19 @@ def _background(size: int, k: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=4)
-def _ring(cell: int, t: int) -> np.ndarray:
-    """(5 cell, 5 cell) mask of a circle outline of t + 1 px, centred on the middle cell's centre."""
+def _ring(cell: int, t: int) -> tuple[np.ndarray, np.ndarray]:
+    """(5 cell, 5 cell) masks of a circle outline of t + 1 px and of its inside, centred on the
+    middle cell's centre."""
     r_out = 2.5 * cell - 2
     yy, xx = np.ogrid[:5 * cell, :5 * cell]
     d2 = (yy - 2 * cell - (cell - 1) / 2) ** 2 + (xx - 2 * cell - (cell - 1) / 2) ** 2
-    ring = (d2 <= r_out ** 2) & (d2 > (r_out - t - 1) ** 2)
-    ring.flags.writeable = False
-    return ring
+    ring, inside = (d2 <= r_out ** 2) & (d2 > (r_out - t - 1) ** 2), d2 <= (r_out - t - 1) ** 2
+    ring.flags.writeable = inside.flags.writeable = False
+    return ring, inside
+
+
+def _tint(color) -> tuple[int, ...]:
+    return tuple(int(round(255 + TINT * (c - 255))) for c in color)
 
 
 def _free_cell(rng, occ, rows, cols, core=None):
@@ -187,12 +194,15 @@ def render(answers: dict, rng: np.random.Generator, image_size: int = 252) -> Sc
     t = max(2, cell // 5)                                    # stroke width: 2 px at 252
     y0, x0, side = (rb - 2) * cell + 2, (cb - 2) * cell + 2, 5 * cell - 4
     col = COLORS[box_c]
+    img[y0:y0 + side, x0:x0 + side] = _tint(col)
     img[y0:y0 + t, x0:x0 + side] = col
     img[y0 + side - t:y0 + side, x0:x0 + side] = col
     img[y0:y0 + side, x0:x0 + t] = col
     img[y0:y0 + side, x0 + side - t:x0 + side] = col
 
-    _paint(img, (rc - 2) * cell, (cc - 2) * cell, _ring(cell, t), COLORS[circ_c])
+    ring, inside = _ring(cell, t)
+    _paint(img, (rc - 2) * cell, (cc - 2) * cell, inside, _tint(COLORS[circ_c]))
+    _paint(img, (rc - 2) * cell, (cc - 2) * cell, ring, COLORS[circ_c])
 
     ink_level = int(rng.integers(INK_LEVELS))
     ink = (ink_level,) * 3
@@ -382,9 +392,9 @@ def generate(out_dir, *, n_train: int = 2000, n_val: int = 200, n_test: int = 30
         cap.append({"id": f"cap_{i:06d}", "image": rel,
                     "conversations": [{"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"},
                                       {"from": "gpt", "value": text}]})
-        types = [TYPES[i % len(TYPES)]]
-        if rng.random() < TWO_TURN_FRACTION:
-            types.append(TYPES[(i + int(rng.integers(1, len(TYPES)))) % len(TYPES)])
+        first = i % len(TYPES)                   # first turns balanced; then TURNS - 1 other types
+        others = [TYPES[(first + 1 + int(k)) % len(TYPES)] for k in rng.permutation(len(TYPES) - 1)]
+        types = [TYPES[first]] + others[:TURNS - 1]
         items = [(question(t, int(rng.integers(2))), answers[t]) for t in types]
         first_turns.append({"type": types[0], "answer": answers[types[0]]})
         vqa.append({"id": f"vqa_{i:06d}", "image": rel, "conversations": _turns(items, image=True)})
@@ -413,7 +423,7 @@ def generate(out_dir, *, n_train: int = 2000, n_val: int = 200, n_test: int = 30
         "seed": seed, "image_size": image_size, "cell_px": image_size // GRID,
         "counts": {"images": counts, "train_caption": len(cap), "train_vqa": len(vqa),
                    "train_vqa_text_only": n_text,
-                   "train_vqa_two_turn": sum(len(r["conversations"]) == 4 for r in vqa),
+                   "train_vqa_turns": TURNS,
                    "val": len(evals["val"]), "test": len(evals["test"])},
         "files": files,
         "caption_prompt": CAPTION_PROMPT, "answer_instruction": SHORT,
@@ -443,7 +453,7 @@ def main(argv=None) -> int:
     how = "reused (complete, same arguments)" if meta["reused"] else f"written in {meta['seconds']} s"
     print(f"{a.out_dir}: {how}")
     print(f"  images {c['images']} at {meta['image_size']} px; train: {c['train_caption']} captions, "
-          f"{c['train_vqa']} VQA records ({c['train_vqa_two_turn']} two-turn, "
+          f"{c['train_vqa']} VQA records ({c['train_vqa_turns']} turns per image, "
           f"{c['train_vqa_text_only']} text-only)")
     for t, q in meta["question_types"].items():
         n, maj = meta["eval_counts"]["test"][t], meta["majority_baseline"]["test"][t]

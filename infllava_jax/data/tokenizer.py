@@ -38,6 +38,12 @@ Where is this photo taken? It looks like a kitchen, a street, a park, a beach or
 Answer the question using a single word or phrase. Yes. No. Two. Red, green, blue, white, black.
 The quick brown fox jumps over the lazy dog. 0123456789 + - * / = ( ) [ ] { } < > . , ; : ! ? ' "
 Please explain step by step. First, second, third, finally. Thank you! You're welcome.
+A red box with the digit 5 and a blue circle with 3 dots. The box is left of the circle.
+The tiny x is in the top left corner, top right, bottom left or bottom right. Describe the image.
+What digit is written in the box? Which digit is inside the box? A green, orange or purple box.
+How many dots are inside the circle? How many small dots are in the circle? Which corner holds
+the tiny x? In which corner is the small x mark? Is the box left or right of the circle? Is the
+box on the left or the right of the circle?
 """
 
 

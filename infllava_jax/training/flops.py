@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from infllava_jax.config import InfLlavaConfig
+from infllava_jax.training.step import trainable_parts
 
 # Dense bf16 peak per chip (vendor figures, no sparsity), matched against device_kind.
 PEAK_FLOPS = {
@@ -33,6 +34,8 @@ def _vit_flops(c: InfLlavaConfig) -> float:
 def _dem_flops(c: InfLlavaConfig) -> float:
     d = c.dem
     g2, D, W, N = d.g ** 2, d.hidden, d.width, d.num_crops
+    if d.views != "both":  # DCM ablation: pooling only
+        return 0.0
     ffn = 2 * 2 * (D * d.ffn_hidden + d.ffn_hidden * d.ffn_out)
     if d.use_fast_path:   # 2 g^2 queries (a and b), keys: one crop / S; k, v over N crops + S
         q = 2 * g2
@@ -54,11 +57,12 @@ def _llm_flops_per_token(c: InfLlavaConfig, seq_len: int) -> float:
 
 def train_step_flops(c: InfLlavaConfig, batch_size: int, seq_len: int, stage: str) -> float:
     """FLOPs of one optimizer step over `batch_size` sequences of `seq_len` spliced tokens."""
+    parts = trainable_parts(stage)
     passes = 1 if c.dem is None else c.dem.vit_passes()
-    vision = passes * _vit_flops(c)                                 # frozen: forward only
+    vision = passes * _vit_flops(c) * (3 if "vision_tower" in parts else 1)  # forward (x3 when trained)
     proj = 2 * c.tokens_per_image * (c.vision.hidden_size * c.llm.hidden_size + c.llm.hidden_size ** 2)
     adapter = 3 * (proj + (0 if c.dem is None else _dem_flops(c)))  # trained: forward + 2x backward
-    llm_mult = 3 if stage == "stage2" else 2                        # stage 1: activation grads only
+    llm_mult = 3 if "language_model" in parts else 2                        # stage 1: activation grads only
     llm = llm_mult * seq_len * _llm_flops_per_token(c, seq_len)
     return batch_size * (vision + adapter + llm)
 

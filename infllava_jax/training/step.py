@@ -2,7 +2,8 @@
 
 State = {"step", "params" (trainable subtrees, fp32 master), "frozen" (never differentiated, no
 optimizer state), "opt_state"}. Which top-level parts train is the stage (SPEC section 7):
-stage 1 trains DEM + projector; stage 2 also the LLM; the vision tower never trains.
+stage 1 trains DEM + projector; stage 2 also the LLM; the vision tower never trains, except
+when the stage names more parts ("stage1+vision_tower+language_model": the miniature study).
 The loss is the token-mean next-token cross-entropy over the whole global batch (all
 micro-batches), computed by `loss.cross_entropy_sum` without full fp32 logits.
 """
@@ -22,17 +23,27 @@ from infllava_jax.model import InfLlavaModel
 from infllava_jax.splice import splice_labels, splice_layout
 from infllava_jax.training.loss import cross_entropy_sum, shift_labels
 
+PARTS = ("vision_tower", "spatial_embed", "mm_projector", "language_model")
 TRAINABLE = {
     "stage1": ("spatial_embed", "mm_projector"),
     "stage2": ("spatial_embed", "mm_projector", "language_model"),
 }
 
 
+def trainable_parts(stage: str) -> tuple[str, ...]:
+    """Top-level parts that train: "stage1" | "stage2", optionally "+part" for more
+    (e.g. "stage1+vision_tower+language_model": the miniature study's random tiny model)."""
+    base, *extra = stage.split("+")
+    if base not in TRAINABLE or set(extra) - set(PARTS):
+        raise ValueError(f"stage={stage!r}; expected one of {sorted(TRAINABLE)}, optionally with "
+                         f"'+part' for parts in {PARTS}")
+    return TRAINABLE[base] + tuple(p for p in extra if p not in TRAINABLE[base])
+
+
 def split_params(params: dict, stage: str) -> tuple[dict, dict]:
     """(trainable, frozen) top-level subtrees for `stage`."""
-    if stage not in TRAINABLE:
-        raise ValueError(f"stage={stage!r}; expected one of {sorted(TRAINABLE)}")
-    train = {k: v for k, v in params.items() if k in TRAINABLE[stage]}
+    parts = trainable_parts(stage)
+    train = {k: v for k, v in params.items() if k in parts}
     return train, {k: v for k, v in params.items() if k not in train}
 
 
