@@ -7,9 +7,12 @@ On a fake 8-device mesh (XLA_FLAGS=--xla_force_host_platform_device_count=8, set
   2. for every row of configs/study.py (plain 84 px, local crops only, strided crops only,
      DCM + DEM at 672 and 1008): stage 1 on the captions, stage 2 on the VQA records
      (train.py's loop, in this process), then the `hires_synth` eval task on test.jsonl at the
-     row's resolution (eval.py's sweep, exact match per question type);
+     row's resolution (eval.py's sweep, exact match per question type). After stage 1 a
+     caption probe (evaluation/caption_probe.py) measures which facts of the test scenes each
+     model names: what the captions taught, before any question is asked;
   3. OUT/results.md, OUT/results.json and OUT/study.png: accuracy per question type and row,
-     next to the answer prior (always saying a type's most frequent answer).
+     next to the answer prior (always saying a type's most frequent answer), the probe table,
+     and a one-line verdict.
 
 A row whose OUT/runs/<row>/result.json matches the recipe is reused; `--fresh` starts over.
 """
@@ -41,13 +44,15 @@ def run_row(row: str, a, out: Path, data: Path) -> dict:
     import train as train_lib   # the repository's train.py (run from the repository root)
     from configs import eval as eval_cfg
     from configs import study as study_cfg
-    from infllava_jax.evaluation import sweep
+    from infllava_jax import InfLlava
+    from infllava_jax.data.tokenizer import load_tokenizer
+    from infllava_jax.evaluation import caption_probe, sweep
 
     recipe, rdir = _recipe(row, a), out / "runs" / row
     done = rdir / "result.json"
     if done.is_file():
         old = json.loads(done.read_text())
-        if old.get("recipe") == recipe:
+        if old.get("recipe") == recipe and "caption_probe" in old:
             log.info("%s: reusing %s", row, done)
             return old
     t0 = time.perf_counter()
@@ -60,12 +65,18 @@ def run_row(row: str, a, out: Path, data: Path) -> dict:
         log.info("%s: stage %d, %d steps of %d on %s (trains %s)", row, stage, cfg.total_steps,
                  cfg.global_batch, records, "+".join([cfg.stage, cfg.also_train]))
         stages[stage] = train_lib.train(cfg, rdir / f"stage{stage}")
+        if stage == 1:   # what the captions taught: the facts the model names (caption_probe.py)
+            m = InfLlava.from_pretrained(rdir / "stage1" / "final")
+            probe = caption_probe.probe(m.config, m.params, load_tokenizer(None), data, a.n_test)
+            log.info("%s: stage-1 caption probe (%% of test images): %s", row,
+                     ", ".join(f"{f} {100 * v:.1f}" for f, v in probe.items()))
     ecfg = eval_cfg.get_config(f"tasks=hires_synth,res={recipe['res']},pixels=native,double_bos=false,"
                                "batch_size=32,progress=false")
     summary = sweep.run(ecfg, ckpt=str(rdir / "stage2" / "final"), data=str(data), out=str(rdir / "eval"),
                         log=log.info)
     metrics = summary["results"]["hires_synth"][str(recipe["res"])]["metrics"]
-    result = {"recipe": recipe, "metrics": metrics, "train": stages, "eval_seconds": summary["seconds"],
+    result = {"recipe": recipe, "metrics": metrics, "caption_probe": probe, "train": stages,
+              "eval_seconds": summary["seconds"],
               "seconds": round(time.perf_counter() - t0, 1)}
     done.write_text(json.dumps(result, indent=1))
     return result
@@ -95,13 +106,29 @@ def table(results: dict, prior: dict) -> str:
     return "\n".join(lines)
 
 
+def probe_table(results: dict) -> str:
+    from infllava_jax.evaluation.caption_probe import CHANCE, FACTS
+    lines = ["| row | " + " | ".join(FACTS) + " |", "|" + "---|" * (len(FACTS) + 1)]
+    for row, r in results.items():
+        lines.append(f"| {row} | " + " | ".join(f"{100 * r['caption_probe'][f]:.1f}" for f in FACTS) + " |")
+    lines.append("| chance | " + " | ".join(f"{100 * CHANCE[f]:.1f}" for f in FACTS) + " |")
+    return "\n".join(lines)
+
+
 def verdict(results: dict, prior: dict, margin: float = 0.03) -> str:
     """One honest sentence: does any row read the image, and do the detail types gain from it?"""
     base = sum(prior.values()) / len(prior)
     gain = {row: r["metrics"]["accuracy"] - base for row, r in results.items()}
     if max(gain.values()) < margin:
+        from infllava_jax.evaluation.caption_probe import CHANCE
+        named = {f: max(r["caption_probe"][f] for r in results.values()) for f in CHANCE
+                 if all("caption_probe" in r for r in results.values())}
+        learned = [f"{f} (best {100 * v:.0f}%, chance {100 * CHANCE[f]:.0f}%)" for f, v in named.items()
+                   if v > CHANCE[f] + 0.1]
         return (f"No row is {100 * margin:.0f} points above the answer prior: at this budget the models do not "
-                "read the images yet, so the table says nothing about resolution (README: the main job).")
+                "answer the questions from the images yet, so the table says nothing about resolution"
+                + (f"; after stage 1 they name {', '.join(learned)}." if learned else
+                   "; after stage 1 they name no fact above chance either."))
     detail = {row: sum(r["metrics"][f"accuracy_{t}"] for t in TYPES[:3]) / 3 for row, r in results.items()}
     best = max(detail, key=detail.get)
     return ("Above the prior: " + ", ".join(f"{row} {100 * g:+.1f}" for row, g in gain.items())
@@ -176,7 +203,8 @@ def main(argv=None) -> int:
         log.info("[%d/%d] %s: %.1f%% (%s) | elapsed %.0f s, ETA %.0f s", i + 1, len(rows), row,
                  100 * m["accuracy"], ", ".join(f"{t} {100 * m['accuracy_' + t]:.1f}" for t in TYPES),
                  elapsed, elapsed / (i + 1) * (len(rows) - i - 1))
-    md = table(results, prior)
+    md = (f"{table(results, prior)}\n\nAfter stage 1, the facts each model names in the caption of a test image "
+          f"(teacher-forced, % of images):\n\n{probe_table(results)}")
     total = time.perf_counter() - t0
     (out / "results.md").write_text(f"# Miniature INF-LLaVA study\n\nExact match (%) on {a.n_test} test "
                                     f"questions ({a.n_test // 4} per type); total {total:.0f} s.\n\n{md}\n\n"

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from configs import study as study_cfg
+from infllava_jax.evaluation.caption_probe import CHANCE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,17 +33,18 @@ def test_study_end_to_end_and_reuse(tmp_path):
         assert m["n"] == 8 and m["missing"] == 0
         assert all(0 <= m[f"accuracy_{t}"] <= 1 for t in ("digit", "count", "corner", "side"))
         assert r["train"]["1"]["steps"] == 2 and r["train"]["2"]["steps"] == 2
+        assert set(r["caption_probe"]) == set(CHANCE) and all(0 <= v <= 1 for v in r["caption_probe"].values())
         assert (out / "runs" / row / "stage2" / "final" / "config.json").is_file()
     cfg = json.loads((out / "runs" / "dcm_dem_672" / "stage2" / "final" / "config.json").read_text())
     assert (cfg["dem"]["nH"], cfg["dem"]["nW"], cfg["dem"]["views"]) == (2, 2, "both")
     assert json.loads((out / "runs" / "plain_336" / "stage2" / "final" / "config.json").read_text())["dem"] is None
     md = (out / "results.md").read_text()
-    assert "| plain_336 | one 84 px view (LLaVA-1.5) |" in md and "| answer prior |" in md
+    assert "| plain_336 | one 84 px view (LLaVA-1.5) |" in md and "| answer prior |" in md and "| chance |" in md
     assert (out / "study.png").stat().st_size > 10_000
     assert "[2/2] dcm_dem_672" in log and "| dcm_dem_672 |" in log
 
     again = _run(out)                       # same recipe: both rows reused, nothing retrained
-    assert again.count("reusing") == 2 and "stage 1" not in again
+    assert again.count("reusing") == 2 and ": stage 1, 2 steps" not in again and ": stage 1, 2 steps" in log
 
 
 def test_study_rows_and_configs():
@@ -67,5 +69,22 @@ def test_verdict_says_when_no_row_reads_the_images():
 
     base = sum(prior.values()) / 4
     assert verdict({"a": row(base), "b": row(base + 0.02)}, prior).startswith("No row")
+    probe = {"box colour": 0.9, "circle colour": 0.3, "side": 0.5, "digit": 0.2, "count": 0.2, "corner": 0.25}
+    v = verdict({"a": {**row(base), "caption_probe": probe}}, prior)
+    assert "they name box colour (best 90%, chance 20%)." in v and "circle" not in v
     v = verdict({"plain_336": row(base + 0.1, side=0.9), "dcm_dem_1008": row(base + 0.2, digit=0.8)}, prior)
     assert "dcm_dem_1008 +20.0" in v and "best read by dcm_dem_1008" in v
+
+
+def test_caption_probe_fact_spans_decode_to_the_facts():
+    from infllava_jax.data import synthetic
+    from infllava_jax.data.tokenizer import load_tokenizer
+    from infllava_jax.evaluation.caption_probe import _fact_values, _spans
+    tok = load_tokenizer(None)
+    for i in range(12):
+        s = synthetic.scene(0, "test", i, 12)
+        text, values = synthetic.caption(s), _fact_values(s)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        for fact, span in _spans(text, values, tok).items():
+            assert span == list(range(span[0], span[-1] + 1))
+            assert tok.decode([ids[k] for k in span]).strip() == values[fact], (fact, text)

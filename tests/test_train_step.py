@@ -119,3 +119,15 @@ def test_chunked_loss_equals_full_logits_loss():
         s, c = cross_entropy_sum(hidden, step_lib.head_kernel(params, CFG), t, chunk)
         assert int(c) == int(valid.sum())
         np.testing.assert_allclose(float(s), float(ref), rtol=1e-5)
+
+
+def test_stage_names_extra_trainable_parts():
+    from infllava_jax.training.step import split_params, trainable_parts
+    params = {k: {"w": k} for k in ("vision_tower", "spatial_embed", "mm_projector", "language_model")}
+    train, frozen = split_params(params, "stage1+vision_tower+language_model")
+    assert sorted(train) == ["language_model", "mm_projector", "spatial_embed", "vision_tower"] and not frozen
+    assert trainable_parts("stage2+language_model") == ("spatial_embed", "mm_projector", "language_model")
+    train, frozen = split_params(params, "stage1")
+    assert sorted(frozen) == ["language_model", "vision_tower"]
+    with pytest.raises(ValueError, match="stage1\\+dem"):
+        split_params(params, "stage1+dem")
