@@ -87,4 +87,4 @@ def test_caption_probe_fact_spans_decode_to_the_facts():
         ids = tok(text, add_special_tokens=False)["input_ids"]
         for fact, span in _spans(text, values, tok).items():
             assert span == list(range(span[0], span[-1] + 1))
-            assert tok.decode([ids[k] for k in span]).strip() == values[fact], (fact, text)
+            assert tok.decode([ids[k] for k in span]) == " " + values[fact], (fact, text)

@@ -32,13 +32,15 @@ def _fact_values(s: synthetic.Scene) -> dict:
 
 
 def _spans(text: str, values: dict, tokenizer) -> dict:
-    """fact -> indices of the caption tokens that overlap the fact's value (values in caption order)."""
+    """fact -> indices of the caption tokens that overlap the fact's value or the space before it
+    (values in caption order). The space counts: a colour that BPE splits as " " + "re" + "d"
+    would otherwise leak its family through the teacher-forced " "."""
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     out, pos = {}, 0
     for fact in ("box colour", "digit", "circle colour", "count", "side", "corner"):
         start = text.index(values[fact], pos)
         end = pos = start + len(values[fact])
-        out[fact] = [k for k, (a, b) in enumerate(offsets) if a < end and b > start]
+        out[fact] = [k for k, (a, b) in enumerate(offsets) if a < end and b > start - 1]
     return out
 
 
