@@ -86,7 +86,8 @@ def data_config(cfg, mc, workdir: Path, per_process_batch: int):
         folder = str(root)
     return DataConfig.for_model(mc, path, folder, stage=int(cfg.stage[-1]), max_len=d.max_len,
                                 buckets=tuple(d.get("buckets", ())) or None,
-                                batch_size=per_process_batch, seed=cfg.seed, num_threads=d.num_threads)
+                                batch_size=per_process_batch, seed=cfg.seed, num_threads=d.num_threads,
+                                image_cache_mb=d.get("image_cache_mb", 0))
 
 
 def periodic_eval(cfg, step, mc, params, tok, mesh, workdir, writer):
@@ -212,6 +213,9 @@ def train(cfg, workdir, dog=None) -> dict:
     else:
         params = api.init_params(mc, cfg.seed, mesh)
         log.info("initial weights: random (seed %d)", cfg.seed)
+    if cfg.get("init_vision_tower"):   # e.g. the study's stage-0 tower (training/vision_pretrain.py)
+        params["vision_tower"] = api.load_vision_tower(cfg.init_vision_tower, mc, mesh)
+        log.info("vision tower: %s", cfg.init_vision_tower)
     stage = "+".join(filter(None, [cfg.stage, cfg.get("also_train", "")]))   # what trains
     _, state_sh = partition.state_shardings(mc, stage, tx, mesh)
     state = jax.jit(lambda p: step_lib.init_state(p, stage, tx), out_shardings=state_sh)(params)

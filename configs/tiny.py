@@ -22,6 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.also_train = ""               # "+"-joined parts that train beyond the stage's, e.g. "vision_tower"
     c.init_checkpoint = ""          # our checkpoint dir (python -m convert / a stage-1 export)
+    c.init_vision_tower = ""        # a checkpoint whose vision tower replaces the initial one (study stage 0)
     c.model = ml_collections.ConfigDict({"preset": "tiny", "grid": a["grid"], "variant": a["variant"]})
     c.runtime = ml_collections.ConfigDict({"dtype": "float32", "remat_policy": "none", "scan_layers": True,
                                            "attention_impl": "xla"})
@@ -34,6 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.max_len = 256
     c.data.buckets = ()             # spliced lengths to pad to; () = max_len / 4, / 2, 3/4, 1
     c.data.num_threads = 2
+    c.data.image_cache_mb = 0       # > 0: decoded images stay in memory (the study's rows share them)
 
     c.global_batch = 8
     c.micro_batch = 4               # per step: global_batch / (micro_batch * processes) accumulations

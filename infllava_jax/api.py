@@ -142,6 +142,21 @@ class InfLlava:
         return cls(config, restore_params(Path(path) / PARAMS_DIR, target))
 
 
+def load_vision_tower(path: str | os.PathLike, config: InfLlavaConfig, mesh=None):
+    """The `vision_tower` of the checkpoint at `path`, restored onto the shardings it has in a model
+    of `config` (e.g. the study's stage-0 tower into each row's stage 1). Towers must have the same
+    architecture."""
+    theirs = load_config(path)
+    if theirs.vision.to_hf() != config.vision.to_hf():
+        raise ValueError(f"{path}: its vision tower {theirs.vision.to_hf()} is not this model's "
+                         f"{config.vision.to_hf()}")
+    abstract, _ = abstract_params(theirs)
+    target = {k: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), v) for k, v in abstract.items()}
+    target["vision_tower"] = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                          abstract["vision_tower"], param_shardings(config, mesh)["vision_tower"])
+    return restore_params(Path(path) / PARAMS_DIR, target)["vision_tower"]
+
+
 def load_config(path: str | os.PathLike) -> InfLlavaConfig:
     f = Path(path) / CONFIG_FILE
     if not f.is_file():
