@@ -113,7 +113,7 @@ def main(_):
 
     cfg = _CONFIG.value
     cluster = distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                                  _LOCAL_DEVICES.value, _DISTRIBUTED.value, timeout=_INIT_TIMEOUT.value)
+                                  _LOCAL_DEVICES.value, _DISTRIBUTED.value)
     if _DRY_RUN.value:   # what this process would do; the launch recipes' dry runs print it
         P = cluster.num_processes or 1
         accum, rem = divmod(cfg.global_batch, cfg.micro_batch * P)

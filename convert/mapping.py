@@ -12,8 +12,6 @@ from convert.sources import ArrayTensor
 from infllava_jax.api import abstract_params
 from infllava_jax.config import InfLlavaConfig
 
-RELEASED_VISION_PREFIX = formats.RELEASED_VISION_PREFIX
-
 
 def _tensors(sd: Mapping[str, Any]):
     return {k: ArrayTensor(v) for k, v in sd.items()}

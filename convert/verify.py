@@ -19,8 +19,6 @@ import numpy as np
 from convert.formats import Source
 
 ASTRONAUT = Path(__file__).resolve().parent.parent / "infllava_jax" / "assets" / "astronaut.jpg"
-SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-          "helpful, detailed, and polite answers to the user's questions.")
 QUESTION = (
     "Describe this photograph in as much detail as you can. Start with the person: what they are wearing, "
     "the colours and markings on the suit, the patches on the chest and on the shoulders, what they hold in "
@@ -53,11 +51,9 @@ def prompt_ids(source: Source, n_tokens: int, tokenizer_dirs=()) -> np.ndarray:
         f = None if d is None else Path(d) / "tokenizer.json"
         if f is not None and f.is_file():
             from tokenizers import Tokenizer
+            from infllava_jax.data.template import IMAGE_TOKEN, build_prompt
             tok = Tokenizer.from_file(str(f))
-            text = (f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{SYSTEM}<|eot_id|>"
-                    f"<|start_header_id|>user<|end_header_id|>\n\n<image>\n{QUESTION}<|eot_id|>"
-                    f"<|start_header_id|>assistant<|end_header_id|>\n\n")
-            before, after = text.split("<image>")
+            before, after = build_prompt(QUESTION).split(IMAGE_TOKEN)
             ids = (tok.encode(before, add_special_tokens=False).ids + [img]
                    + tok.encode(after, add_special_tokens=False).ids)
             if max(ids) < vocab:

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax.traverse_util import flatten_dict
 
 from convert import engine, formats, importer
 from convert.__main__ import main as convert_main
@@ -48,7 +49,7 @@ def random_state(rows, abstract, seed: int, dtype=np.float32) -> dict[str, np.nd
     norms ~ U(0.5, 1.5), biases ~ N(0, 0.1), embeddings ~ N(0, 1), matrices ~ N(0, 1.5^2/fan_in)
     (peaked logits, nothing at its (1, 0) default)."""
     rng = np.random.default_rng(seed)
-    specs = engine.flatten(abstract)
+    specs = flatten_dict(abstract, sep="/")
     out = {}
     for r in rows:
         shape = r.torch_shape(specs[r.path].shape)

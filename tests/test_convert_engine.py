@@ -9,6 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from flax.traverse_util import unflatten_dict
 
 from convert import engine
 from convert.errors import ConversionError, MissingKeysError, ShapeMismatchError, UnexpectedKeysError
@@ -30,11 +31,11 @@ ROWS = [Row("emb/embedding", "emb.weight"),
 TORCH = {"emb.weight": (10, 4), "head.weight": (10, 4), "patch.weight": (5, 3, 2, 2),
          **{f"layers.{i}.fc.weight": (6, 4) for i in range(3)}, **{f"layers.{i}.norm.weight": (4,) for i in range(3)},
          **{f"blocks.{i}.fc.weight": (7, 6) for i in range(2)}}
-ABSTRACT = engine.unflatten({
+ABSTRACT = unflatten_dict({
     "emb/embedding": jax.ShapeDtypeStruct((10, 4), np.float32), "head/kernel": jax.ShapeDtypeStruct((4, 10), np.float32),
     "patch/kernel": jax.ShapeDtypeStruct((2, 2, 3, 5), np.float32),
     "layers/fc/kernel": jax.ShapeDtypeStruct((3, 4, 6), np.float32), "layers/norm/scale": jax.ShapeDtypeStruct((3, 4), np.float32),
-    "blocks_0/fc/kernel": jax.ShapeDtypeStruct((6, 7), np.float32), "blocks_1/fc/kernel": jax.ShapeDtypeStruct((6, 7), np.float32)})
+    "blocks_0/fc/kernel": jax.ShapeDtypeStruct((6, 7), np.float32), "blocks_1/fc/kernel": jax.ShapeDtypeStruct((6, 7), np.float32)}, sep="/")
 
 
 def state(dtype=np.float32):
@@ -53,7 +54,7 @@ def test_leaves_read_any_region_and_export_inverts():
         for _ in range(5):
             idx = tuple(slice(a, a + RNG.integers(1, n - a + 1)) for n in leaf.shape for a in [RNG.integers(0, n)])
             np.testing.assert_array_equal(leaf.read(idx), full[p][idx], err_msg=p)
-    back = engine.to_torch(ROWS, engine.unflatten(full))
+    back = engine.to_torch(ROWS, unflatten_dict(full, sep="/"))
     assert sorted(back) == sorted(sd)
     for k in sd:
         np.testing.assert_array_equal(back[k], sd[k], err_msg=k)

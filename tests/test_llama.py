@@ -14,9 +14,10 @@ import transformers
 from convert import engine
 from infllava_jax import llama
 from infllava_jax.generate import generate, generate_from_embeds, greedy_generate, top_p_filter
-from infllava_jax.layers import assert_all_partitioned, stack_layer_params, unstack_layer_params
+from infllava_jax.layers import stack_layer_params, unstack_layer_params
 from infllava_jax.llama import (Llama3RopeScaling, LlamaConfig, LlamaForCausalLM, init_cache,
                                 init_params, llama3_8b, rope_inv_freq)
+from tests.partitioning import assert_all_partitioned
 
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500000.0,

@@ -24,7 +24,7 @@ from convert.mapping import llava_hf_to_params, released_to_params
 from infllava_jax import presets, sharding
 from infllava_jax.api import CONFIG_FILE, InfLlava, abstract_params
 from infllava_jax.config import InfLlavaConfig
-from infllava_jax.dem import TORCH_KEYS
+from infllava_jax.dem import key_map as dem_key_map
 from infllava_jax.model import InfLlavaModel
 from infllava_jax.pixels import preprocess
 from tests.torch_llava_ref import IMAGE_TOKEN_INDEX as IMG, InfLlavaRef, randomize_
@@ -142,7 +142,7 @@ def test_reference_state_dict_has_the_released_key_layout():
     cfg = presets.tiny()
     ref, _ = reference(cfg)
     keys = set(ref.state_dict())
-    dem = {"model.spatial_embed." + k for _, k, _ in TORCH_KEYS}
+    dem = {"model.spatial_embed." + r.key for r in dem_key_map()}
     proj = {f"model.mm_projector.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")}
     vision = {k for k in keys if k.startswith("model.vision_tower.vision_tower.vision_model.")}
     llama = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} | {

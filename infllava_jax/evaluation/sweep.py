@@ -19,6 +19,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from infllava_jax import sharding as sharding_lib
 from infllava_jax.api import InfLlava
@@ -149,7 +150,7 @@ class Sweep:
         compile_before = self.gen.compile_seconds
         t0 = time.perf_counter()
         show = jax.process_index() == 0 and bool(self.cfg.progress)
-        bar = _bar(len(rows), f"{task.name} @ {res}", show)
+        bar = tqdm(total=len(rows), desc=f"{task.name} @ {res}", unit="ex", disable=not show)
         for brows, reqs, texts in _prefetch(self._requests(task, rows, size)):
             outs = self.gen.generate(config, reqs, max_new_tokens=n_new, sampling=self.sampling,
                                      image_size=size)
@@ -173,20 +174,6 @@ class Sweep:
             preds = {id_key(a["question_id"]): a["text"] for a in answers}
             rec["metrics"] = scorers.score(task.name, rows, preds, self.scorer_names.get(task.name))
         return rec
-
-
-def _bar(total, desc, show):
-    if show:
-        from tqdm import tqdm
-        return tqdm(total=total, desc=desc, unit="ex", leave=True)
-
-    class _Null:
-        def update(self, n):
-            pass
-
-        def close(self):
-            pass
-    return _Null()
 
 
 def write_judge_inputs(task: Task, rows, answers, stem: Path) -> None:
