@@ -53,7 +53,7 @@ log = logging.getLogger("infllava_jax")
 def model_config(cfg, vocab_size: int):
     """InfLlavaConfig from the init checkpoint or a preset, with the run's runtime settings."""
     from infllava_jax import presets
-    from infllava_jax.api import load_config
+    from infllava_jax.checkpoint import load_config
 
     if cfg.init_checkpoint:
         mc = load_config(cfg.init_checkpoint)
@@ -64,10 +64,7 @@ def model_config(cfg, vocab_size: int):
             kw["grid"] = kw["grid"] or None      # grid=0: the LLaVA-1.5 path
             kw["vocab_size"] = vocab_size
         mc = getattr(presets, preset)(**kw)
-    rt = dict(cfg.runtime)
-    mc = mc.replace(vision=mc.vision.replace(**rt), llm=mc.llm.replace(**rt))
-    if mc.dem is not None:
-        mc = mc.replace(dem=dataclasses.replace(mc.dem, dtype=rt["dtype"], attention_impl=rt["attention_impl"]))
+    mc = mc.with_runtime(**cfg.runtime)
     if vocab_size > mc.llm.vocab_size:
         raise ValueError(f"tokenizer has {vocab_size} tokens but the model's vocabulary is {mc.llm.vocab_size}")
     return mc
@@ -85,7 +82,7 @@ def data_config(cfg, mc, workdir: Path, per_process_batch: int):
         path = str(root / ("train_caption.json" if cfg.stage == "stage1" else "train_vqa.json"))
         folder = str(root)
     return DataConfig.for_model(mc, path, folder, stage=int(cfg.stage[-1]), max_len=d.max_len,
-                                buckets=tuple(d.get("buckets", ())) or None,
+                                buckets=tuple(d.buckets) or None,
                                 batch_size=per_process_batch, seed=cfg.seed, num_threads=d.num_threads)
 
 
@@ -175,9 +172,7 @@ def train(cfg, workdir, dog=None) -> dict:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
     # -- mesh, model, data ---------------------------------------------------------------------
-    mesh_shape = dict(cfg.mesh)
-    rest = jax.device_count() // int(np.prod([v for v in mesh_shape.values() if v > 0]))
-    mesh = sharding.make_mesh({k: (rest if v == -1 else v) for k, v in mesh_shape.items()})
+    mesh = sharding.make_mesh(dict(cfg.mesh))
     tok = load_tokenizer(cfg.tokenizer or None)
     mc = model_config(cfg, len(tok))
     accum = cfg.global_batch // (cfg.micro_batch * jax.process_count())
@@ -212,9 +207,9 @@ def train(cfg, workdir, dog=None) -> dict:
     else:
         params = api.init_params(mc, cfg.seed, mesh)
         log.info("initial weights: random (seed %d)", cfg.seed)
-    stage = "+".join(filter(None, [cfg.stage, cfg.get("also_train", "")]))   # what trains
-    _, state_sh = partition.state_shardings(mc, stage, tx, mesh)
-    state = jax.jit(lambda p: step_lib.init_state(p, stage, tx), out_shardings=state_sh)(params)
+    parts = step_lib.trainable_parts(cfg.stage, cfg.also_train)
+    _, state_sh = partition.state_shardings(mc, parts, tx, mesh)
+    state = jax.jit(lambda p: step_lib.init_state(p, parts, tx), out_shardings=state_sh)(params)
     del params
     ckpts = TrainCheckpoints(workdir, keep=cfg.keep_checkpoints)
     start = ckpts.latest_step() or 0
@@ -262,7 +257,7 @@ def train(cfg, workdir, dog=None) -> dict:
                 t_last, tokens_since, flops_since = time.perf_counter(), 0, 0.0
             else:
                 tokens_since += A * b * seq
-                flops_since += flops.train_step_flops(mc, A * b, seq, stage)
+                flops_since += flops.train_step_flops(mc, A * b, seq, parts)
             if bool(m["skipped"]):
                 skipped += 1
                 log.warning("step %d: skipped, not trained on (supervised tokens %d, loss %s)",
@@ -280,7 +275,7 @@ def train(cfg, workdir, dog=None) -> dict:
                 t_last, tokens_since, flops_since = time.perf_counter(), 0, 0.0
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.total_steps:
                 ckpts.save(step + 1, state, data_it)
-            if cfg.get("eval_every", 0) and (step + 1) % cfg.eval_every == 0:
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 periodic_eval(cfg, step + 1, mc, {**state["frozen"], **state["params"]}, tok, mesh, workdir, writer)
                 t_last, tokens_since, flops_since = time.perf_counter(), 0, 0.0
     watch(_COMPILE_TIMEOUT, "the last checkpoint and the export")

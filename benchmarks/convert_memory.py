@@ -65,7 +65,7 @@ class Synthetic(Tensor):
 
 def released_8b_tensors() -> dict[str, Tensor]:
     config = presets.inf_llava_8b()
-    specs = flatten_dict(abstract_params(config)[0], sep="/")
+    specs = flatten_dict(abstract_params(config), sep="/")
     out = {}
     for r in formats.released_rows(config):
         for key in r.keys():

@@ -101,7 +101,7 @@ def timed(fn, n):
 def run(name, cfg, B, L, steps):
     params = api.init_params(cfg, seed=0)
     tx, schedule = step_lib.make_optimizer(1e-5, 100, max_grad_norm=None)
-    state = step_lib.init_state(params, "stage2", tx)
+    state = step_lib.init_state(params, step_lib.trainable_parts("stage2"), tx)
     b = batch(cfg, B, L)
     jb = jax.tree.map(lambda x: jnp.asarray(x)[None], b)        # one accumulation step
     step = jax.jit(step_lib.make_train_step(cfg, tx, schedule, loss_chunk=256))
@@ -117,7 +117,7 @@ def run(name, cfg, B, L, steps):
     t_ours = timed(ours, steps)
     t_torch = timed(lambda: torch_ref_step(b), steps) if (torch_ref_step := torch_reference(cfg, params)) else None
     seq = L + cfg.tokens_per_image - 1
-    analytic = flops.train_step_flops(cfg, B, seq, "stage2")
+    analytic = flops.train_step_flops(cfg, B, seq, step_lib.trainable_parts("stage2"))
     return {"config": name, "batch": B, "seq_len": seq, "step_s": t_ours, "tokens_per_s": B * seq / t_ours,
             "torch_step_s": t_torch, "speedup_vs_torch": t_torch / t_ours,
             "flops_xla": float(cost.get("flops", 0.0)), "flops_analytic": analytic}

@@ -43,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     stage = a["stage"]
     c = tiny.get_config(f"stage={stage},grid={grid},steps={a['steps'] or STEPS[stage]}")
     c.model.views = views
-    c.also_train = "vision_tower+language_model" if stage == 1 else "vision_tower"
+    c.also_train = ("vision_tower", "language_model") if stage == 1 else ("vision_tower",)
     c.optimizer.lr = LR[stage]
     c.global_batch = c.micro_batch = BATCH
     c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}   # all 8 devices data-parallel: faster than fsdp at this size

@@ -7,7 +7,7 @@ right, every key used or explicitly ignored) before anything is read, and return
 per parameter. A Leaf reads any region of our parameter from the torch tensors behind it:
 the layers of a scanned stack are filled one by one into a preallocated buffer of the region,
 transposes and the dtype cast happen in that single copy. The plan is then
-    - written to disk without ever holding the model (`infllava_jax.api.save_checkpoint`
+    - written to disk without ever holding the model (`infllava_jax.checkpoint.save_checkpoint`
       streams `StreamedArray` leaves chunk by chunk),
     - or placed on devices (`to_jax`: each shard reads only its own slice),
     - or materialised as numpy (`to_numpy`, small models and tests).
@@ -24,7 +24,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from convert.errors import MissingKeysError, ShapeMismatchError, UnexpectedKeysError, listing
 from convert.sources import ArrayTensor, Tensor, ranges
-from infllava_jax.api import StreamedArray
+from infllava_jax.checkpoint import StreamedArray
 from infllava_jax.keymap import Row
 
 

@@ -25,8 +25,9 @@ from convert import engine, formats
 from convert.errors import ConversionError
 from convert.importer import progress_bar
 from convert.sources import Tensor, ranges
-from convert.writers import DEFAULT_SHARD_BYTES, atomic_directory, write_safetensors
-from infllava_jax.api import PARAMS_DIR, abstract_params, load_config
+from convert.writers import DEFAULT_SHARD_BYTES, write_safetensors
+from infllava_jax.api import abstract_params
+from infllava_jax.checkpoint import PARAMS_DIR, atomic_directory, load_config
 from infllava_jax.config import InfLlavaConfig
 from infllava_jax.vision import CLIPVisionConfig
 
@@ -57,7 +58,7 @@ def open_checkpoint(path) -> tuple[InfLlavaConfig, dict[str, CheckpointTensor]]:
     config = load_config(path)
     params_dir = Path(path).absolute() / PARAMS_DIR
     meta = json.loads((params_dir / "_METADATA").read_text())
-    want = flatten_dict(abstract_params(config)[0], sep="/")
+    want = flatten_dict(abstract_params(config), sep="/")
     saved = flatten_dict(dict(ocp.StandardCheckpointer().metadata(params_dir).item_metadata), sep="/")
     if set(saved) != set(want):
         raise ConversionError(f"{params_dir}: parameters do not match config.json: missing "

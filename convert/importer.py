@@ -11,7 +11,8 @@ from tqdm import tqdm
 from convert import engine, formats
 from convert.errors import ConversionError
 from convert.formats import Source
-from infllava_jax.api import InfLlava, abstract_params, param_shardings, save_checkpoint
+from infllava_jax.api import InfLlava, abstract_params, param_shardings
+from infllava_jax.checkpoint import save_checkpoint
 
 
 def progress_bar(total: int, desc: str, enabled: bool = True) -> tqdm:
@@ -22,7 +23,7 @@ def progress_bar(total: int, desc: str, enabled: bool = True) -> tqdm:
 
 def plan(source: Source) -> dict[str, engine.Leaf]:
     """Check everything (keys, shapes, coverage) before any tensor is read."""
-    return engine.import_plan(source.rows, source.tensors, abstract_params(source.config)[0],
+    return engine.import_plan(source.rows, source.tensors, abstract_params(source.config),
                               ignore=source.ignore, what=f"{source.kind} checkpoint")
 
 

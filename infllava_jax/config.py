@@ -15,6 +15,7 @@ from infllava_jax.llama import LlamaConfig
 from infllava_jax.vision import CLIPVisionConfig
 
 FORMAT_VERSION = 1
+RUNTIME_FIELDS = {"dtype", "remat_policy", "scan_layers", "attention_impl"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,20 @@ class InfLlavaConfig:
 
     def replace(self, **kw) -> "InfLlavaConfig":
         return dataclasses.replace(self, **kw)
+
+    def with_runtime(self, **runtime) -> "InfLlavaConfig":
+        """The same model with other runtime settings (dtype, remat_policy, scan_layers,
+        attention_impl; None = unchanged), applied to every part that has the field."""
+        runtime = {k: v for k, v in runtime.items() if v is not None}
+        unknown = set(runtime) - RUNTIME_FIELDS
+        if unknown:
+            raise ValueError(f"runtime settings {sorted(unknown)}; expected some of {sorted(RUNTIME_FIELDS)}")
+
+        def apply(part):
+            names = {f.name for f in dataclasses.fields(part)}
+            return dataclasses.replace(part, **{k: v for k, v in runtime.items() if k in names})
+        return self.replace(vision=apply(self.vision), llm=apply(self.llm),
+                            dem=None if self.dem is None else apply(self.dem))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

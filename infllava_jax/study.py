@@ -63,7 +63,7 @@ def run_row(row: str, a, out: Path, data: Path) -> dict:
         if stage == 2:
             cfg.init_checkpoint = str(rdir / "stage1" / "final")
         log.info("%s: stage %d, %d steps of %d on %s (trains %s)", row, stage, cfg.total_steps,
-                 cfg.global_batch, records, "+".join([cfg.stage, cfg.also_train]))
+                 cfg.global_batch, records, "+".join([cfg.stage, *cfg.also_train]))
         stages[stage] = train_lib.train(cfg, rdir / f"stage{stage}")
         if stage == 1:   # what the captions taught: the facts the model names (caption_probe.py)
             m = InfLlava.from_pretrained(rdir / "stage1" / "final")

@@ -15,7 +15,7 @@ from convert import engine
 from convert.errors import ConversionError, MissingKeysError, ShapeMismatchError, UnexpectedKeysError
 from convert.sources import ArrayTensor, GrownRows, InitTensor, open_safetensors, open_torch_pickle, open_weights
 from convert.writers import write_safetensors
-from infllava_jax import api, presets
+from infllava_jax import checkpoint, presets
 from infllava_jax.keymap import Row, stack
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -169,7 +169,7 @@ def test_virtual_tensors():
     assert (InitTensor("n", (4,), "ones").read() == 1).all() and (InitTensor("n", (4,), "zeros").read() == 0).all()
 
 
-class Counting(api.StreamedArray):
+class Counting(checkpoint.StreamedArray):
     def __init__(self, value, chunk_axis=0):
         self.value, self.shape, self.dtype, self.chunk_axis, self.reads = value, value.shape, value.dtype, chunk_axis, []
 
@@ -179,19 +179,19 @@ class Counting(api.StreamedArray):
 
 
 def test_streamed_save_writes_piece_by_piece(tmp_path, monkeypatch):
-    monkeypatch.setattr(api, "STREAM_CHUNK_BYTES", 64 << 10)
-    monkeypatch.setattr(api, "STREAM_INFLIGHT_BYTES", 128 << 10)
+    monkeypatch.setattr(checkpoint, "STREAM_CHUNK_BYTES", 64 << 10)
+    monkeypatch.setattr(checkpoint, "STREAM_INFLIGHT_BYTES", 128 << 10)
     big = Counting(RNG.standard_normal((10, 64, 100)).astype(np.float32))   # 256 KB -> ten 25.6 KB layers
     wide = Counting(RNG.standard_normal((8, 6000)).astype(BF16), chunk_axis=1)   # 96 KB, streamed along axis 1
     tree = {"big": big, "wide": wide, "small": np.arange(5, dtype=np.int32)}
     done = []
-    api.save_checkpoint(tmp_path / "ckpt", presets.tiny(), tree, progress=done.append)
+    checkpoint.save_checkpoint(tmp_path / "ckpt", presets.tiny(), tree, progress=done.append)
     assert [r[0] for r in big.reads] == [slice(i, i + 2) for i in range(0, 10, 2)]   # 64 KB / 25.6 KB per layer
     assert [r[1] for r in wide.reads] == [slice(0, 4096), slice(4096, 6000)]       # 64 KB / 16 B per column
     assert sum(done) == big.value.nbytes + wide.value.nbytes
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), {"big": big.value, "wide": wide.value,
                                                                               "small": tree["small"]})
-    out = api.restore_params(tmp_path / "ckpt" / api.PARAMS_DIR, target)
+    out = checkpoint.restore_params(tmp_path / "ckpt" / checkpoint.PARAMS_DIR, target)
     np.testing.assert_array_equal(np.asarray(out["big"]), big.value)
     np.testing.assert_array_equal(np.asarray(out["wide"]).view(np.uint16), wide.value.view(np.uint16))
     np.testing.assert_array_equal(np.asarray(out["small"]), tree["small"])

@@ -325,7 +325,7 @@ def test_scan_equals_unscanned_and_remat_equals_none():
     out_u = jit_forward(cfg_u)(p_u, ids, mask)
     np.testing.assert_allclose(np.asarray(out_u), np.asarray(ref), rtol=0, atol=1e-5)
     # unscanned init has the unscanned layout and stacks back to the scanned shapes
-    init_u = jax.eval_shape(lambda: init_params(cfg_u, jax.random.key(0)))["params"]
+    init_u = jax.eval_shape(lambda: init_params(cfg_u, jax.random.key(0)))
     assert jax.tree.map(jnp.shape, jax.eval_shape(stack_layer_params, init_u)) == jax.tree.map(jnp.shape, params)
 
     w = jax.random.normal(jax.random.key(1), ref.shape)
@@ -347,10 +347,10 @@ def test_scan_equals_unscanned_and_remat_equals_none():
 
 def test_logical_names_complete():
     for cfg in (VARIANTS["default"], VARIANTS["tied"], VARIANTS["default"].replace(scan_layers=False)):
-        boxed = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), unbox=False))["params"]
+        boxed = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), boxed=True))
         assert_all_partitioned(boxed)
     spec = nn.get_partition_spec(jax.eval_shape(
-        lambda: init_params(VARIANTS["default"], jax.random.key(0), unbox=False)))["params"]
+        lambda: init_params(VARIANTS["default"], jax.random.key(0), boxed=True)))
     layer = spec["model"]["layers"]
     assert tuple(layer["self_attn"]["q_proj"]["kernel"]) == ("layers", "embed", "heads")
     assert tuple(layer["self_attn"]["k_proj"]["kernel"]) == ("layers", "embed", "kv_heads")
@@ -373,7 +373,7 @@ def test_llama3_8b_param_count_matches_hf():
     # and every HF tensor has a JAX counterpart of the same (transposed) shape
     cfg_u = cfg.replace(scan_layers=False)
     flat = {"/".join(k.key for k in path): x.shape for path, x in jax.tree_util.tree_flatten_with_path(
-        jax.eval_shape(lambda: init_params(cfg_u, jax.random.key(0)))["params"])[0]}
+        jax.eval_shape(lambda: init_params(cfg_u, jax.random.key(0))))[0]}
     assert len(flat) == len(dict(hf.named_parameters()))
 
 

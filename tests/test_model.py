@@ -22,7 +22,8 @@ from torch import nn
 
 from convert.mapping import llava_hf_to_params, released_to_params
 from infllava_jax import presets, sharding
-from infllava_jax.api import CONFIG_FILE, InfLlava, abstract_params
+from infllava_jax.api import InfLlava, abstract_params
+from infllava_jax.checkpoint import CONFIG_FILE
 from infllava_jax.config import InfLlavaConfig
 from infllava_jax.dem import key_map as dem_key_map
 from infllava_jax.model import InfLlavaModel
@@ -419,7 +420,7 @@ def _count(tree) -> int:
 def test_full_size_parameter_count_matches_torch_meta_models():
     """presets.inf_llava_8b, shapes only: each component's parameter count equals that of the
     PyTorch modules the released checkpoint holds (built on the meta device, sizes from SPEC 1)."""
-    abstract, _ = abstract_params(presets.inf_llava_8b())
+    abstract = abstract_params(presets.inf_llava_8b())
     with torch.device("meta"):
         clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
             hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,

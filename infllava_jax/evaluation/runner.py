@@ -124,7 +124,7 @@ class Generator:
                  stop_ids: Sequence[int] = (), length_buckets=LENGTH_BUCKETS,
                  image_buckets=IMAGE_BUCKETS):
         self.params = params
-        self.mesh = mesh if mesh is not None else sharding_lib.make_mesh({"data": jax.device_count()})
+        self.mesh = mesh if mesh is not None else sharding_lib.make_mesh("data=-1")
         self.dp = int(self.mesh.shape["data"] * self.mesh.shape["fsdp"])
         self.batch_size = int(-(-max(1, batch_size) // self.dp) * self.dp)
         self.pad_id, self.stop_ids = int(pad_id), tuple(int(s) for s in stop_ids)

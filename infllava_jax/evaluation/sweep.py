@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
-import numpy as np
 from tqdm import tqdm
 
 from infllava_jax import sharding as sharding_lib
@@ -31,24 +30,6 @@ from infllava_jax.evaluation.tasks import Task, get_task
 from infllava_jax.pixels import preprocess
 
 
-def parse_mesh(spec: str) -> dict:
-    """"data=2,fsdp=4" (or "data:2+fsdp:4", for lmms-eval's model_args) -> {"data": 2, "fsdp": 4};
-    "" -> every device on `data`."""
-    if not spec:
-        return {"data": jax.device_count()}
-    out = {}
-    for part in spec.replace("+", ",").split(","):
-        k, _, v = part.replace(":", "=").partition("=")
-        out[k.strip()] = int(v)
-    return out
-
-
-def make_mesh(spec: str):
-    """The mesh of `parse_mesh(spec)` over the first devices it needs (all by default)."""
-    shape = parse_mesh(spec)
-    return sharding_lib.make_mesh(shape, jax.devices()[:int(np.prod(list(shape.values())))])
-
-
 def parse_scorers(spec: str) -> dict:
     """"pope=llava,docvqa=lmms_eval_2024_07" -> {task: scorer}."""
     out = {}
@@ -56,19 +37,6 @@ def parse_scorers(spec: str) -> dict:
         k, _, v = part.partition("=")
         out[get_task(k).name] = v
     return out
-
-
-def _with_dtype(config, dtype: str):
-    if not dtype:
-        return config
-    c = config.replace(llm=config.llm.replace(dtype=dtype))
-    c = c.replace(vision=_replace(c.vision, dtype=dtype))
-    return c if c.dem is None else c.replace(dem=_replace(c.dem, dtype=dtype))
-
-
-def _replace(dc, **kw):
-    import dataclasses
-    return dataclasses.replace(dc, **kw)
 
 
 def _prefetch(it, depth: int = 2):
@@ -99,9 +67,9 @@ class Sweep:
 
     def __init__(self, cfg, ckpt: str, *, model: InfLlava | None = None, tokenizer=None, log=print):
         self.cfg, self.ckpt, self.log = cfg, str(ckpt), log
-        self.mesh = make_mesh(cfg.mesh)
+        self.mesh = sharding_lib.make_mesh(cfg.mesh or "data=-1")   # default: data parallel
         self.model = model or InfLlava.from_pretrained(ckpt, mesh=self.mesh)
-        self.config = _with_dtype(self.model.config, cfg.dtype)
+        self.config = self.model.config.with_runtime(dtype=cfg.dtype or None)
         self.tok = tokenizer or prompting.get_tokenizer(cfg.tokenizer, ckpt, self.config.llm.vocab_size)
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else self.tok.pad_token_id
         self.gen = Generator(self.model.params, self.mesh, batch_size=cfg.batch_size, pad_id=pad or 0,
