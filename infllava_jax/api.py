@@ -19,7 +19,7 @@ import numpy as np
 from infllava_jax import sharding as sharding_lib
 from infllava_jax.checkpoint import PARAMS_DIR, load_config, load_part, restore_params, save_checkpoint
 from infllava_jax.config import InfLlavaConfig
-from infllava_jax.generate import LLAMA3_STOP_IDS, generate_core
+from infllava_jax.generate import LLAMA3_STOP_IDS, generate
 from infllava_jax.model import InfLlavaModel
 
 
@@ -78,15 +78,6 @@ def _forward(config, params, input_ids, pixel_values, attention_mask):
     return InfLlavaModel(config).apply({"params": params}, input_ids, pixel_values, attention_mask)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"))
-def _generate(config, params, input_ids, pixel_values, attention_mask, stop_ids, *, max_new_tokens):
-    x = InfLlavaModel(config).apply({"params": params}, input_ids, pixel_values, attention_mask,
-                                    method=InfLlavaModel.embed_inputs)
-    return generate_core(config.llm, params["language_model"], x["inputs_embeds"], x["attention_mask"],
-                         max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                         pad_id=config.pad_token_id or 0)
-
-
 def _to_channels_last(pixel_values) -> jax.Array:
     """(B, 3, H, W) or (B, K, 3, H, W) numpy, as PyTorch code passes it -> channels-last."""
     x = np.asarray(pixel_values, np.float32)
@@ -124,8 +115,9 @@ class InfLlava:
         (stop token included)."""
         ids = jnp.asarray(input_ids, jnp.int32)
         mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-        tokens, lengths = _generate(self.config, self.params, ids, _to_channels_last(pixel_values), mask,
-                                    jnp.asarray(stop_ids, jnp.int32), max_new_tokens=max_new_tokens)
+        tokens, lengths = generate(self.config, self.params, ids, _to_channels_last(pixel_values), mask,
+                                   jnp.asarray(stop_ids, jnp.int32), max_new_tokens=max_new_tokens,
+                                   pad_id=self.config.pad_token_id or 0)
         tokens, lengths = np.asarray(tokens), np.asarray(lengths)
         return [t[:n] for t, n in zip(tokens, lengths)]
 

@@ -13,7 +13,7 @@ import transformers
 
 from convert import engine
 from infllava_jax import llama
-from infllava_jax.generate import generate, generate_from_embeds, greedy_generate, top_p_filter
+from infllava_jax.generate import generate_core, top_p_filter
 from infllava_jax.layers import stack_layer_params, unstack_layer_params
 from infllava_jax.llama import (Llama3RopeScaling, LlamaConfig, LlamaForCausalLM, init_cache,
                                 init_params, llama3_8b, rope_inv_freq)
@@ -225,6 +225,33 @@ def test_cache_pad_slots_never_attended():
 
 
 # ----------------------------------------------------------------------------- generation
+# The decode loop of the one generation program (generate.generate_core) on the text model alone.
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "pad_id", "do_sample"))
+def _decode(cfg, params, ids, embeds, mask, stop, rng, temperature, top_p, *, max_new_tokens, pad_id, do_sample):
+    if embeds is None:
+        embeds = LlamaForCausalLM(cfg).apply({"params": params}, ids, method=LlamaForCausalLM.embed)
+    return generate_core(cfg, params, embeds, mask, max_new_tokens=max_new_tokens, stop_ids=stop, pad_id=pad_id,
+                         do_sample=do_sample, rng=rng, temperature=temperature, top_p=top_p)
+
+
+def generate(cfg, params, ids, mask=None, *, max_new_tokens, stop_ids, pad_id=0, rng=None, temperature=0.0,
+             top_p=1.0, embeds=None):
+    """Greedy unless rng is given and temperature > 0; from ids, or from prompt embeddings."""
+    do_sample = rng is not None and temperature > 0
+    x = ids if embeds is None else embeds
+    mask = jnp.ones(x.shape[:2], jnp.int32) if mask is None else jnp.asarray(mask)
+    return _decode(cfg, params, ids, embeds, mask, jnp.asarray(stop_ids, jnp.int32).reshape(-1),
+                   rng if do_sample else None, jnp.float32(temperature if do_sample else 1.0), jnp.float32(top_p),
+                   max_new_tokens=max_new_tokens, pad_id=pad_id, do_sample=do_sample)
+
+
+greedy_generate = generate
+
+
+def generate_from_embeds(cfg, params, embeds, mask, **kw):
+    return generate(cfg, params, None, mask, embeds=embeds, **kw)
+
 
 def _left_pad(rows, L):
     ids = np.full((len(rows), L), PAD, np.int64)
