@@ -59,14 +59,10 @@ def batch(cfg, B, L, seed=0):
 def torch_reference(cfg, params):
     from convert import engine, formats
     tensors = engine.to_torch(formats.released_rows(cfg), jax.device_get(params))   # released key names
-    d = cfg.dem
-    ref = InfLlavaTorch(cfg.vision.to_hf(), cfg.llm.to_hf(),
-                        dict(num_heads=d.num_heads, head_dim=d.head_dim, ffn_hidden=d.ffn_hidden,
-                             ffn_out=d.ffn_out, nH=d.nH, nW=d.nW, variant=d.variant))
-    ref.load_released(tensors).train()
-    for p in ref.vision.parameters():
+    ref = InfLlavaTorch.from_config(cfg).load_released(tensors).train()
+    for p in ref.model.vision_tower.parameters():
         p.requires_grad_(False)
-    trainable = [p for n, p in ref.named_parameters() if not n.startswith("vision.")]
+    trainable = [p for n, p in ref.named_parameters() if not n.startswith("model.vision_tower.")]
     opt = torch.optim.AdamW(trainable, lr=1e-5, weight_decay=0.0)
     T = cfg.tokens_per_image
 
@@ -74,7 +70,7 @@ def torch_reference(cfg, params):
         ids = torch.from_numpy(b["input_ids"]).long()
         px = torch.from_numpy(np.moveaxis(b["pixel_values"], -1, 1).copy())
         img = ref.encode_images(px)                                   # (B, T, D)
-        emb = ref.llm.model.embed_tokens
+        emb = ref.model.embed_tokens
         i = int((ids[0] == IMAGE_TOKEN_INDEX).nonzero()[0])
         x = torch.cat([emb(ids[:, :i]), img, emb(ids[:, i + 1:])], dim=1)
         lab = torch.from_numpy(b["labels"]).long()

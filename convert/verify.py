@@ -92,13 +92,8 @@ def torch_logits(source: Source, ids: np.ndarray, px: np.ndarray) -> np.ndarray:
             out = model(input_ids=torch.from_numpy(hf_ids), pixel_values=torch.from_numpy(px)).logits.float().numpy()
     else:
         from convert.torch_reference import InfLlavaTorch
-        dem = None if c.dem is None else {k: getattr(c.dem, k) for k in
-                                          ("num_heads", "head_dim", "ffn_hidden", "ffn_out", "nH", "nW", "variant", "ln_eps")}
-        model = InfLlavaTorch(c.vision.to_hf(), c.llm.to_hf(), dem, c.select_layer,
-                              (c.vision.param_dtype, c.llm.param_dtype,
-                               c.dem.param_dtype if c.dem else c.llm.param_dtype))
-        model.load_released(source.tensors)
-        out = model(torch.from_numpy(ids), torch.from_numpy(px), c.image_token_index).numpy()
+        model = InfLlavaTorch.from_config(c).load_released(source.tensors)
+        out = model(torch.from_numpy(ids), torch.from_numpy(px))[0].numpy()
     del model
     gc.collect()
     return out[0]

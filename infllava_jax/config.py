@@ -12,6 +12,7 @@ from typing import Any
 
 from infllava_jax.dem import DEMConfig
 from infllava_jax.llama import LlamaConfig
+from infllava_jax.splice import IMAGE_TOKEN_INDEX
 from infllava_jax.vision import CLIPVisionConfig
 
 FORMAT_VERSION = 1
@@ -24,7 +25,7 @@ class InfLlavaConfig:
     llm: LlamaConfig
     dem: DEMConfig | None = None        # None: LLaVA-1.5 (no DCM/DEM)
     select_layer: int = -2              # feature = hidden_states[-2] without CLS (SPEC 1)
-    image_token_index: int = -200
+    image_token_index: int = IMAGE_TOKEN_INDEX
     pad_token_id: int | None = None
 
     @property

@@ -1,4 +1,4 @@
-"""The whole model: InfLlava vs the PyTorch reference of the released forward (tests/torch_llava_ref.py),
+"""The whole model: InfLlava vs the PyTorch reference of the released forward (convert/torch_reference.py),
 LLaVA-1.5 vs transformers' LlavaForConditionalGeneration, fast == full path, multi-image splice,
 paper variant, checkpoint round trips (also onto a mesh), and full-size parameter counts.
 
@@ -21,6 +21,7 @@ import transformers
 from torch import nn
 
 from convert.mapping import llava_hf_to_params, released_to_params
+from convert.torch_reference import InfLlavaTorch, randomize_
 from infllava_jax import presets, sharding
 from infllava_jax.api import InfLlava, abstract_params
 from infllava_jax.checkpoint import CONFIG_FILE
@@ -28,7 +29,7 @@ from infllava_jax.config import InfLlavaConfig
 from infllava_jax.dem import key_map as dem_key_map
 from infllava_jax.model import InfLlavaModel
 from infllava_jax.pixels import preprocess
-from tests.torch_llava_ref import IMAGE_TOKEN_INDEX as IMG, InfLlavaRef, randomize_
+from infllava_jax.splice import IMAGE_TOKEN_INDEX as IMG
 from tests.torch_ref import SpatialEmbed
 
 REL_TOL, KL_TOL = 1e-4, 1e-6
@@ -46,10 +47,7 @@ def hf_configs(cfg: InfLlavaConfig, attn: str = "eager"):
 @functools.lru_cache(maxsize=None)
 def reference(cfg: InfLlavaConfig, seed: int = 0):
     """(torch reference with random weights, our params converted from its released state dict)."""
-    d = cfg.dem
-    ref = InfLlavaRef(*hf_configs(cfg), grid=(d.nH, d.nW), variant=d.variant, dem_heads=d.num_heads,
-                      dem_head_dim=d.head_dim, dem_ffn_hidden=d.ffn_hidden)
-    randomize_(ref, seed)
+    ref = randomize_(InfLlavaTorch.from_config(cfg, device="cpu"), seed)
     return ref, released_to_params(ref.released_state_dict(), cfg)
 
 
