@@ -336,6 +336,26 @@ class Watchdog:
                 _exit(self.exit_code)
 
 
+class Deadlines:
+    """A training run's bounded waits (multi-process): `arm(what)` gives the next stretch of work
+    `step_s` seconds (a step, a checkpoint save, an evaluation), `arm(what, compiling=True)`
+    `compile_s` (start-up, a step that compiles); past it a Watchdog ends the process."""
+
+    def __init__(self, step_s: float, compile_s: float):
+        self.step_s, self.compile_s, self.dog = step_s, compile_s, Watchdog()
+
+    def arm(self, what: str, compiling: bool = False) -> None:
+        import jax
+        s = self.compile_s if compiling else self.step_s
+        self.dog.arm(s, f"process {jax.process_index()} of {jax.process_count()}: {what} made no progress in "
+                        f"{s} s. A collective is probably waiting for a process that hangs, was stopped or lost "
+                        "its network: see the other processes' logs (raise --step_timeout/--compile_timeout for "
+                        "slow steps)")
+
+    def disarm(self) -> None:
+        self.dog.disarm()
+
+
 def main(argv=None) -> int:
     """Dry run: print the resolved settings of this process as JSON (no start-up)."""
     import argparse

@@ -14,19 +14,17 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
-from pathlib import Path
 
 GiB = 2 ** 30
 TARGETS = {"H100": 989e12, "TPU v5p": 459e12}
 
 
 def load_config(spec: str):
-    from ml_collections import config_flags  # noqa: F401  (config files import ml_collections)
+    """`configs/<name>.py[:args]` -> its ConfigDict (the config files import `configs`: run from
+    the repository root or with the package installed)."""
     import importlib.util
     path, _, arg = spec.partition(":")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     mod_spec = importlib.util.spec_from_file_location("plan_config", path)
     mod = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(mod)
@@ -39,7 +37,7 @@ def plan(cfg, mesh_shape: dict[str, int], micro_batch_per_device: int, mfu: floa
 
     from infllava_jax import sharding
     from infllava_jax.training import flops, partition, step as step_lib
-    from train import model_config
+    from infllava_jax.training.loop import model_config
 
     mesh = sharding.make_mesh(mesh_shape)
     n_dev = mesh.devices.size

@@ -6,7 +6,7 @@ On a fake 8-device mesh (XLA_FLAGS=--xla_force_host_platform_device_count=8, set
   1. data: the synthetic high-resolution VQA set (infllava_jax/data/synthetic.py) in OUT/data;
   2. for every row of configs/study.py (plain 84 px, local crops only, strided crops only,
      DCM + DEM at 672 and 1008): stage 1 on the captions, stage 2 on the VQA records
-     (train.py's loop, in this process), then the `hires_synth` eval task on test.jsonl at the
+     (training/loop.py, in this process), then the `hires_synth` eval task on test.jsonl at the
      row's resolution (eval.py's sweep, exact match per question type). After stage 1 a
      caption probe (evaluation/caption_probe.py) measures which facts of the test scenes each
      model names: what the captions taught, before any question is asked;
@@ -41,7 +41,7 @@ def _recipe(row: str, a) -> dict:
 
 def run_row(row: str, a, out: Path, data: Path) -> dict:
     """Stage 1 -> stage 2 -> eval of one row; returns its result (also OUT/runs/<row>/result.json)."""
-    import train as train_lib   # the repository's train.py (run from the repository root)
+    from infllava_jax.training.loop import train
     from configs import eval as eval_cfg
     from configs import study as study_cfg
     from infllava_jax import InfLlava
@@ -64,7 +64,7 @@ def run_row(row: str, a, out: Path, data: Path) -> dict:
             cfg.init_checkpoint = str(rdir / "stage1" / "final")
         log.info("%s: stage %d, %d steps of %d on %s (trains %s)", row, stage, cfg.total_steps,
                  cfg.global_batch, records, "+".join([cfg.stage, *cfg.also_train]))
-        stages[stage] = train_lib.train(cfg, rdir / f"stage{stage}")
+        stages[stage] = train(cfg, rdir / f"stage{stage}")
         if stage == 1:   # what the captions taught: the facts the model names (caption_probe.py)
             m = InfLlava.from_pretrained(rdir / "stage1" / "final")
             probe = caption_probe.probe(m.config, m.params, load_tokenizer(None), data, a.n_test)
