@@ -28,10 +28,11 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from flax.traverse_util import flatten_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from convert import engine, formats  # noqa: E402
+from convert import formats  # noqa: E402
 from convert.sources import Tensor, open_weights  # noqa: E402
 from convert.writers import write_safetensors  # noqa: E402
 from infllava_jax import presets  # noqa: E402
@@ -64,7 +65,7 @@ class Synthetic(Tensor):
 
 def released_8b_tensors() -> dict[str, Tensor]:
     config = presets.inf_llava_8b()
-    specs = engine.flatten(abstract_params(config)[0])
+    specs = flatten_dict(abstract_params(config), sep="/")
     out = {}
     for r in formats.released_rows(config):
         for key in r.keys():

@@ -15,6 +15,7 @@ Last line: JSON.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +52,7 @@ def bench_generation(batch: int, prompt: int, new: int, repeats: int) -> dict:
     import torch
     import transformers
 
-    from infllava_jax import generate as gen_lib
+    from infllava_jax.generate import generate_core
     from infllava_jax import presets
     from infllava_jax import llama
     from infllava_jax.llama import LlamaForCausalLM
@@ -78,8 +80,13 @@ def bench_generation(batch: int, prompt: int, new: int, repeats: int) -> dict:
     jax.block_until_ready(fwd(params, ids))
     ours_prefill = _best(lambda: jax.block_until_ready(fwd(params, ids)), repeats)
 
+    @functools.partial(jax.jit, static_argnums=1)
+    def decode_ids(p, n):   # the program's decode loop on the text embeddings of `ids`
+        emb = LlamaForCausalLM(cfg).apply({"params": p}, ids, method=LlamaForCausalLM.embed)
+        return generate_core(cfg, p, emb, jnp.ones(ids.shape, jnp.int32), max_new_tokens=n, stop_ids=(-1,))
+
     def run(n):
-        return jax.block_until_ready(gen_lib.generate(cfg, params, ids, max_new_tokens=n, stop_ids=(-1,)))
+        return jax.block_until_ready(decode_ids(params, n))
 
     t = time.perf_counter()
     ours_tokens = np.asarray(run(new)[0])

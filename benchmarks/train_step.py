@@ -59,14 +59,10 @@ def batch(cfg, B, L, seed=0):
 def torch_reference(cfg, params):
     from convert import engine, formats
     tensors = engine.to_torch(formats.released_rows(cfg), jax.device_get(params))   # released key names
-    d = cfg.dem
-    ref = InfLlavaTorch(cfg.vision.to_hf(), cfg.llm.to_hf(),
-                        dict(num_heads=d.num_heads, head_dim=d.head_dim, ffn_hidden=d.ffn_hidden,
-                             ffn_out=d.ffn_out, nH=d.nH, nW=d.nW, variant=d.variant))
-    ref.load_released(tensors).train()
-    for p in ref.vision.parameters():
+    ref = InfLlavaTorch.from_config(cfg).load_released(tensors).train()
+    for p in ref.model.vision_tower.parameters():
         p.requires_grad_(False)
-    trainable = [p for n, p in ref.named_parameters() if not n.startswith("vision.")]
+    trainable = [p for n, p in ref.named_parameters() if not n.startswith("model.vision_tower.")]
     opt = torch.optim.AdamW(trainable, lr=1e-5, weight_decay=0.0)
     T = cfg.tokens_per_image
 
@@ -74,7 +70,7 @@ def torch_reference(cfg, params):
         ids = torch.from_numpy(b["input_ids"]).long()
         px = torch.from_numpy(np.moveaxis(b["pixel_values"], -1, 1).copy())
         img = ref.encode_images(px)                                   # (B, T, D)
-        emb = ref.llm.model.embed_tokens
+        emb = ref.model.embed_tokens
         i = int((ids[0] == IMAGE_TOKEN_INDEX).nonzero()[0])
         x = torch.cat([emb(ids[:, :i]), img, emb(ids[:, i + 1:])], dim=1)
         lab = torch.from_numpy(b["labels"]).long()
@@ -101,7 +97,7 @@ def timed(fn, n):
 def run(name, cfg, B, L, steps):
     params = api.init_params(cfg, seed=0)
     tx, schedule = step_lib.make_optimizer(1e-5, 100, max_grad_norm=None)
-    state = step_lib.init_state(params, "stage2", tx)
+    state = step_lib.init_state(params, step_lib.trainable_parts("stage2"), tx)
     b = batch(cfg, B, L)
     jb = jax.tree.map(lambda x: jnp.asarray(x)[None], b)        # one accumulation step
     step = jax.jit(step_lib.make_train_step(cfg, tx, schedule, loss_chunk=256))
@@ -117,7 +113,7 @@ def run(name, cfg, B, L, steps):
     t_ours = timed(ours, steps)
     t_torch = timed(lambda: torch_ref_step(b), steps) if (torch_ref_step := torch_reference(cfg, params)) else None
     seq = L + cfg.tokens_per_image - 1
-    analytic = flops.train_step_flops(cfg, B, seq, "stage2")
+    analytic = flops.train_step_flops(cfg, B, seq, step_lib.trainable_parts("stage2"))
     return {"config": name, "batch": B, "seq_len": seq, "step_s": t_ours, "tokens_per_s": B * seq / t_ours,
             "torch_step_s": t_torch, "speedup_vs_torch": t_torch / t_ours,
             "flops_xla": float(cost.get("flops", 0.0)), "flops_analytic": analytic}

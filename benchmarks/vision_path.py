@@ -8,7 +8,7 @@ and the memory of DEM's windowed attention vs the paper's naive whole-map cross-
    (`scan_layers=False`): XLA's cost analysis counts a while-loop body once, so a scanned
    tower would be under-counted by its depth.
 2. CPU wall time (warm, median of ROUNDS runs; JAX fast, JAX full and the PyTorch reference
-   `tests/torch_llava_ref.py` interleaved round by round; each run waits until other
+   `convert/torch_reference.py` interleaved round by round; each run waits until other
    processes leave the CPUs >= 90% idle, and the output counts the runs where they did not)
    of the same function on the same 1008 px image with the same weights. JAX runs at
    the default matmul precision (not "highest"; on CPU fp32 dots are fp32 either way);
@@ -36,9 +36,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import transformers  # noqa: E402
 
 from convert.mapping import released_to_params  # noqa: E402
+from convert.torch_reference import InfLlavaTorch, randomize_  # noqa: E402
 from infllava_jax.config import InfLlavaConfig  # noqa: E402
 from infllava_jax.crops import interleave, mosaic  # noqa: E402
 from infllava_jax.dem import DEM, DEMConfig  # noqa: E402
@@ -46,7 +46,6 @@ from infllava_jax.llama import LlamaConfig  # noqa: E402
 from infllava_jax.model import InfLlavaModel  # noqa: E402
 from infllava_jax.pixels import preprocess  # noqa: E402
 from infllava_jax.vision import CLIPVisionConfig  # noqa: E402
-from tests.torch_llava_ref import InfLlavaRef, randomize_  # noqa: E402
 
 ROUNDS = 7
 THREADS = 2
@@ -111,11 +110,7 @@ def wait_idle(min_idle: float = MIN_IDLE, timeout: float = IDLE_TIMEOUT) -> floa
 def speed():
     torch.set_num_threads(THREADS)
     cfg_fast, cfg_full = small_config(True), small_config(False)
-    vision = transformers.CLIPVisionConfig(**VISION, attn_implementation="sdpa")
-    text = transformers.LlamaConfig(**LLM)
-    d = cfg_fast.dem
-    ref = randomize_(InfLlavaRef(vision, text, grid=(d.nH, d.nW), dem_heads=d.num_heads,
-                                 dem_head_dim=d.head_dim, dem_ffn_hidden=d.ffn_hidden), seed=0)
+    ref = randomize_(InfLlavaTorch.from_config(cfg_fast, device="cpu", attn_implementation="sdpa"), seed=0)
     params = jax.tree.map(jnp.asarray, released_to_params(ref.released_state_dict(), cfg_fast))
 
     import skimage.data

@@ -1,4 +1,46 @@
-"""Helpers shared by the config files (big_vision style: `--config configs/x.py:k=v,k2=v2`)."""
+"""What the config files share (big_vision style: `--config configs/x.py:k=v,k2=v2`): the base
+training config with every key train.py reads, and the argument parser."""
+from ml_collections import ConfigDict
+
+
+def base_config() -> ConfigDict:
+    """Every key of a training config with its default; configs/<name>.py change what differs."""
+    c = ConfigDict()
+    c.stage = "stage2"              # "stage1" | "stage2": template and trainable parts (SPEC section 7)
+    c.also_train = ()               # parts that train beyond the stage's, e.g. ("vision_tower",)
+    c.seed = 0
+    c.total_steps = 1000
+    c.global_batch = 128
+    c.micro_batch = 32              # per process: global_batch / (micro_batch x processes) accumulations
+    c.log_every = 10
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.mesh = {"data": 1, "fsdp": -1, "tensor": 1}     # -1: all remaining devices
+
+    c.init_checkpoint = ""          # our checkpoint dir (python -m convert / a stage-1 export)
+    c.init_vision_tower = ""        # a checkpoint whose vision tower replaces the initial one
+    c.model = ConfigDict({"preset": "tiny"})   # without init_checkpoint: presets.<preset>(**the rest)
+    c.runtime = ConfigDict({"dtype": "float32", "remat_policy": "none", "scan_layers": True,
+                            "attention_impl": "xla"})  # InfLlavaConfig.with_runtime
+    c.tokenizer = ""                # HF tokenizer dir; "" = the built-in tiny BPE
+
+    c.data = ConfigDict()
+    c.data.synthetic = False        # generate the demo dataset into WORKDIR/../data if path is ""
+    c.data.path = ""                # LLaVA JSON (or ArrayRecord dir)
+    c.data.image_folder = ""
+    c.data.max_len = 2048           # after splicing (SPEC 6)
+    c.data.buckets = ()             # spliced lengths to pad to; () = max_len / 4, / 2, 3/4, 1
+    c.data.num_threads = 16
+    c.data.image_cache_mb = 0       # > 0: decoded images stay in memory (the study's rows share them)
+
+    c.loss_chunk = 512
+    c.optimizer = ConfigDict({"lr": 2e-5, "warmup_ratio": 0.03, "weight_decay": 0.0, "max_grad_norm": 1.0})
+    c.eval_every = 0                # > 0: score eval_config on eval_data every N steps (in-memory params)
+    c.eval_config = "tasks=pope,res=1008,limit=64"   # configs/eval.py arguments
+    c.eval_data = ""                # directory of the eval tasks' local files
+    c.compilation_cache_dir = ""    # "" = ~/.cache/infllava_jax/xla
+    c.export_final = True           # write WORKDIR/final (our checkpoint) at the end
+    return c
 
 
 def parse_arg(arg: str | None, **defaults) -> dict:

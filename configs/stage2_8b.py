@@ -10,37 +10,21 @@ projector and LLM all come from it, with key and shape checks; the vision tower 
 """
 import ml_collections
 
-from configs.common import parse_arg
+from configs.common import base_config, parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     a = parse_arg(arg, stage=2, micro_batch=32, remat="full")
     stage1 = a["stage"] == 1
-    c = ml_collections.ConfigDict()
+    c = base_config()
     c.stage = f"stage{a['stage']}"
-    c.seed = 0
     c.global_batch = 256 if stage1 else 128
     c.micro_batch = a["micro_batch"]          # per process (e.g. 8 devices x 4)
     c.total_steps = (558_128 if stage1 else 665_298) // c.global_batch   # one epoch
-    c.log_every = 10
-    c.checkpoint_every = 500
-    c.keep_checkpoints = 3
-    c.mesh = {"data": 1, "fsdp": -1, "tensor": 1}
-
     c.init_checkpoint = ""                    # required for a real run (see the docstring)
     c.model = ml_collections.ConfigDict({"preset": "inf_llava_8b"})
     c.runtime = ml_collections.ConfigDict({"dtype": "bfloat16", "remat_policy": a["remat"],
                                            "scan_layers": True, "attention_impl": "chunked"})
     c.tokenizer = ""                          # the Llama-3-8B-Instruct tokenizer directory
-
-    c.data = ml_collections.ConfigDict({"synthetic": False, "path": "", "image_folder": "",
-                                        "max_len": 2048, "num_threads": 16})
-    c.loss_chunk = 512
-    c.optimizer = ml_collections.ConfigDict({"lr": 1e-3 if stage1 else 2e-5, "warmup_ratio": 0.03,
-                                             "weight_decay": 0.0, "max_grad_norm": 1.0})
-    c.eval_every = 0                # > 0: score eval_config on eval_data every N steps (in-memory params)
-    c.eval_config = "tasks=pope,res=1008,limit=64"   # configs/eval.py arguments
-    c.eval_data = ""                # directory of the eval tasks' local files
-    c.compilation_cache_dir = ""
-    c.export_final = True
+    c.optimizer.lr = 1e-3 if stage1 else 2e-5
     return c

@@ -44,7 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     stage = a["stage"]
     c = tiny.get_config(f"stage={stage},grid={grid},steps={a['steps'] or STEPS[stage]}")
     c.model.views = views
-    c.also_train = "language_model" if stage == 1 else ""   # the tiny LLM is random: it learns from stage 1 on
+    c.also_train = ("language_model",) if stage == 1 else ()   # the tiny LLM is random: it learns from stage 1 on
     c.optimizer.lr = LR[stage]
     c.seed = a["seed"]
     c.global_batch = c.micro_batch = BATCH

@@ -7,7 +7,7 @@ right, every key used or explicitly ignored) before anything is read, and return
 per parameter. A Leaf reads any region of our parameter from the torch tensors behind it:
 the layers of a scanned stack are filled one by one into a preallocated buffer of the region,
 transposes and the dtype cast happen in that single copy. The plan is then
-    - written to disk without ever holding the model (`infllava_jax.api.save_checkpoint`
+    - written to disk without ever holding the model (`infllava_jax.checkpoint.save_checkpoint`
       streams `StreamedArray` leaves chunk by chunk),
     - or placed on devices (`to_jax`: each shard reads only its own slice),
     - or materialised as numpy (`to_numpy`, small models and tests).
@@ -20,30 +20,12 @@ from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from convert.errors import MissingKeysError, ShapeMismatchError, UnexpectedKeysError, listing
 from convert.sources import ArrayTensor, Tensor, ranges
-from infllava_jax.api import StreamedArray
+from infllava_jax.checkpoint import StreamedArray
 from infllava_jax.keymap import Row
-
-
-# ----------------------------------------------------------------------------- trees
-
-def flatten(tree) -> dict[str, Any]:
-    """Nested dicts -> {'a/b/c': leaf}."""
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in flat}
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict:
-    tree: dict = {}
-    for path, leaf in flat.items():
-        *parents, last = path.split("/")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = leaf
-    return tree
 
 
 def _check_coverage(rows: Iterable[Row], paths: Iterable[str], what: str) -> dict[str, Row]:
@@ -126,7 +108,7 @@ def import_plan(rows: Iterable[Row], tensors: Mapping[str, Tensor], abstract, *,
     expected torch shape, our leaf), UnexpectedKeysError (claimed keys that nothing uses and no
     `ignore` glob pattern matches; `claim(key)` says which keys this table answers for,
     default: all)."""
-    specs = flatten(abstract)
+    specs = flatten_dict(abstract, sep="/")
     by_path = _check_coverage(rows, specs, "model")
     ignore = tuple(ignore)
     missing, bad, used, plan = [], [], set(), {}
@@ -161,13 +143,13 @@ def import_plan(rows: Iterable[Row], tensors: Mapping[str, Tensor], abstract, *,
 
 def to_numpy(plan: Mapping[str, Leaf]) -> dict:
     """The whole tree as numpy arrays (small models, tests)."""
-    return unflatten({p: leaf.read() for p, leaf in plan.items()})
+    return unflatten_dict({p: leaf.read() for p, leaf in plan.items()}, sep="/")
 
 
 def to_jax(plan: Mapping[str, Leaf], shardings) -> dict:
     """jax.Arrays created shard by shard on `shardings` (a tree like the params, or one
     sharding for all): each device's callback reads only its slice (replicas read it once)."""
-    flat_sh = flatten(shardings) if isinstance(shardings, Mapping) else None
+    flat_sh = flatten_dict(shardings, sep="/") if isinstance(shardings, Mapping) else None
     out = {}
     for path, leaf in plan.items():
         cache: dict = {}
@@ -180,7 +162,7 @@ def to_jax(plan: Mapping[str, Leaf], shardings) -> dict:
 
         sharding = flat_sh[path] if flat_sh is not None else shardings
         out[path] = jax.make_array_from_callback(leaf.shape, sharding, shard, dtype=leaf.dtype)
-    return unflatten(out)
+    return unflatten_dict(out, sep="/")
 
 
 # ----------------------------------------------------------------------------- export
@@ -238,4 +220,4 @@ def from_torch(rows: Iterable[Row], state_dict: Mapping[str, Any], abstract, *, 
 def to_torch(rows: Iterable[Row], params, *, prefix: str = "", dtype=None) -> dict[str, np.ndarray]:
     """Inverse of `from_torch`: {prefix + torch key: numpy array in torch layout}."""
     from infllava_jax.keymap import prefixed
-    return {k: t.read() for k, t in export_plan(prefixed(rows, "", prefix), flatten(params), dtype=dtype).items()}
+    return {k: t.read() for k, t in export_plan(prefixed(rows, "", prefix), flatten_dict(params, sep="/"), dtype=dtype).items()}

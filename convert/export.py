@@ -19,13 +19,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from flax.traverse_util import flatten_dict
 
 from convert import engine, formats
 from convert.errors import ConversionError
-from convert.importer import Progress
+from convert.importer import progress_bar
 from convert.sources import Tensor, ranges
-from convert.writers import DEFAULT_SHARD_BYTES, atomic_directory, write_safetensors
-from infllava_jax.api import PARAMS_DIR, abstract_params, load_config
+from convert.writers import DEFAULT_SHARD_BYTES, write_safetensors
+from infllava_jax.api import abstract_params
+from infllava_jax.checkpoint import PARAMS_DIR, atomic_directory, load_config
 from infllava_jax.config import InfLlavaConfig
 from infllava_jax.vision import CLIPVisionConfig
 
@@ -56,8 +58,8 @@ def open_checkpoint(path) -> tuple[InfLlavaConfig, dict[str, CheckpointTensor]]:
     config = load_config(path)
     params_dir = Path(path).absolute() / PARAMS_DIR
     meta = json.loads((params_dir / "_METADATA").read_text())
-    want = engine.flatten(abstract_params(config)[0])
-    saved = engine.flatten(dict(ocp.StandardCheckpointer().metadata(params_dir).item_metadata))
+    want = flatten_dict(abstract_params(config), sep="/")
+    saved = flatten_dict(dict(ocp.StandardCheckpointer().metadata(params_dir).item_metadata), sep="/")
     if set(saved) != set(want):
         raise ConversionError(f"{params_dir}: parameters do not match config.json: missing "
                               f"{sorted(set(want) - set(saved))[:5]}, unexpected {sorted(set(saved) - set(want))[:5]}")
@@ -135,7 +137,7 @@ def export(ckpt, dst, *, fmt: str = "released", dtype: str = "auto", with_vision
     names: list[str] = []
 
     def fill(tmp: Path):
-        with Progress(total, "export", progress) as bar:
+        with progress_bar(total, "export", progress) as bar:
             names.extend(write_safetensors(tensors, tmp, max_shard_bytes=max_shard_bytes, progress=bar.update))
         (tmp / "config.json").write_text(json.dumps(cfg_json, indent=2) + "\n")
 

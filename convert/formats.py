@@ -412,7 +412,7 @@ def fresh_tensors(config: InfLlavaConfig, rows, seed: int) -> dict[str, Tensor]:
     """PyTorch-default initialisation of the DEM and projector tensors, released key names."""
     from infllava_jax.api import abstract_params
     specs = {"/".join(str(getattr(k, "key", k)) for k in p): s for p, s in
-             jax.tree_util.tree_flatten_with_path(abstract_params(config)[0])[0]}
+             jax.tree_util.tree_flatten_with_path(abstract_params(config))[0]}
     out = {}
     for r in rows:
         if not r.path.startswith(("spatial_embed/", "mm_projector/")):

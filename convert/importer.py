@@ -5,37 +5,25 @@ import sys
 import time
 from pathlib import Path
 
+from flax.traverse_util import unflatten_dict
+from tqdm import tqdm
+
 from convert import engine, formats
 from convert.errors import ConversionError
 from convert.formats import Source
-from infllava_jax.api import InfLlava, abstract_params, param_shardings, save_checkpoint
+from infllava_jax.api import InfLlava, abstract_params, param_shardings
+from infllava_jax.checkpoint import save_checkpoint
 
 
-class Progress:
-    """tqdm over bytes (MB/s), or nothing."""
-
-    def __init__(self, total: int, desc: str, enabled: bool = True):
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000,
-                            file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
-
-    def update(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.close()
+def progress_bar(total: int, desc: str, enabled: bool = True) -> tqdm:
+    """A bar over bytes (MB/s); shows nothing unless enabled."""
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000, file=sys.stderr,
+                dynamic_ncols=True, mininterval=0.5, disable=not enabled)
 
 
 def plan(source: Source) -> dict[str, engine.Leaf]:
     """Check everything (keys, shapes, coverage) before any tensor is read."""
-    return engine.import_plan(source.rows, source.tensors, abstract_params(source.config)[0],
+    return engine.import_plan(source.rows, source.tensors, abstract_params(source.config),
                               ignore=source.ignore, what=f"{source.kind} checkpoint")
 
 
@@ -57,8 +45,8 @@ def convert(src, dst, *, vision_tower=None, llm=None, dtype: str = "auto", add_p
     for note in source.notes:
         log(f"  {note}")
     t0 = time.perf_counter()
-    with Progress(total, "convert", progress) as bar:
-        save_checkpoint(dst, c, engine.unflatten(leaves), progress=bar.update)
+    with progress_bar(total, "convert", progress) as bar:
+        save_checkpoint(dst, c, unflatten_dict(leaves, sep="/"), progress=bar.update)
     dt = time.perf_counter() - t0
     stats = {"bytes": total, "seconds": dt, "mb_per_s": total / 1e6 / max(dt, 1e-9)}
     log(f"wrote {dst} in {dt:.1f} s ({stats['mb_per_s']:.0f} MB/s)")

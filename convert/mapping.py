@@ -12,8 +12,6 @@ from convert.sources import ArrayTensor
 from infllava_jax.api import abstract_params
 from infllava_jax.config import InfLlavaConfig
 
-RELEASED_VISION_PREFIX = formats.RELEASED_VISION_PREFIX
-
 
 def _tensors(sd: Mapping[str, Any]):
     return {k: ArrayTensor(v) for k, v in sd.items()}
@@ -21,7 +19,7 @@ def _tensors(sd: Mapping[str, Any]):
 
 def released_to_params(sd: Mapping[str, Any], config: InfLlavaConfig) -> dict:
     """Released INF-LLaVA state dict (SPEC section 8, vision tower included) -> params (numpy)."""
-    plan = engine.import_plan(formats.released_rows(config), _tensors(sd), abstract_params(config)[0],
+    plan = engine.import_plan(formats.released_rows(config), _tensors(sd), abstract_params(config),
                               ignore=formats.released_ignore(config), what="released state dict")
     return engine.to_numpy(plan)
 
@@ -30,6 +28,6 @@ def llava_hf_to_params(sd: Mapping[str, Any], config: InfLlavaConfig) -> dict:
     """transformers LlavaForConditionalGeneration state dict (4.x files, v5 files or v5
     modules' state_dict()) -> params (numpy)."""
     layout = formats.LlavaLayout.detect(sd)
-    plan = engine.import_plan(formats.llava_hf_rows(config, layout), _tensors(sd), abstract_params(config)[0],
+    plan = engine.import_plan(formats.llava_hf_rows(config, layout), _tensors(sd), abstract_params(config),
                               ignore=formats.llava_hf_ignore(config, layout), what="LLaVA state dict")
     return engine.to_numpy(plan)

@@ -19,8 +19,6 @@ import numpy as np
 from convert.formats import Source
 
 ASTRONAUT = Path(__file__).resolve().parent.parent / "infllava_jax" / "assets" / "astronaut.jpg"
-SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-          "helpful, detailed, and polite answers to the user's questions.")
 QUESTION = (
     "Describe this photograph in as much detail as you can. Start with the person: what they are wearing, "
     "the colours and markings on the suit, the patches on the chest and on the shoulders, what they hold in "
@@ -53,11 +51,9 @@ def prompt_ids(source: Source, n_tokens: int, tokenizer_dirs=()) -> np.ndarray:
         f = None if d is None else Path(d) / "tokenizer.json"
         if f is not None and f.is_file():
             from tokenizers import Tokenizer
+            from infllava_jax.data.template import IMAGE_TOKEN, build_prompt
             tok = Tokenizer.from_file(str(f))
-            text = (f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{SYSTEM}<|eot_id|>"
-                    f"<|start_header_id|>user<|end_header_id|>\n\n<image>\n{QUESTION}<|eot_id|>"
-                    f"<|start_header_id|>assistant<|end_header_id|>\n\n")
-            before, after = text.split("<image>")
+            before, after = build_prompt(QUESTION).split(IMAGE_TOKEN)
             ids = (tok.encode(before, add_special_tokens=False).ids + [img]
                    + tok.encode(after, add_special_tokens=False).ids)
             if max(ids) < vocab:
@@ -96,13 +92,8 @@ def torch_logits(source: Source, ids: np.ndarray, px: np.ndarray) -> np.ndarray:
             out = model(input_ids=torch.from_numpy(hf_ids), pixel_values=torch.from_numpy(px)).logits.float().numpy()
     else:
         from convert.torch_reference import InfLlavaTorch
-        dem = None if c.dem is None else {k: getattr(c.dem, k) for k in
-                                          ("num_heads", "head_dim", "ffn_hidden", "ffn_out", "nH", "nW", "variant", "ln_eps")}
-        model = InfLlavaTorch(c.vision.to_hf(), c.llm.to_hf(), dem, c.select_layer,
-                              (c.vision.param_dtype, c.llm.param_dtype,
-                               c.dem.param_dtype if c.dem else c.llm.param_dtype))
-        model.load_released(source.tensors)
-        out = model(torch.from_numpy(ids), torch.from_numpy(px), c.image_token_index).numpy()
+        model = InfLlavaTorch.from_config(c).load_released(source.tensors)
+        out = model(torch.from_numpy(ids), torch.from_numpy(px))[0].numpy()
     del model
     gc.collect()
     return out[0]

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
 
 from convert.sources import SAFETENSORS_INDEX, SAFETENSORS_NAMES, Tensor
-from infllava_jax.api import commit_directory
 
 PIECE_BYTES = 256 << 20
 DEFAULT_SHARD_BYTES = 5 * 10 ** 9   # transformers' default max_shard_size="5GB"
@@ -101,16 +98,3 @@ def write_safetensors(tensors: Mapping[str, Tensor], directory: Path, *, max_sha
         (directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return names
 
-
-def atomic_directory(path: Path, fill: Callable[[Path], None], *, overwrite: bool = False) -> None:
-    """Run fill(tmp) on a temporary sibling of `path`, then rename it to `path`."""
-    path = Path(path).absolute()
-    if path.exists() and not overwrite:
-        raise FileExistsError(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        fill(tmp)
-        commit_directory(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -2,55 +2,37 @@
 
     python -m infllava_jax.chat --ckpt DIR --image PATH "What is in the image?"
 
-The prompt is the `llama3` template with "<image>\\n" + question (as the benchmarks use it);
-one jitted prefill (image encoding + prompt into the KV cache), then one jitted single-token
-step per new token, the next token picked on the host (greedy, or temperature + top-p) and the
-text printed as soon as it decodes to whole characters.
+The prompt is the `llama3` template with "<image>\\n" + question (as the benchmarks use it); the
+model's one generation program (`generate.generate`: greedy, or temperature + top-p) hands each
+token to the host as it is picked, and the text is printed as soon as it decodes to whole
+characters.
 """
 from __future__ import annotations
 
 import argparse
-import functools
+import queue
 import sys
+import threading
 from typing import Iterator
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from infllava_jax.api import InfLlava
 from infllava_jax.config import InfLlavaConfig
-from infllava_jax.llama import LlamaForCausalLM, init_cache
-from infllava_jax.model import InfLlavaModel
+from infllava_jax.generate import generate
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _prefill(config: InfLlavaConfig, max_len: int, params, input_ids, pixel_values):
-    x = InfLlavaModel(config).apply({"params": params}, input_ids, pixel_values,
-                                    method=InfLlavaModel.embed_inputs)
-    lm, v = LlamaForCausalLM(config.llm), {"params": params["language_model"]}
-    cache = init_cache(config.llm, input_ids.shape[0], max_len)
-    hidden, cache = lm.apply(v, inputs_embeds=x["inputs_embeds"], attention_mask=x["attention_mask"],
-                             cache=cache, return_hidden=True)
-    return lm.apply(v, hidden[:, -1:], method=LlamaForCausalLM.logits)[:, 0], cache
+class _Sink:
+    """The host end of the program's `on_token` callback: one object (so the program compiles
+    once), pointed at the queue of the current stream."""
+    queue: queue.Queue | None = None
+
+    def __call__(self, step, tokens) -> None:
+        self.queue.put(int(tokens[0]))
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
-def _step(llm_config, params, token, cache):
-    logits, cache = LlamaForCausalLM(llm_config).apply(
-        {"params": params}, token[:, None], attention_mask=jnp.ones((token.shape[0], 1), bool), cache=cache)
-    return logits[:, 0], cache
-
-
-def _pick(logits: np.ndarray, rng: np.random.Generator, temperature: float, top_p: float) -> int:
-    if temperature <= 0:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    order = np.argsort(-p)
-    keep = order[: max(1, int(np.sum(np.cumsum(p[order]) - p[order] < top_p)))]
-    return int(rng.choice(keep, p=p[keep] / p[keep].sum()))
+_SINK = _Sink()
 
 
 def stream(model: InfLlava, tokenizer, image, question: str, *, config: InfLlavaConfig | None = None,
@@ -64,24 +46,29 @@ def stream(model: InfLlava, tokenizer, image, question: str, *, config: InfLlava
 
     config = config or model.config
     img = preprocess(image, pixel_size(config, pixels), "pad")
-    ids = prompting.encode(tokenizer, question, 1, double_bos=double_bos)
-    L = len(ids) + config.tokens_per_image - 1
-    logits, cache = _prefill(config, L + max_new_tokens, model.params, jnp.asarray(ids[None]),
-                             jnp.asarray(img[None]))
-    stops, rng = set(stop_ids(tokenizer)), np.random.default_rng(seed)
-    out: list[int] = []
-    shown = ""
-    llm_params = model.params["language_model"]
-    for _ in range(max_new_tokens):
-        tok = _pick(np.asarray(logits[0]), rng, temperature, top_p)
-        if tok in stops:
-            break
+    ids = jnp.asarray(prompting.encode(tokenizer, question, 1, double_bos=double_bos)[None])
+    stops, out, shown, failed = stop_ids(tokenizer), [], "", []
+    _SINK.queue = tokens = queue.Queue()
+
+    def run():
+        try:
+            generate(config, model.params, ids, jnp.asarray(img[None]), jnp.ones_like(ids), jnp.asarray(stops),
+                     jax.random.key(seed), jnp.float32(temperature or 1.0), jnp.float32(top_p),
+                     max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                     pad_id=config.pad_token_id or 0, on_token=_SINK)
+        except BaseException as e:   # re-raised in the consumer
+            failed.append(e)
+        tokens.put(None)
+
+    threading.Thread(target=run, daemon=True).start()
+    while (tok := tokens.get()) is not None and tok not in stops:
         out.append(tok)
         text = tokenizer.decode(out, skip_special_tokens=True)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             yield text[len(shown):]
             shown = text
-        logits, cache = _step(config.llm, llm_params, jnp.asarray([tok], jnp.int32), cache)
+    if failed:
+        raise failed[0]
     text = tokenizer.decode(out, skip_special_tokens=True)
     if text != shown:  # an incomplete character at the end: show what decoding gives
         yield text[len(shown):]

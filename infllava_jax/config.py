@@ -12,9 +12,11 @@ from typing import Any
 
 from infllava_jax.dem import DEMConfig
 from infllava_jax.llama import LlamaConfig
+from infllava_jax.splice import IMAGE_TOKEN_INDEX
 from infllava_jax.vision import CLIPVisionConfig
 
 FORMAT_VERSION = 1
+RUNTIME_FIELDS = {"dtype", "remat_policy", "scan_layers", "attention_impl"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +25,7 @@ class InfLlavaConfig:
     llm: LlamaConfig
     dem: DEMConfig | None = None        # None: LLaVA-1.5 (no DCM/DEM)
     select_layer: int = -2              # feature = hidden_states[-2] without CLS (SPEC 1)
-    image_token_index: int = -200
+    image_token_index: int = IMAGE_TOKEN_INDEX
     pad_token_id: int | None = None
 
     @property
@@ -45,6 +47,20 @@ class InfLlavaConfig:
 
     def replace(self, **kw) -> "InfLlavaConfig":
         return dataclasses.replace(self, **kw)
+
+    def with_runtime(self, **runtime) -> "InfLlavaConfig":
+        """The same model with other runtime settings (dtype, remat_policy, scan_layers,
+        attention_impl; None = unchanged), applied to every part that has the field."""
+        runtime = {k: v for k, v in runtime.items() if v is not None}
+        unknown = set(runtime) - RUNTIME_FIELDS
+        if unknown:
+            raise ValueError(f"runtime settings {sorted(unknown)}; expected some of {sorted(RUNTIME_FIELDS)}")
+
+        def apply(part):
+            names = {f.name for f in dataclasses.fields(part)}
+            return dataclasses.replace(part, **{k: v for k, v in runtime.items() if k in names})
+        return self.replace(vision=apply(self.vision), llm=apply(self.llm),
+                            dem=None if self.dem is None else apply(self.dem))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -331,7 +331,3 @@ def abstract_params(cfg: DEMConfig):
     low = jax.ShapeDtypeStruct((1, L, D), jnp.float32)
     return nn.meta.unbox(jax.eval_shape(DEM(cfg).init, jax.random.key(0), x, x, low)["params"])
 
-
-# The same table in the older (path tuple, torch key, transpose?) form; kept because
-# tests/test_model.py reads it. New code: `key_map()`.
-TORCH_KEYS = tuple((tuple(r.path.split("/")), r.key, r.transform == "transpose") for r in key_map())

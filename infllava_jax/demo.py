@@ -34,8 +34,8 @@ def main(argv=None) -> int:
     from PIL import Image
 
     from infllava_jax import InfLlava, presets
-    from infllava_jax.data.template import encode_prompt
     from infllava_jax.data.tokenizer import build_tiny_tokenizer, stop_ids
+    from infllava_jax.evaluation.prompting import encode
     from infllava_jax.pixels import preprocess
     from infllava_jax.sharding import make_mesh
 
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     image = Image.open(ASSET)
     hi = preprocess(image, size=H, mode="pad")            # (H, W, 3), the training-time input
     lo = preprocess(image, size=s, mode="pad")            # (s, s, 3), the released inference input
-    ids = encode_prompt("What is the person in the picture wearing?", tok)[None]
+    ids = encode(tok, "What is the person in the picture wearing?", 1)[None]
     step(f"image {image.size} -> {H}x{W} and {s}x{s}; prompt {ids.shape[1]} ids", t)
 
     t = time.perf_counter()

@@ -5,10 +5,11 @@ Where the settings of `jax.distributed.initialize` come from, first match wins p
   1. flags: train.py --coordinator_address, --num_processes, --process_id
   2. the environment: JAX_COORDINATOR_ADDRESS (read by JAX itself), JAX_NUM_PROCESSES,
      JAX_PROCESS_ID (read here)
-  3. a cluster JAX auto-detects: Slurm (SLURM_JOB_ID, SLURM_STEP_NODELIST, SLURM_NTASKS,
-     SLURM_PROCID, SLURM_LOCALID; coordinator = first node of the step, port from the job id or
-     JAX_COORDINATOR_PORT), Open MPI (OMPI_*), Cloud TPU pod slices (GCE metadata or GKE's
-     TPU_WORKER_* variables: `jax.distributed.initialize()` with no arguments)
+  3. a cluster, detected as JAX detects it (`detect_cluster`): Slurm (SLURM_JOB_ID,
+     SLURM_STEP_NODELIST, SLURM_NTASKS, SLURM_PROCID, SLURM_LOCALID; coordinator = first node of
+     the step, port from the job id or JAX_COORDINATOR_PORT), Open MPI (OMPI_*), Cloud TPU pod
+     slices (`jax.distributed.initialize()` with no arguments resolves them; GKE's TPU_WORKER_*
+     variables are read here for the dry run)
   4. nothing: one process, `jax.distributed` is not used.
 
 `resolve()` does the lookup without starting anything (`python -m infllava_jax.distributed`
@@ -30,12 +31,15 @@ from __future__ import annotations
 
 import dataclasses
 import faulthandler
+import glob
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
+from pathlib import Path
 
 log = logging.getLogger("infllava_jax")
 
@@ -70,40 +74,86 @@ def _parse_ids(text: str) -> tuple[int, ...]:
     return tuple(int(t) for t in text.split(",") if t.strip())
 
 
-def _cluster_env(timeout: int):
-    """JAX's auto-detected cluster class among Slurm, Open MPI, Cloud TPU (GKE, GCE), or None.
-    K8s and mpi4py detection stay opt-in (distributed="on" / JAX's cluster_detection_method)."""
-    try:
-        from jax._src.clusters import cloud_tpu_cluster, ompi_cluster, slurm_cluster
-    except ImportError:          # a JAX without these modules: no auto-detection
+# ----------------------------------------------------------------------------- cluster detection
+# What JAX's own auto-detection reads (its cluster classes are private): Slurm and Open MPI from
+# their variables; a Cloud TPU slice from its PCI devices, resolved by jax.distributed itself.
+
+@dataclasses.dataclass(frozen=True)
+class Detected:
+    name: str                   # slurm | ompi | tpu
+    label: str                  # what the settings say was detected
+    num_processes: int | None = None
+    process_id: int | None = None
+    local_process_id: int | None = None
+    tasks_on_node: int = 1
+    coordinator_host: str | None = None
+    default_port: int | None = None
+
+
+def _ephemeral_port(job_id: int) -> int:
+    """A port in [65535 - 2^12 + 1, 65535] from a job id (as JAX picks it)."""
+    return job_id % 2 ** 12 + (65535 - 2 ** 12 + 1)
+
+
+def _slurm(env) -> Detected | None:
+    if not all(k in env for k in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+                                  "SLURM_LOCALID")):
         return None
-    for name, cls in (("slurm", slurm_cluster.SlurmCluster), ("ompi", ompi_cluster.OmpiCluster),
-                      ("tpu", cloud_tpu_cluster.GkeTpuCluster), ("tpu", cloud_tpu_cluster.GceTpuCluster)):
-        try:
-            if cls.is_env_present():
-                return name, cls
-        except Exception as e:   # e.g. a metadata server that does not answer
-            log.warning("cluster detection %s failed: %s", cls.__name__, e)
+    # first host of 'node001', 'node001,host2', 'node[001-015],host2' or 'node[001,007-015],host2'
+    m = re.match(r"([^,\[]*)(?:\[([^,\-\]]*))?", env["SLURM_STEP_NODELIST"])
+    per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or ""
+    try:                      # "8(x2)" or "8,8": this node's count is the first entry
+        tasks = int(per_node.split(",")[0].split("(")[0])
+    except ValueError:
+        nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+        tasks = max(1, int(env["SLURM_NTASKS"]) // nodes)
+    return Detected("slurm", "SlurmCluster", int(env["SLURM_NTASKS"]), int(env["SLURM_PROCID"]),
+                    int(env["SLURM_LOCALID"]), tasks, m.group(1) + (m.group(2) or ""),
+                    _ephemeral_port(int(env["SLURM_JOB_ID"])))
+
+
+def _ompi(env) -> Detected | None:
+    uri = env.get("OMPI_MCA_orte_hnp_uri")     # e.g. 1531576320.0;tcp://10.96.0.1,10.148.0.1:34911
+    if uri is None:
+        return None
+    m = re.search(r"tcp://(.+?)[,:]|tcp6://\[(.+?)[,\]]", uri)
+    if m is None:
+        raise ValueError(f"OMPI_MCA_orte_hnp_uri={uri!r}: no coordinator address in it")
+    return Detected("ompi", "OmpiCluster", int(env["OMPI_COMM_WORLD_SIZE"]), int(env["OMPI_COMM_WORLD_RANK"]),
+                    int(env["OMPI_COMM_WORLD_LOCAL_RANK"]), int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1")),
+                    m.group(1) or m.group(2), _ephemeral_port(int(uri.split(".", 1)[0]) // 2 ** 12))
+
+
+def _on_cloud_tpu() -> bool:
+    """A Cloud TPU VM: Google TPU chips on the PCI bus (the test JAX applies)."""
+    return any(Path(v).read_text().strip() == "0x1ae0" for v in glob.glob("/sys/bus/pci/devices/*/vendor"))
+
+
+def _tpu(env) -> Detected | None:
+    if not _on_cloud_tpu():
+        return None
+    hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES")   # GKE; on GCE: metadata
+    if not hosts:
+        return Detected("tpu", "CloudTpu")
+    hosts = hosts.split(",")
+    return Detected("tpu", "GkeTpuCluster", len(hosts), int(env.get("TPU_WORKER_ID", "0")), None, 1,
+                    hosts[0].split(":")[0], 8482)
+
+
+def detect_cluster(env=None) -> Detected | None:
+    """The multi-process cluster the environment describes, or None. K8s and mpi4py detection stay
+    opt-in (distributed="on" lets jax.distributed.initialize() try them)."""
+    env = os.environ if env is None else env
+    for find in (_slurm, _ompi, _tpu):
+        found = find(env)
+        if found is not None:
+            return found
     return None
-
-
-def _tasks_on_this_node(source: str) -> int:
-    env = os.environ
-    if source == "slurm":
-        per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or ""
-        try:                      # "8(x2)" or "8,8": this node's count is the first entry
-            return int(per_node.split(",")[0].split("(")[0])
-        except ValueError:
-            nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or 1)
-            return max(1, int(env.get("SLURM_NTASKS", "1")) // nodes)
-    if source == "ompi":
-        return int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1"))
-    return 1
 
 
 def resolve(coordinator_address: str | None = None, num_processes: int | None = None,
             process_id: int | None = None, local_device_ids: str = "auto", mode: str = "auto",
-            timeout: int = 300, query_tpu: bool = False) -> Cluster:
+            query_tpu: bool = False) -> Cluster:
     """The settings `initialize` will use (see the module docstring); starts nothing.
 
     mode: "auto" (distributed when flags, environment or a multi-process cluster say so),
@@ -116,32 +166,17 @@ def resolve(coordinator_address: str | None = None, num_processes: int | None = 
         raise ValueError(f"distributed mode {mode!r}; expected auto, on or off")
     if mode == "off":
         return Cluster("single", detail="distributed=off")
-    env = os.environ
-    given = {"coordinator_address": coordinator_address or None, "num_processes": _int_or_none(num_processes),
-             "process_id": _int_or_none(process_id)}
-    source = "flags" if any(v is not None for v in given.values()) else None
-    for key, var in (("coordinator_address", "JAX_COORDINATOR_ADDRESS"), ("num_processes", "JAX_NUM_PROCESSES"),
-                     ("process_id", "JAX_PROCESS_ID")):
-        if given[key] is None and env.get(var):
-            given[key] = env[var] if key == "coordinator_address" else int(env[var])
-            source = source or "env"
-    found = _cluster_env(timeout) if None in given.values() else None
+    given, source = _given(coordinator_address, num_processes, process_id)
+    found = detect_cluster() if None in given.values() else None
     detail = ""
     if found:
-        name, cls = found
-        detail = f"{cls.__name__} detected"
-        if name == "tpu" and not query_tpu:
+        detail = f"{found.label} detected"
+        if found.name == "tpu" and not query_tpu:
             # JAX resolves TPU pods itself (metadata server, DNS); leave the unset values to it
-            return Cluster("tpu" if source is None else source, given["coordinator_address"], given["num_processes"],
-                           given["process_id"], None, detail + "; jax.distributed.initialize() resolves the rest")
-        if given["num_processes"] is None:
-            given["num_processes"] = cls.get_process_count()
-        if given["process_id"] is None:
-            given["process_id"] = cls.get_process_id()
-        if given["coordinator_address"] is None and (given["num_processes"] > 1 or mode == "on"):
-            given["coordinator_address"] = cls.get_coordinator_address(
-                timeout_secs=timeout, override_coordinator_port=env.get("JAX_COORDINATOR_PORT"))
-        source = source or name
+            return Cluster("tpu" if source is None else source, *given.values(), None,
+                           detail + "; jax.distributed.initialize() resolves the rest")
+        _fill_from(given, found, mode)
+        source = source or found.name
     if source is None or (given["num_processes"] == 1 and mode == "auto"):
         if mode == "on":
             return Cluster("auto", *given.values(), detail="distributed=on: jax.distributed.initialize() "
@@ -154,17 +189,45 @@ def resolve(coordinator_address: str | None = None, num_processes: int | None = 
                          f"--{' --'.join(missing)} or the JAX_* environment variables)")
     if not 0 <= given["process_id"] < given["num_processes"]:
         raise ValueError(f"process_id {given['process_id']} is not in [0, {given['num_processes']})")
-    if local_device_ids == "all":
-        ids = None
-    elif local_device_ids == "auto":
-        ids = None
-        if found and found[0] in ("slurm", "ompi") and _tasks_on_this_node(found[0]) > 1:
-            ids = (found[1].get_local_process_id(),)
-        elif env.get("JAX_LOCAL_DEVICE_IDS"):
-            ids = _parse_ids(env["JAX_LOCAL_DEVICE_IDS"])
-    else:
-        ids = _parse_ids(local_device_ids)
-    return Cluster(source, given["coordinator_address"], given["num_processes"], given["process_id"], ids, detail)
+    return Cluster(source, *given.values(), _local_devices(local_device_ids, found), detail)
+
+
+def _given(coordinator_address, num_processes, process_id) -> tuple[dict, str | None]:
+    """Settings from the flags, then the JAX_* variables; and where the first came from."""
+    env = os.environ
+    given = {"coordinator_address": coordinator_address or None, "num_processes": _int_or_none(num_processes),
+             "process_id": _int_or_none(process_id)}
+    source = "flags" if any(v is not None for v in given.values()) else None
+    for key, var in (("coordinator_address", "JAX_COORDINATOR_ADDRESS"), ("num_processes", "JAX_NUM_PROCESSES"),
+                     ("process_id", "JAX_PROCESS_ID")):
+        if given[key] is None and env.get(var):
+            given[key] = env[var] if key == "coordinator_address" else int(env[var])
+            source = source or "env"
+    return given, source
+
+
+def _fill_from(given: dict, found: Detected, mode: str) -> None:
+    """The unset settings from a detected cluster (the coordinator only when it is needed)."""
+    if given["num_processes"] is None:
+        given["num_processes"] = found.num_processes
+    if given["process_id"] is None:
+        given["process_id"] = found.process_id
+    if given["coordinator_address"] is None and found.coordinator_host and \
+            (given["num_processes"] > 1 or mode == "on"):
+        port = os.environ.get("JAX_COORDINATOR_PORT") or found.default_port
+        given["coordinator_address"] = f"{found.coordinator_host}:{port}"
+
+
+def _local_devices(spec: str, found: Detected | None) -> tuple[int, ...] | None:
+    if spec == "all":
+        return None
+    if spec != "auto":
+        return _parse_ids(spec)
+    if found and found.name in ("slurm", "ompi") and found.tasks_on_node > 1:
+        return (found.local_process_id,)
+    if os.environ.get("JAX_LOCAL_DEVICE_IDS"):
+        return _parse_ids(os.environ["JAX_LOCAL_DEVICE_IDS"])
+    return None
 
 
 def initialize(cluster: Cluster, *, initialization_timeout: int = 300, heartbeat_timeout: int = 100,
@@ -273,6 +336,26 @@ class Watchdog:
                 _exit(self.exit_code)
 
 
+class Deadlines:
+    """A training run's bounded waits (multi-process): `arm(what)` gives the next stretch of work
+    `step_s` seconds (a step, a checkpoint save, an evaluation), `arm(what, compiling=True)`
+    `compile_s` (start-up, a step that compiles); past it a Watchdog ends the process."""
+
+    def __init__(self, step_s: float, compile_s: float):
+        self.step_s, self.compile_s, self.dog = step_s, compile_s, Watchdog()
+
+    def arm(self, what: str, compiling: bool = False) -> None:
+        import jax
+        s = self.compile_s if compiling else self.step_s
+        self.dog.arm(s, f"process {jax.process_index()} of {jax.process_count()}: {what} made no progress in "
+                        f"{s} s. A collective is probably waiting for a process that hangs, was stopped or lost "
+                        "its network: see the other processes' logs (raise --step_timeout/--compile_timeout for "
+                        "slow steps)")
+
+    def disarm(self) -> None:
+        self.dog.disarm()
+
+
 def main(argv=None) -> int:
     """Dry run: print the resolved settings of this process as JSON (no start-up)."""
     import argparse
@@ -282,7 +365,7 @@ def main(argv=None) -> int:
     ap.add_argument("--process_id", type=int, default=None)
     ap.add_argument("--local_device_ids", default="auto")
     ap.add_argument("--distributed", default="auto", choices=("auto", "on", "off"))
-    ap.add_argument("--query_tpu", action="store_true", help="also ask the TPU metadata server")
+    ap.add_argument("--query_tpu", action="store_true", help="also resolve a TPU slice (from GKE's TPU_WORKER_* variables)")
     a = ap.parse_args(argv)
     c = resolve(a.coordinator_address, a.num_processes, a.process_id, a.local_device_ids, a.distributed,
                 query_tpu=a.query_tpu)

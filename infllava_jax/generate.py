@@ -1,34 +1,32 @@
-"""Autoregressive decoding for the Llama decoder: one jitted function (prefill + while_loop).
+"""Autoregressive decoding: prefill + one `lax.while_loop` over the KV cache, one program.
 
-Core: `generate_from_embeds(config, params, inputs_embeds, attention_mask, ...)` takes prompt
-embeddings (B, L, D) (e.g. text embeddings with image features spliced in) and a (B, L) mask
-(1 = real token). Prompts should be left-padded (HF convention); right padding also works,
-since pad slots are never attended and the first token is read from each row's last real slot.
-`generate(...)` / `greedy_generate(...)` are thin wrappers taking token ids.
+`generate` is the program every caller runs (InfLlava.generate, the eval runner, the lmms-eval
+adapter, the chat): the multimodal prompt embeddings, then `generate_core`, the un-jitted loop of
+the Llama decoder over prompt embeddings (B, L, D) and a (B, L) mask (1 = real token). Prompts
+should be left-padded (HF convention); right padding also works, since pad slots are never
+attended and the first token is read from each row's last real slot.
 
 Each step picks a token (greedy argmax, or temperature + top-p sampling with a PRNG key);
 once a row has emitted one of `stop_ids` it emits `pad_id`; the loop ends as soon as every row
 has stopped or `max_new_tokens` tokens were produced. Returns (tokens (B, max_new_tokens) int32,
-lengths (B,) int32 = tokens emitted per row including its stop token).
-
-`generate_core` is the un-jitted function, usable inside a caller's own jit. Stop ids are a
-traced array (changing their values does not recompile; changing their count does).
+lengths (B,) int32 = tokens emitted per row including its stop token). `on_token(step, tokens)`,
+if given, is called on the host with each step's (B,) tokens as they are picked (streaming).
+Stop ids are a traced array (changing their values does not recompile; changing their count
+does).
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import io_callback
 
 from .llama import LlamaConfig, LlamaForCausalLM, init_cache
+from .model import InfLlavaModel
 
 LLAMA3_STOP_IDS = (128009, 128001)  # <|eot_id|>, <|end_of_text|>
-
-
-def _variables(params):
-    return params if ("params" in params and "model" not in params) else {"params": params}
 
 
 def top_p_filter(logits: jax.Array, top_p) -> jax.Array:
@@ -52,10 +50,10 @@ def _pick(logits, key, do_sample, temperature, top_p):
 def generate_core(config: LlamaConfig, params, inputs_embeds: jax.Array, attention_mask: jax.Array,
                   *, max_new_tokens: int, stop_ids: Sequence[int] | jax.Array = LLAMA3_STOP_IDS,
                   pad_id: int = 0, do_sample: bool = False, rng: jax.Array | None = None, temperature=1.0, top_p=1.0,
-                  cache_dtype: Any = None):
+                  cache_dtype: Any = None, on_token: Callable | None = None):
     """Un-jitted generation from prompt embeddings (see module docstring)."""
     model = LlamaForCausalLM(config)
-    variables = _variables(params)
+    variables = {"params": params}
     B, L, _ = inputs_embeds.shape
     N = int(max_new_tokens)
     mask = jnp.asarray(attention_mask).astype(bool)
@@ -74,6 +72,8 @@ def generate_core(config: LlamaConfig, params, inputs_embeds: jax.Array, attenti
     def emit(i, logits, tokens, done, lengths):
         tok = _pick(logits, jax.random.fold_in(rng, i), do_sample, temperature, top_p)
         tok = jnp.where(done, jnp.int32(pad_id), tok)
+        if on_token is not None:
+            io_callback(on_token, None, i, tok, ordered=True)
         tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
         lengths = lengths + (~done).astype(jnp.int32)
         done = done | jnp.isin(tok, stop)
@@ -100,50 +100,15 @@ def generate_core(config: LlamaConfig, params, inputs_embeds: jax.Array, attenti
     return tokens, lengths
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "pad_id", "do_sample",
-                                             "cache_dtype"))
-def _generate_jit(config, params, input_ids, inputs_embeds, attention_mask, stop_ids, rng, temperature,
-                  top_p, *, max_new_tokens, pad_id, do_sample, cache_dtype):
-    if inputs_embeds is None:
-        inputs_embeds = LlamaForCausalLM(config).apply(_variables(params), input_ids,
-                                                       method=LlamaForCausalLM.embed)
-    return generate_core(config, params, inputs_embeds, attention_mask, max_new_tokens=max_new_tokens,
-                         stop_ids=stop_ids, pad_id=pad_id, do_sample=do_sample, rng=rng,
-                         temperature=temperature, top_p=top_p, cache_dtype=cache_dtype)
-
-
-def _run(config, params, input_ids, inputs_embeds, attention_mask, *, max_new_tokens, stop_ids,
-         pad_id, rng, temperature, top_p):
-    do_sample = rng is not None and float(temperature) > 0
-    x = input_ids if input_ids is not None else inputs_embeds
-    if attention_mask is None:
-        attention_mask = jnp.ones(x.shape[:2], jnp.int32)
-    stop = jnp.asarray([int(s) for s in stop_ids], jnp.int32).reshape(-1)
-    return _generate_jit(config, params, input_ids, inputs_embeds, jnp.asarray(attention_mask), stop,
-                         rng if do_sample else None, jnp.float32(temperature if do_sample else 1.0),
-                         jnp.float32(top_p), max_new_tokens=int(max_new_tokens), pad_id=int(pad_id),
-                         do_sample=do_sample, cache_dtype=None)
-
-
-def generate_from_embeds(config: LlamaConfig, params, inputs_embeds, attention_mask=None, *,
-                         max_new_tokens: int, stop_ids: Sequence[int] = LLAMA3_STOP_IDS, pad_id: int = 0,
-                         rng: jax.Array | None = None, temperature: float = 0.0, top_p: float = 1.0):
-    """Jitted generation from prompt embeddings (B, L, D). Greedy unless rng is given and
-    temperature > 0 (then temperature + top-p sampling). Returns (tokens, lengths)."""
-    return _run(config, params, None, inputs_embeds, attention_mask, max_new_tokens=max_new_tokens,
-                stop_ids=stop_ids, pad_id=pad_id, rng=rng, temperature=temperature, top_p=top_p)
-
-
-def generate(config: LlamaConfig, params, input_ids, attention_mask=None, *, max_new_tokens: int,
-             stop_ids: Sequence[int] = LLAMA3_STOP_IDS, pad_id: int = 0,
-             rng: jax.Array | None = None, temperature: float = 0.0, top_p: float = 1.0):
-    """Jitted generation from left-padded prompt ids (B, L). Returns (tokens, lengths)."""
-    return _run(config, params, input_ids, None, attention_mask, max_new_tokens=max_new_tokens,
-                stop_ids=stop_ids, pad_id=pad_id, rng=rng, temperature=temperature, top_p=top_p)
-
-
-def greedy_generate(config: LlamaConfig, params, input_ids, attention_mask=None, *, max_new_tokens: int,
-                    stop_ids: Sequence[int] = LLAMA3_STOP_IDS, pad_id: int = 0):
-    """Greedy decoding from left-padded prompt ids (B, L). Returns (tokens, lengths)."""
-    return generate(config, params, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                    stop_ids=stop_ids, pad_id=pad_id)
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "do_sample", "pad_id", "on_token"))
+def generate(config, params, input_ids, pixel_values, attention_mask, stop_ids, rng=None, temperature=1.0,
+             top_p=1.0, *, max_new_tokens: int, do_sample: bool = False, pad_id: int = 0, on_token=None):
+    """The one generation program of the multimodal model: image features spliced into the prompt
+    embeddings (`InfLlavaModel.embed_inputs`), then `generate_core`. `config` is an
+    InfLlavaConfig, `params` the whole tree; input_ids (B, L) left-padded with one sentinel per
+    image, pixel_values (B, H, W, 3) or (B, K, H, W, 3). Returns (tokens, lengths)."""
+    x = InfLlavaModel(config).apply({"params": params}, input_ids, pixel_values, attention_mask,
+                                    method=InfLlavaModel.embed_inputs)
+    return generate_core(config.llm, params["language_model"], x["inputs_embeds"], x["attention_mask"],
+                         max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id, do_sample=do_sample,
+                         rng=rng, temperature=temperature, top_p=top_p, on_token=on_token)

@@ -111,19 +111,3 @@ def stack_layer_params(tree: dict, name: str = LAYERS) -> dict:
         out[name] = jax.tree.map(lambda *a: jnp.stack(a), *ordered)
     return out
 
-
-def logical_axes(boxed_params: Any) -> Any:
-    """Tree of logical-name tuples for a tree of `nn.LogicallyPartitioned` params."""
-    return nn.get_partition_spec(boxed_params)
-
-
-def assert_all_partitioned(boxed_params: Any, where: str = "params") -> None:
-    """Raise if any leaf lacks logical axis names (or has a rank mismatch)."""
-    flat = jax.tree_util.tree_flatten_with_path(
-        boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
-    for path, leaf in flat:
-        key = jax.tree_util.keystr(path)
-        if not isinstance(leaf, nn.Partitioned):
-            raise AssertionError(f"{where}{key}: no logical axis names")
-        if len(leaf.names) != leaf.value.ndim:
-            raise AssertionError(f"{where}{key}: names {leaf.names} for shape {leaf.value.shape}")

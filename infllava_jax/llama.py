@@ -395,10 +395,11 @@ class LlamaForCausalLM(nn.Module):
         return self.logits(hidden), new_cache
 
 
-def init_params(config: LlamaConfig, rng: jax.Array, *, unbox: bool = True):
-    """`{"params": ...}` from a (1, 1) dummy input (boxed with logical names if unbox=False)."""
-    variables = LlamaForCausalLM(config).init(rng, jnp.zeros((1, 1), jnp.int32))
-    return nn.unbox(variables) if unbox else variables
+def init_params(config: LlamaConfig, rng: jax.Array | None = None, *, boxed: bool = False):
+    """Random params (boxed = with logical-axis metadata). Use jax.eval_shape for shapes only."""
+    rng = jax.random.key(0) if rng is None else rng
+    p = LlamaForCausalLM(config).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+    return p if boxed else nn.unbox(p)
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -432,4 +433,4 @@ def ignored_keys(config: LlamaConfig) -> tuple[str, ...]:
 
 def abstract_params(config: LlamaConfig):
     """Param shapes/dtypes (ShapeDtypeStruct tree, the content of `{"params": ...}`)."""
-    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))["params"]
+    return jax.eval_shape(lambda: init_params(config))

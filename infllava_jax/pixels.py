@@ -115,24 +115,6 @@ def resize_bicubic(x: jax.Array, out_h: int, out_w: int) -> jax.Array:
     return _separable(x, bicubic_matrix(h, out_h), bicubic_matrix(w, out_w))
 
 
-def resize_bilinear(x: jax.Array, out_h: int, out_w: int) -> jax.Array:
-    """Resize (..., H, W, C) like torch interpolate(mode="bilinear", align_corners=False, antialias=False)."""
-    h, w = x.shape[-3], x.shape[-2]
-    return _separable(x, bilinear_matrix(h, out_h), bilinear_matrix(w, out_w))
-
-
-# ----------------------------------------------------------------------------- layout helpers
-
-def to_pixels_nchw(x):
-    """(..., H, W, C) -> (..., C, H, W) (PyTorch layout); numpy or jax arrays."""
-    return x.swapaxes(-1, -3).swapaxes(-1, -2)
-
-
-def from_nchw(x):
-    """(..., C, H, W) -> (..., H, W, C)."""
-    return x.swapaxes(-3, -1).swapaxes(-3, -2)
-
-
 # ----------------------------------------------------------------------------- host preprocessing
 
 def expand2square(img: Image.Image, background=MEAN_COLOR) -> Image.Image:

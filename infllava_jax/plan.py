@@ -12,28 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import sys
 import time
-from pathlib import Path
 
 GiB = 2 ** 30
 TARGETS = {"H100": 989e12, "TPU v5p": 459e12}
 
 
-def parse_mesh(text: str) -> dict[str, int]:
-    mesh = {}
-    for kv in text.split(","):
-        k, _, v = kv.partition("=")
-        mesh[k.strip()] = int(v)
-    return mesh
-
-
 def load_config(spec: str):
-    from ml_collections import config_flags  # noqa: F401  (config files import ml_collections)
+    """`configs/<name>.py[:args]` -> its ConfigDict (the config files import `configs`: run from
+    the repository root or with the package installed)."""
     import importlib.util
     path, _, arg = spec.partition(":")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     mod_spec = importlib.util.spec_from_file_location("plan_config", path)
     mod = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(mod)
@@ -46,7 +37,7 @@ def plan(cfg, mesh_shape: dict[str, int], micro_batch_per_device: int, mfu: floa
 
     from infllava_jax import sharding
     from infllava_jax.training import flops, partition, step as step_lib
-    from train import model_config
+    from infllava_jax.training.loop import model_config
 
     mesh = sharding.make_mesh(mesh_shape)
     n_dev = mesh.devices.size
@@ -67,7 +58,8 @@ def plan(cfg, mesh_shape: dict[str, int], micro_batch_per_device: int, mfu: floa
              "attention_mask": jax.ShapeDtypeStruct((accum, micro_global, L), jnp.int32),
              "pixel_values": jax.ShapeDtypeStruct((accum, micro_global, H, W, 3), jnp.float32)}
     tx, schedule = step_lib.make_optimizer(cfg.optimizer.lr, cfg.total_steps)
-    abstract_state, state_sh = partition.state_shardings(mc, cfg.stage, tx, mesh)
+    parts = step_lib.trainable_parts(cfg.stage, cfg.also_train)
+    abstract_state, state_sh = partition.state_shardings(mc, parts, tx, mesh)
     batch_sh = partition.batch_shardings(batch, mesh)
     step = jax.jit(step_lib.make_train_step(mc, tx, schedule, cfg.loss_chunk),
                    in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
@@ -81,11 +73,11 @@ def plan(cfg, mesh_shape: dict[str, int], micro_batch_per_device: int, mfu: floa
     args, outs = mem.argument_size_in_bytes, mem.output_size_in_bytes
     temp, alias = mem.temp_size_in_bytes, mem.alias_size_in_bytes
     peak = args + outs + temp - alias
-    step_flops = flops.train_step_flops(mc, accum * micro_global, seq, cfg.stage)
+    step_flops = flops.train_step_flops(mc, accum * micro_global, seq, parts)
     n_params = sum(x.size for x in jax.tree.leaves(abstract_state["params"])) \
         + sum(x.size for x in jax.tree.leaves(abstract_state["frozen"]))
     return {
-        "config": cfg.model.get("preset", ""), "stage": cfg.stage, "mesh": dict(mesh.shape), "devices": n_dev,
+        "config": cfg.model.preset, "stage": cfg.stage, "mesh": dict(mesh.shape), "devices": n_dev,
         "params": int(n_params), "global_batch": accum * micro_global, "micro_batch_per_device": micro_batch_per_device,
         "accumulation_steps": accum, "seq_len": seq, "remat_policy": mc.llm.remat_policy, "dtype": mc.llm.dtype,
         "argument_gib": args / GiB, "output_gib": outs / GiB, "temp_gib": temp / GiB, "alias_gib": alias / GiB,
@@ -105,10 +97,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mfu", type=float, default=0.4, help="assumed MFU for the implied step time")
     ap.add_argument("--set", action="append", default=[], help="config override key=value (e.g. runtime.remat_policy=dots)")
     args = ap.parse_args(argv)
-    mesh_shape = parse_mesh(args.mesh)
-    n = 1
-    for v in mesh_shape.values():
-        n *= v
+    from infllava_jax import sharding
+    mesh_shape = sharding.parse_mesh(args.mesh)
+    n = math.prod(mesh_shape.values())
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     cfg = load_config(args.config)

@@ -40,18 +40,38 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def make_mesh(shape: Mapping[str, int] | None = None, devices=None) -> Mesh:
-    """Mesh over (data, fsdp, tensor); unnamed axes are 1, `fsdp` defaults to all devices."""
-    devices = np.asarray(jax.devices() if devices is None else devices)
-    shape = dict(shape or {"fsdp": devices.size})
+def parse_mesh(spec: str | Mapping[str, int] | None) -> dict[str, int]:
+    """{"data": 2, "fsdp": -1}, "data=2,fsdp=-1" or "data:2+fsdp:-1" (lmms-eval's model_args)
+    -> {"data": 2, "fsdp": -1}; None or "" -> {}."""
+    if isinstance(spec, Mapping):
+        shape = {k: int(v) for k, v in spec.items()}
+    else:
+        shape = {}
+        for part in filter(None, (spec or "").replace("+", ",").split(",")):
+            k, _, v = part.replace(":", "=").partition("=")
+            shape[k.strip()] = int(v)
     unknown = set(shape) - set(MESH_AXES)
     if unknown:
         raise ValueError(f"mesh axes {sorted(unknown)}; expected some of {MESH_AXES}")
-    dims = tuple(int(shape.get(a, 1)) for a in MESH_AXES)
-    if int(np.prod(dims)) != devices.size:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, dims))} needs {int(np.prod(dims))} devices, "
-                         f"have {devices.size}")
-    return Mesh(devices.reshape(dims), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return shape
+
+
+def make_mesh(spec: str | Mapping[str, int] | None = None, devices=None) -> Mesh:
+    """The one way to build a mesh over (data, fsdp, tensor). `spec` as `parse_mesh` reads it:
+    unnamed axes are 1, one axis may be -1 (the remaining devices), an empty spec puts every
+    device on `fsdp`. A spec that needs fewer devices than `devices` (default: all) takes the
+    first ones."""
+    devices = np.asarray(jax.devices() if devices is None else devices).reshape(-1)
+    shape = parse_mesh(spec) or {"fsdp": -1}
+    fixed, rest = int(np.prod([v for v in shape.values() if v != -1])), list(shape.values()).count(-1)
+    if rest > 1 or fixed < 1 or (rest and devices.size % fixed):
+        raise ValueError(f"mesh {shape} does not fit {devices.size} devices")
+    shape = {k: devices.size // fixed if v == -1 else v for k, v in shape.items()}
+    dims = tuple(shape.get(a, 1) for a in MESH_AXES)
+    n = int(np.prod(dims))
+    if n > devices.size:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, dims))} needs {n} devices, have {devices.size}")
+    return Mesh(devices[:n].reshape(dims), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def _check_names(logical_specs) -> None:

@@ -65,7 +65,7 @@ def stage0(a, out: Path) -> dict:
 
 def run_row(row: str, seed: int, a, out: Path) -> dict:
     """Stage 1 -> stage 2 -> eval of one row and seed; returns its result (also in result.json)."""
-    import train as train_lib   # TODO(redesign): the package's training loop
+    from infllava_jax.training.loop import train
     from configs import study as study_cfg
 
     recipe, rdir = _recipe(row, a, seed), out / "runs" / (row if seed == 0 else f"{row}-seed{seed}")
@@ -84,8 +84,8 @@ def run_row(row: str, seed: int, a, out: Path) -> dict:
         else:
             cfg.init_checkpoint = str(rdir / "stage1" / "final")
         log.info("%s (seed %d): stage %d, %d steps of %d on %s (trains %s)", row, seed, stage, cfg.total_steps,
-                 cfg.global_batch, records, "+".join(filter(None, [cfg.stage, cfg.also_train])))
-        stages[stage] = train_lib.train(cfg, rdir / f"stage{stage}")
+                 cfg.global_batch, records, "+".join((cfg.stage, *cfg.also_train)))
+        stages[stage] = train(cfg, rdir / f"stage{stage}")
         if stage == 1 and a.probe:
             probe = _probe(row, rdir / "stage1" / "final", data, a.n_test)
     metrics, eval_s = _evaluate(recipe["res"], rdir, data)

@@ -232,13 +232,7 @@ class CLIPVisionTransformer(nn.Module):
         return self(pixel_values, num_layers=select_layer % (L + 1))["last_hidden_state"][:, 1:]
 
 
-def select_features(config: CLIPVisionConfig, params, pixel_values, select_layer: int = -2):
-    """Functional form of `CLIPVisionTransformer.features` (params: the `params` collection)."""
-    return CLIPVisionTransformer(config).apply({"params": params}, pixel_values, select_layer=select_layer,
-                                               method=CLIPVisionTransformer.features)
-
-
-def init_params(config: CLIPVisionConfig, rng=None, *, boxed: bool = False):
+def init_params(config: CLIPVisionConfig, rng: jax.Array | None = None, *, boxed: bool = False):
     """Random params (boxed = with logical-axis metadata). Use jax.eval_shape for shapes only."""
     rng = jax.random.PRNGKey(0) if rng is None else rng
     x = jnp.zeros((1, config.image_size, config.image_size, config.num_channels), jnp.float32)

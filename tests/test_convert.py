@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax.traverse_util import flatten_dict
 
 from convert import engine, formats, importer
 from convert.__main__ import main as convert_main
@@ -48,7 +49,7 @@ def random_state(rows, abstract, seed: int, dtype=np.float32) -> dict[str, np.nd
     norms ~ U(0.5, 1.5), biases ~ N(0, 0.1), embeddings ~ N(0, 1), matrices ~ N(0, 1.5^2/fan_in)
     (peaked logits, nothing at its (1, 0) default)."""
     rng = np.random.default_rng(seed)
-    specs = engine.flatten(abstract)
+    specs = flatten_dict(abstract, sep="/")
     out = {}
     for r in rows:
         shape = r.torch_shape(specs[r.path].shape)
@@ -160,7 +161,7 @@ def released(tmp_path_factory):
     """Tiny released INF-LLaVA, fp32, 3 safetensors shards + index, CLIP weights inside,
     config.json with our extra fields (the DEM has 4 heads, which no shape shows)."""
     cfg = presets.tiny()
-    sd = random_state(formats.released_rows(cfg), abstract_params(cfg)[0], seed=0)
+    sd = random_state(formats.released_rows(cfg), abstract_params(cfg), seed=0)
     d = write_st(tmp_path_factory.mktemp("src") / "released", sd, shard_bytes=700_000)
     (d / "config.json").write_text(json.dumps(released_config_json(cfg, "float32")))
     return cfg, sd, d
@@ -228,7 +229,7 @@ def test_released_bin_shards_with_clip_dir_cli_verify(tmp_path, capsys):
     """Released layout as pytorch_model-*.bin + index without CLIP weights, config.json exactly as
     released (nothing of ours: 8-head DEM from shapes), CLIPModel directory for the tower."""
     cfg = tiny_8_heads()
-    sd = random_state(formats.released_rows(cfg), abstract_params(cfg)[0], seed=1)
+    sd = random_state(formats.released_rows(cfg), abstract_params(cfg), seed=1)
     vision_sd = {k: v for k, v in sd.items() if k.startswith(formats.RELEASED_VISION_PREFIX)}
     src = write_bins(tmp_path / "released_bin", {k: v for k, v in sd.items() if k not in vision_sd})
     (src / "config.json").write_text(json.dumps(real_released_config_json(cfg)))
@@ -246,7 +247,7 @@ def test_released_bin_shards_with_clip_dir_cli_verify(tmp_path, capsys):
 
 def test_released_bf16_verify_and_round_trip(tmp_path):
     cfg = presets.tiny()
-    sd = random_state(formats.released_rows(cfg), abstract_params(cfg)[0], seed=2, dtype=BF16)
+    sd = random_state(formats.released_rows(cfg), abstract_params(cfg), seed=2, dtype=BF16)
     src = write_st(tmp_path / "released_bf16", sd)
     (src / "config.json").write_text(json.dumps(released_config_json(cfg, "bfloat16")))
     source, _ = importer.convert(src, tmp_path / "ours", progress=False, log=lambda *a: None)
@@ -279,7 +280,7 @@ def test_verify_fails_on_a_wrong_conversion(released, tmp_path, monkeypatch, cap
 def test_original_llava15_released_layout(tmp_path):
     """liuhaotian/llava-v1.5-* files: the released layout without model.spatial_embed.*"""
     cfg = presets.tiny(grid=None)
-    sd = random_state(formats.released_rows(cfg), abstract_params(cfg)[0], seed=6)
+    sd = random_state(formats.released_rows(cfg), abstract_params(cfg), seed=6)
     src = write_st(tmp_path / "llava15", sd)
     cj = released_config_json(cfg, "float32")
     (src / "config.json").write_text(json.dumps(cj))
@@ -387,7 +388,7 @@ def test_stage2_start_from_adapter(clip_and_llama, tmp_path):
     _, clip, llama = clip_and_llama
     cfg = tiny_8_heads()   # an adapter file says nothing about heads: the released 8 are assumed
     rows = [r for r in formats.released_rows(cfg) if r.path.startswith(("spatial_embed/", "mm_projector/"))]
-    adapter = random_state(rows, abstract_params(cfg)[0], seed=9)
+    adapter = random_state(rows, abstract_params(cfg), seed=9)
     pretrain = tmp_path / "INF-LLaVA-pretrain"   # a *-pretrain directory: config.json + mm_projector.bin
     pretrain.mkdir()
     torch.save({k: to_torch_tensor(v) for k, v in adapter.items()}, pretrain / "mm_projector.bin")
@@ -456,7 +457,7 @@ def test_malicious_pickle_is_refused(tmp_path):
 
 def _released_with(tmp_path, name, edit):
     cfg = presets.tiny()
-    sd = random_state(formats.released_rows(cfg), abstract_params(cfg)[0], seed=0)
+    sd = random_state(formats.released_rows(cfg), abstract_params(cfg), seed=0)
     edit(sd)
     d = write_st(tmp_path / name, sd)
     (d / "config.json").write_text(json.dumps(released_config_json(cfg, "float32")))

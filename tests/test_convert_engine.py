@@ -9,12 +9,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from flax.traverse_util import unflatten_dict
 
 from convert import engine
 from convert.errors import ConversionError, MissingKeysError, ShapeMismatchError, UnexpectedKeysError
 from convert.sources import ArrayTensor, GrownRows, InitTensor, open_safetensors, open_torch_pickle, open_weights
 from convert.writers import write_safetensors
-from infllava_jax import api, presets
+from infllava_jax import checkpoint, presets
 from infllava_jax.keymap import Row, stack
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -30,11 +31,11 @@ ROWS = [Row("emb/embedding", "emb.weight"),
 TORCH = {"emb.weight": (10, 4), "head.weight": (10, 4), "patch.weight": (5, 3, 2, 2),
          **{f"layers.{i}.fc.weight": (6, 4) for i in range(3)}, **{f"layers.{i}.norm.weight": (4,) for i in range(3)},
          **{f"blocks.{i}.fc.weight": (7, 6) for i in range(2)}}
-ABSTRACT = engine.unflatten({
+ABSTRACT = unflatten_dict({
     "emb/embedding": jax.ShapeDtypeStruct((10, 4), np.float32), "head/kernel": jax.ShapeDtypeStruct((4, 10), np.float32),
     "patch/kernel": jax.ShapeDtypeStruct((2, 2, 3, 5), np.float32),
     "layers/fc/kernel": jax.ShapeDtypeStruct((3, 4, 6), np.float32), "layers/norm/scale": jax.ShapeDtypeStruct((3, 4), np.float32),
-    "blocks_0/fc/kernel": jax.ShapeDtypeStruct((6, 7), np.float32), "blocks_1/fc/kernel": jax.ShapeDtypeStruct((6, 7), np.float32)})
+    "blocks_0/fc/kernel": jax.ShapeDtypeStruct((6, 7), np.float32), "blocks_1/fc/kernel": jax.ShapeDtypeStruct((6, 7), np.float32)}, sep="/")
 
 
 def state(dtype=np.float32):
@@ -53,7 +54,7 @@ def test_leaves_read_any_region_and_export_inverts():
         for _ in range(5):
             idx = tuple(slice(a, a + RNG.integers(1, n - a + 1)) for n in leaf.shape for a in [RNG.integers(0, n)])
             np.testing.assert_array_equal(leaf.read(idx), full[p][idx], err_msg=p)
-    back = engine.to_torch(ROWS, engine.unflatten(full))
+    back = engine.to_torch(ROWS, unflatten_dict(full, sep="/"))
     assert sorted(back) == sorted(sd)
     for k in sd:
         np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
@@ -168,7 +169,7 @@ def test_virtual_tensors():
     assert (InitTensor("n", (4,), "ones").read() == 1).all() and (InitTensor("n", (4,), "zeros").read() == 0).all()
 
 
-class Counting(api.StreamedArray):
+class Counting(checkpoint.StreamedArray):
     def __init__(self, value, chunk_axis=0):
         self.value, self.shape, self.dtype, self.chunk_axis, self.reads = value, value.shape, value.dtype, chunk_axis, []
 
@@ -178,19 +179,19 @@ class Counting(api.StreamedArray):
 
 
 def test_streamed_save_writes_piece_by_piece(tmp_path, monkeypatch):
-    monkeypatch.setattr(api, "STREAM_CHUNK_BYTES", 64 << 10)
-    monkeypatch.setattr(api, "STREAM_INFLIGHT_BYTES", 128 << 10)
+    monkeypatch.setattr(checkpoint, "STREAM_CHUNK_BYTES", 64 << 10)
+    monkeypatch.setattr(checkpoint, "STREAM_INFLIGHT_BYTES", 128 << 10)
     big = Counting(RNG.standard_normal((10, 64, 100)).astype(np.float32))   # 256 KB -> ten 25.6 KB layers
     wide = Counting(RNG.standard_normal((8, 6000)).astype(BF16), chunk_axis=1)   # 96 KB, streamed along axis 1
     tree = {"big": big, "wide": wide, "small": np.arange(5, dtype=np.int32)}
     done = []
-    api.save_checkpoint(tmp_path / "ckpt", presets.tiny(), tree, progress=done.append)
+    checkpoint.save_checkpoint(tmp_path / "ckpt", presets.tiny(), tree, progress=done.append)
     assert [r[0] for r in big.reads] == [slice(i, i + 2) for i in range(0, 10, 2)]   # 64 KB / 25.6 KB per layer
     assert [r[1] for r in wide.reads] == [slice(0, 4096), slice(4096, 6000)]       # 64 KB / 16 B per column
     assert sum(done) == big.value.nbytes + wide.value.nbytes
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), {"big": big.value, "wide": wide.value,
                                                                               "small": tree["small"]})
-    out = api.restore_params(tmp_path / "ckpt" / api.PARAMS_DIR, target)
+    out = checkpoint.restore_params(tmp_path / "ckpt" / checkpoint.PARAMS_DIR, target)
     np.testing.assert_array_equal(np.asarray(out["big"]), big.value)
     np.testing.assert_array_equal(np.asarray(out["wide"]).view(np.uint16), wide.value.view(np.uint16))
     np.testing.assert_array_equal(np.asarray(out["small"]), tree["small"])

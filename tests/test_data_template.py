@@ -6,10 +6,11 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from infllava_jax.data.template import (SYSTEM, TemplateError, build_prompt, encode_conversation,
-                                        encode_prompt, llama3_text, normalize_turns)
+from infllava_jax.data.template import (ASSISTANT, SYSTEM, USER, TemplateError, build_prompt, encode_conversation,
+                                        header, normalize_turns, system_text)
 from infllava_jax.data.tokenizer import (BOS, EOS, EOT, SPECIAL_TOKENS, build_tiny_tokenizer,
                                          load_tokenizer, stop_ids)
+from infllava_jax.evaluation.prompting import encode
 from infllava_jax.splice import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from tests.test_data_common import CLEAN, _conv, tok  # noqa: F401  (fixture)
 
@@ -167,16 +168,24 @@ def test_matches_released_preprocess_llama3(tok, k):
     assert ids1.tolist() == ref_ids[1:] and labels1.tolist() == ref_labels[1:]
 
 
+def llama3_text(pairs, system: str = SYSTEM) -> str:
+    """The whole `llama3` conversation as one string (what the released get_prompt builds)."""
+    s = system_text(system)
+    for q, a in pairs:
+        s += f"{header(USER)}{q}{EOT}{header(ASSISTANT)}{a}{EOT}"
+    return s
+
+
 def test_encode_prompt(tok):
-    ids = encode_prompt("What is this?", tok)
+    ids = encode(tok, "What is this?", 1)
     assert (ids == IMAGE_TOKEN_INDEX).sum() == 1 and ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id
     assert tok.decode(ids[ids >= 0]).endswith("<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
     # a prompt is the prefix of the training ids up to the answer
     train, _ = encode_conversation(_conv("<image>\nWhat is this?", "A cat."), tok, has_image=True)
     assert train[:len(ids)].tolist() == ids.tolist()
     ref = released_tokenizer_image_token(build_prompt("What is this?"), tok)
-    assert encode_prompt("What is this?", tok, double_bos=True).tolist() == ref
-    assert IMAGE_TOKEN_INDEX not in encode_prompt("Hi", tok, with_image=False)
+    assert encode(tok, "What is this?", 1, double_bos=True).tolist() == ref
+    assert IMAGE_TOKEN_INDEX not in encode(tok, "Hi", 0)
 
 
 @pytest.mark.parametrize("conv, has_image, reason", [

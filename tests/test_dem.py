@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from convert import engine
-from infllava_jax import dem, layers
+from infllava_jax import dem
 from infllava_jax.pixels import bilinear_matrix
 from infllava_jax.dem import DEM, DEMConfig
+from tests.partitioning import assert_all_partitioned
 from tests.torch_ref import random_spatial_embed
 
 TOL = 1e-5  # max |x - ref| / max |ref|
@@ -250,8 +251,8 @@ def test_bfloat16_compute_close_to_fp32():
 def test_logical_axes_complete():
     cfg = small()
     boxed = jax.eval_shape(DEM(cfg).init, jax.random.key(0), *features(cfg))["params"]
-    layers.assert_all_partitioned(boxed)
-    axes = layers.logical_axes(boxed)
+    assert_all_partitioned(boxed)
+    axes = nn.get_partition_spec(boxed)
     assert axes["attention"]["q_proj"]["kernel"] == jax.sharding.PartitionSpec("embed", "heads")
     assert axes["attention"]["o_proj"]["kernel"] == jax.sharding.PartitionSpec("heads", "embed")
     assert axes["ffn_crop"]["fc1"]["kernel"] == jax.sharding.PartitionSpec("embed", "mlp")

@@ -1,7 +1,9 @@
 """The lmms-eval adapter against a stand-in of lmms-eval's `Instance` (always), against lmms_eval
 itself when it is installed, and the streaming chat against batched generation."""
 import dataclasses
+import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,7 +14,28 @@ from infllava_jax.data.template import tokenize
 from infllava_jax.data.tokenizer import EOT, build_tiny_tokenizer
 from infllava_jax.evaluation import lmms_adapter, prompting, synthetic
 from infllava_jax.evaluation.runner import Request, pixel_size
+from infllava_jax.llama import LlamaForCausalLM, init_cache
+from infllava_jax.model import InfLlavaModel
 from infllava_jax.pixels import preprocess
+
+
+# An independent KV-cache path: prefill, then one token at a time (teacher forcing).
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _prefill(config, max_len: int, params, input_ids, pixel_values):
+    x = InfLlavaModel(config).apply({"params": params}, input_ids, pixel_values,
+                                    method=InfLlavaModel.embed_inputs)
+    lm, v = LlamaForCausalLM(config.llm), {"params": params["language_model"]}
+    cache = init_cache(config.llm, input_ids.shape[0], max_len)
+    hidden, cache = lm.apply(v, inputs_embeds=x["inputs_embeds"], attention_mask=x["attention_mask"],
+                             cache=cache, return_hidden=True)
+    return lm.apply(v, hidden[:, -1:], method=LlamaForCausalLM.logits)[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
+def _step(llm_config, params, token, cache):
+    logits, cache = LlamaForCausalLM(llm_config).apply(
+        {"params": params}, token[:, None], attention_mask=jnp.ones((token.shape[0], 1), bool), cache=cache)
+    return logits[:, 0], cache
 
 
 @dataclasses.dataclass
@@ -93,17 +116,17 @@ def test_generate_until_matches_sweep_generation(adapter):
 
 
 def _teacher_forced(ad, doc, targets):
-    """Sum of log p(target) and greedy-ness through the chat's KV-cache path (independent code)."""
+    """Sum of log p(target) and greedy-ness through the KV-cache path above (independent code)."""
     ctx = ad._encode("<image>\n" + Q)
     img = preprocess(doc["image"], pixel_size(ad.config, "released"))
-    max_len = len(ctx) + ad.config.tokens_per_image - 1 + N_NEW      # = chat.stream's for N_NEW
-    logits, cache = chat._prefill(ad.config, max_len, ad.model.params, jnp.asarray(ctx[None]), jnp.asarray(img[None]))
+    max_len = len(ctx) + ad.config.tokens_per_image - 1 + N_NEW
+    logits, cache = _prefill(ad.config, max_len, ad.model.params, jnp.asarray(ctx[None]), jnp.asarray(img[None]))
     total, greedy = 0.0, True
     for t in targets:
         lg = np.asarray(logits[0], np.float64)
         total += lg[t] - np.logaddexp.reduce(lg)
         greedy &= int(np.argmax(lg)) == t
-        logits, cache = chat._step(ad.config.llm, ad.model.params["language_model"], jnp.asarray([t], jnp.int32), cache)
+        logits, cache = _step(ad.config.llm, ad.model.params["language_model"], jnp.asarray([t], jnp.int32), cache)
     return total, greedy
 
 

@@ -13,10 +13,11 @@ import transformers
 
 from convert import engine
 from infllava_jax import llama
-from infllava_jax.generate import generate, generate_from_embeds, greedy_generate, top_p_filter
-from infllava_jax.layers import assert_all_partitioned, stack_layer_params, unstack_layer_params
+from infllava_jax.generate import generate_core, top_p_filter
+from infllava_jax.layers import stack_layer_params, unstack_layer_params
 from infllava_jax.llama import (Llama3RopeScaling, LlamaConfig, LlamaForCausalLM, init_cache,
                                 init_params, llama3_8b, rope_inv_freq)
+from tests.partitioning import assert_all_partitioned
 
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500000.0,
@@ -224,6 +225,33 @@ def test_cache_pad_slots_never_attended():
 
 
 # ----------------------------------------------------------------------------- generation
+# The decode loop of the one generation program (generate.generate_core) on the text model alone.
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "pad_id", "do_sample"))
+def _decode(cfg, params, ids, embeds, mask, stop, rng, temperature, top_p, *, max_new_tokens, pad_id, do_sample):
+    if embeds is None:
+        embeds = LlamaForCausalLM(cfg).apply({"params": params}, ids, method=LlamaForCausalLM.embed)
+    return generate_core(cfg, params, embeds, mask, max_new_tokens=max_new_tokens, stop_ids=stop, pad_id=pad_id,
+                         do_sample=do_sample, rng=rng, temperature=temperature, top_p=top_p)
+
+
+def generate(cfg, params, ids, mask=None, *, max_new_tokens, stop_ids, pad_id=0, rng=None, temperature=0.0,
+             top_p=1.0, embeds=None):
+    """Greedy unless rng is given and temperature > 0; from ids, or from prompt embeddings."""
+    do_sample = rng is not None and temperature > 0
+    x = ids if embeds is None else embeds
+    mask = jnp.ones(x.shape[:2], jnp.int32) if mask is None else jnp.asarray(mask)
+    return _decode(cfg, params, ids, embeds, mask, jnp.asarray(stop_ids, jnp.int32).reshape(-1),
+                   rng if do_sample else None, jnp.float32(temperature if do_sample else 1.0), jnp.float32(top_p),
+                   max_new_tokens=max_new_tokens, pad_id=pad_id, do_sample=do_sample)
+
+
+greedy_generate = generate
+
+
+def generate_from_embeds(cfg, params, embeds, mask, **kw):
+    return generate(cfg, params, None, mask, embeds=embeds, **kw)
+
 
 def _left_pad(rows, L):
     ids = np.full((len(rows), L), PAD, np.int64)
@@ -324,7 +352,7 @@ def test_scan_equals_unscanned_and_remat_equals_none():
     out_u = jit_forward(cfg_u)(p_u, ids, mask)
     np.testing.assert_allclose(np.asarray(out_u), np.asarray(ref), rtol=0, atol=1e-5)
     # unscanned init has the unscanned layout and stacks back to the scanned shapes
-    init_u = jax.eval_shape(lambda: init_params(cfg_u, jax.random.key(0)))["params"]
+    init_u = jax.eval_shape(lambda: init_params(cfg_u, jax.random.key(0)))
     assert jax.tree.map(jnp.shape, jax.eval_shape(stack_layer_params, init_u)) == jax.tree.map(jnp.shape, params)
 
     w = jax.random.normal(jax.random.key(1), ref.shape)
@@ -346,10 +374,10 @@ def test_scan_equals_unscanned_and_remat_equals_none():
 
 def test_logical_names_complete():
     for cfg in (VARIANTS["default"], VARIANTS["tied"], VARIANTS["default"].replace(scan_layers=False)):
-        boxed = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), unbox=False))["params"]
+        boxed = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), boxed=True))
         assert_all_partitioned(boxed)
     spec = nn.get_partition_spec(jax.eval_shape(
-        lambda: init_params(VARIANTS["default"], jax.random.key(0), unbox=False)))["params"]
+        lambda: init_params(VARIANTS["default"], jax.random.key(0), boxed=True)))
     layer = spec["model"]["layers"]
     assert tuple(layer["self_attn"]["q_proj"]["kernel"]) == ("layers", "embed", "heads")
     assert tuple(layer["self_attn"]["k_proj"]["kernel"]) == ("layers", "embed", "kv_heads")
@@ -372,7 +400,7 @@ def test_llama3_8b_param_count_matches_hf():
     # and every HF tensor has a JAX counterpart of the same (transposed) shape
     cfg_u = cfg.replace(scan_layers=False)
     flat = {"/".join(k.key for k in path): x.shape for path, x in jax.tree_util.tree_flatten_with_path(
-        jax.eval_shape(lambda: init_params(cfg_u, jax.random.key(0)))["params"])[0]}
+        jax.eval_shape(lambda: init_params(cfg_u, jax.random.key(0))))[0]}
     assert len(flat) == len(dict(hf.named_parameters()))
 
 

@@ -1,4 +1,4 @@
-"""The whole model: InfLlava vs the PyTorch reference of the released forward (tests/torch_llava_ref.py),
+"""The whole model: InfLlava vs the PyTorch reference of the released forward (convert/torch_reference.py),
 LLaVA-1.5 vs transformers' LlavaForConditionalGeneration, fast == full path, multi-image splice,
 paper variant, checkpoint round trips (also onto a mesh), and full-size parameter counts.
 
@@ -21,13 +21,15 @@ import transformers
 from torch import nn
 
 from convert.mapping import llava_hf_to_params, released_to_params
+from convert.torch_reference import InfLlavaTorch, randomize_
 from infllava_jax import presets, sharding
-from infllava_jax.api import CONFIG_FILE, InfLlava, abstract_params
+from infllava_jax.api import InfLlava, abstract_params
+from infllava_jax.checkpoint import CONFIG_FILE
 from infllava_jax.config import InfLlavaConfig
-from infllava_jax.dem import TORCH_KEYS
+from infllava_jax.dem import key_map as dem_key_map
 from infllava_jax.model import InfLlavaModel
 from infllava_jax.pixels import preprocess
-from tests.torch_llava_ref import IMAGE_TOKEN_INDEX as IMG, InfLlavaRef, randomize_
+from infllava_jax.splice import IMAGE_TOKEN_INDEX as IMG
 from tests.torch_ref import SpatialEmbed
 
 REL_TOL, KL_TOL = 1e-4, 1e-6
@@ -45,10 +47,7 @@ def hf_configs(cfg: InfLlavaConfig, attn: str = "eager"):
 @functools.lru_cache(maxsize=None)
 def reference(cfg: InfLlavaConfig, seed: int = 0):
     """(torch reference with random weights, our params converted from its released state dict)."""
-    d = cfg.dem
-    ref = InfLlavaRef(*hf_configs(cfg), grid=(d.nH, d.nW), variant=d.variant, dem_heads=d.num_heads,
-                      dem_head_dim=d.head_dim, dem_ffn_hidden=d.ffn_hidden)
-    randomize_(ref, seed)
+    ref = randomize_(InfLlavaTorch.from_config(cfg, device="cpu"), seed)
     return ref, released_to_params(ref.released_state_dict(), cfg)
 
 
@@ -142,7 +141,7 @@ def test_reference_state_dict_has_the_released_key_layout():
     cfg = presets.tiny()
     ref, _ = reference(cfg)
     keys = set(ref.state_dict())
-    dem = {"model.spatial_embed." + k for _, k, _ in TORCH_KEYS}
+    dem = {"model.spatial_embed." + r.key for r in dem_key_map()}
     proj = {f"model.mm_projector.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")}
     vision = {k for k in keys if k.startswith("model.vision_tower.vision_tower.vision_model.")}
     llama = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} | {
@@ -419,7 +418,7 @@ def _count(tree) -> int:
 def test_full_size_parameter_count_matches_torch_meta_models():
     """presets.inf_llava_8b, shapes only: each component's parameter count equals that of the
     PyTorch modules the released checkpoint holds (built on the meta device, sizes from SPEC 1)."""
-    abstract, _ = abstract_params(presets.inf_llava_8b())
+    abstract = abstract_params(presets.inf_llava_8b())
     with torch.device("meta"):
         clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
             hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,

@@ -12,15 +12,30 @@ from infllava_jax.pixels import (
     CLIP_MEAN,
     CLIP_STD,
     MEAN_COLOR,
+    _separable,
     bicubic_matrix,
     bilinear_matrix,
     expand2square,
-    from_nchw,
     preprocess,
     resize_bicubic,
-    resize_bilinear,
-    to_pixels_nchw,
 )
+
+
+def resize_bilinear(x, out_h: int, out_w: int):
+    """Resize (..., H, W, C) like torch interpolate(mode="bilinear", align_corners=False, antialias=False)
+    with the bilinear matrices the DEM pools with."""
+    h, w = x.shape[-3], x.shape[-2]
+    return _separable(x, bilinear_matrix(h, out_h), bilinear_matrix(w, out_w))
+
+
+def to_pixels_nchw(x):
+    """(..., H, W, C) -> (..., C, H, W) (PyTorch layout); numpy or jax arrays."""
+    return x.swapaxes(-1, -3).swapaxes(-1, -2)
+
+
+def from_nchw(x):
+    """(..., C, H, W) -> (..., H, W, C)."""
+    return x.swapaxes(-3, -1).swapaxes(-3, -2)
 
 
 def torch_resize(x, out_h, out_w, mode):

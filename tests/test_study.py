@@ -83,9 +83,9 @@ def test_study_rows_and_configs():
     assert list(study_cfg.ROWS) == ["plain_336", "local_only", "strided_only", "dcm_dem_672", "dcm_dem_1008"]
     c1 = study_cfg.get_config("row=local_only,stage=1")
     assert (c1.model.grid, c1.model.views, c1.stage) == (3, "local", "stage1")
-    assert c1.also_train == "language_model" and c1.data.buckets == (c1.data.max_len,)
+    assert c1.also_train == ("language_model",) and c1.data.buckets == (c1.data.max_len,)
     c2 = study_cfg.get_config("row=plain_336,stage=2,steps=7,seed=3")
-    assert (c2.model.grid, c2.total_steps, c2.also_train, c2.seed) == (0, 7, "", 3)
+    assert (c2.model.grid, c2.total_steps, c2.also_train, c2.seed) == (0, 7, (), 3)
     with pytest.raises(ValueError, match="row="):
         study_cfg.get_config("row=nope")
 

@@ -36,7 +36,7 @@ def _place(tree, shardings):
 def reference():
     params = jax.device_get(api.init_params(CFG, seed=1))
     tx, _ = step_lib.make_optimizer(1e-3, 10)
-    state = step_lib.init_state(params, "stage2", tx)
+    state = step_lib.init_state(params, step_lib.trainable_parts("stage2"), tx)
     batch = _batch()
     grads_fn = step_lib.make_grad_fn(CFG, loss_chunk=16)
     loss, count, grads = jax.jit(grads_fn)(jax.device_put(state, jax.devices()[0]), batch)
@@ -49,7 +49,7 @@ def test_mesh_matches_single_device(reference, shape):
     mesh = make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)))
     p_sh = api.param_shardings(CFG, mesh)
     tx, _ = step_lib.make_optimizer(1e-3, 10)
-    state = step_lib.init_state(_place(params, p_sh), "stage2", tx)
+    state = step_lib.init_state(_place(params, p_sh), step_lib.trainable_parts("stage2"), tx)
     b_sh = {k: batch_sharding(mesh, v.ndim, batch_axis=1) for k, v in batch.items()}
     grads_fn = step_lib.make_grad_fn(CFG, loss_chunk=16)
     with jax.set_mesh(mesh):
@@ -72,7 +72,7 @@ def test_mesh_matches_single_device(reference, shape):
 def test_frozen_parts_have_no_optimizer_state_and_step_updates_only_trainable():
     params = api.init_params(CFG, seed=2)
     tx, schedule = step_lib.make_optimizer(1e-2, 10, warmup_ratio=0.0)
-    state = step_lib.init_state(params, "stage1", tx)
+    state = step_lib.init_state(params, step_lib.trainable_parts("stage1"), tx)
     assert set(state["params"]) == {"spatial_embed", "mm_projector"}
     assert set(state["frozen"]) == {"vision_tower", "language_model"}
     n_train = sum(x.size for x in jax.tree.leaves(state["params"]))
@@ -94,7 +94,7 @@ def test_frozen_parts_have_no_optimizer_state_and_step_updates_only_trainable():
 def test_batch_without_supervised_tokens_is_skipped_not_trained():
     params = api.init_params(CFG, seed=3)
     tx, schedule = step_lib.make_optimizer(1e-2, 10, warmup_ratio=0.0)
-    state = step_lib.init_state(params, "stage2", tx)
+    state = step_lib.init_state(params, step_lib.trainable_parts("stage2"), tx)
     batch = _batch(A=1, b=2)
     batch["labels"][:] = IGNORE_INDEX
     new, metrics = jax.jit(step_lib.make_train_step(CFG, tx, schedule))(state, batch)
@@ -124,10 +124,10 @@ def test_chunked_loss_equals_full_logits_loss():
 def test_stage_names_extra_trainable_parts():
     from infllava_jax.training.step import split_params, trainable_parts
     params = {k: {"w": k} for k in ("vision_tower", "spatial_embed", "mm_projector", "language_model")}
-    train, frozen = split_params(params, "stage1+vision_tower+language_model")
+    train, frozen = split_params(params, trainable_parts("stage1", ("vision_tower", "language_model")))
     assert sorted(train) == ["language_model", "mm_projector", "spatial_embed", "vision_tower"] and not frozen
-    assert trainable_parts("stage2+language_model") == ("spatial_embed", "mm_projector", "language_model")
-    train, frozen = split_params(params, "stage1")
+    assert trainable_parts("stage2", ("language_model",)) == ("spatial_embed", "mm_projector", "language_model")
+    train, frozen = split_params(params, trainable_parts("stage1"))
     assert sorted(frozen) == ["language_model", "vision_tower"]
     with pytest.raises(ValueError, match="stage1\\+dem"):
-        split_params(params, "stage1+dem")
+        trainable_parts("stage1", ("dem",))

@@ -9,9 +9,15 @@ import transformers
 
 from convert import engine, formats
 from infllava_jax import vision
-from infllava_jax.layers import assert_all_partitioned, stack_layer_params, unstack_layer_params
-from infllava_jax.vision import (CLIPVisionConfig, CLIPVisionTransformer, clip_vit_l14_336, init_params,
-                                 select_features)
+from infllava_jax.layers import stack_layer_params, unstack_layer_params
+from infllava_jax.vision import CLIPVisionConfig, CLIPVisionTransformer, clip_vit_l14_336, init_params
+from tests.partitioning import assert_all_partitioned
+
+
+def select_features(config: CLIPVisionConfig, params, pixel_values, select_layer: int = -2):
+    """Functional form of `CLIPVisionTransformer.features` (params: the `params` collection)."""
+    return CLIPVisionTransformer(config).apply({"params": params}, pixel_values, select_layer=select_layer,
+                                               method=CLIPVisionTransformer.features)
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             image_size=56, patch_size=14)

@@ -8,9 +8,9 @@
     pipeline.py    DataConfig, make_dataset: sharded, shuffled, checkpointable grain pipeline
     arrayrecord.py tfds ArrayRecord builder (pre-tokenised, pre-resized) and its reader (no TF)
 """
-from infllava_jax.data.pipeline import DataConfig, data_stats, make_dataset
-from infllava_jax.data.template import build_prompt, encode_conversation, encode_prompt
+from infllava_jax.data.pipeline import DataConfig, make_dataset
+from infllava_jax.data.template import build_prompt, encode_conversation
 from infllava_jax.data.tokenizer import build_tiny_tokenizer, load_tokenizer, stop_ids
 
-__all__ = ["DataConfig", "make_dataset", "data_stats", "build_prompt", "encode_prompt",
+__all__ = ["DataConfig", "make_dataset", "build_prompt",
            "encode_conversation", "build_tiny_tokenizer", "load_tokenizer", "stop_ids"]

@@ -5,7 +5,8 @@ b - (T - 1) ids per row, since each row has exactly one image slot whose sentine
 positions. Text-only rows have no sentinel; `splice` marks their tail invalid. A batch takes the
 smallest bucket that fits its longest row (no reordering, so the iterator state stays a plain
 position in the shuffled stream). In multi-process training call `agree_across_processes` on
-each local batch so every process pads to the same bucket before forming the global array.
+each local batch so every process pads to the same bucket before forming the global array, and
+`sum_over_processes` for the global data counters.
 """
 from __future__ import annotations
 
@@ -76,3 +77,17 @@ def agree_across_processes(batch: dict, pad_id: int) -> dict:
     from jax.experimental import multihost_utils
     lengths = multihost_utils.process_allgather(np.int32(batch["input_ids"].shape[1]))
     return pad_batch(batch, int(np.max(lengths)), pad_id)
+
+
+def sum_over_processes(stats: dict) -> dict:
+    """The data counters (`LlavaBatchIterator.stats()`) summed over all processes (one tiny
+    all-gather). A no-op with one process."""
+    import jax
+    if jax.process_count() == 1:
+        return stats
+    from jax.experimental import multihost_utils
+    reasons = sorted(stats["bad"])
+    mine = np.array([stats["good"], stats["truncated"], *(stats["bad"][r] for r in reasons)], np.int64)
+    total = np.asarray(multihost_utils.process_allgather(mine)).sum(0).tolist()
+    bad = dict(zip(reasons, total[2:]))
+    return {"good": total[0], "truncated": total[1], "bad": bad, "bad_total": sum(bad.values())}

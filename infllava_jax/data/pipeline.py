@@ -3,58 +3,42 @@
     source (LLaVA JSON/JSONL list, or ArrayRecord dir)       MapDataset, random access
       -> shuffle(seed) -> repeat(num_epochs)                  ONE global stream, reshuffled each epoch
       -> this process's rows                                  [p*b, (p+1)*b) of every block of P*b
+      -> from global micro-batch `start` on                   resume = the step's position
       -> map(record -> example | bad)                         tokenise, truncate, decode image
       -> to_iter_dataset(threads) [-> mp_prefetch(workers)]
-      -> LlavaBatches: drop + count bad samples, collate to a length bucket
+      -> LlavaBatches: count bad samples, collate to a length bucket
 
-The global sample stream (shuffled once, globally, from `seed`) does not depend on the number of
-processes P: it is cut into blocks of P*b positions (b = batch_size, per process) and process p
-reads positions [p*b, (p+1)*b) of every block, so global micro-batch k (the P local batches of
-the k-th `next()`, in process order) holds exactly positions [k*P*b, (k+1)*P*b) of the stream:
-the same samples as one process reading batches of P*b. Each process maps, tokenises and decodes
-only its own rows. A finite stream (num_epochs) drops `len % P` positions and splits its last,
-partial block equally, so every process gets the same number of samples.
+The data order is a function of the position alone (levanter's `iter_from_step`): the global
+sample stream (shuffled once, globally, from `seed`) does not depend on the number of processes
+P; it is cut into blocks of G = P*b positions (b = batch_size, per process) and process p reads
+positions [p*b, (p+1)*b) of every block, so global micro-batch k (the P local batches of the k-th
+`next()`, in process order) is exactly positions [k*G, (k+1)*G) of the stream, whatever P is.
+A bad sample keeps its slot: its row is empty (one attended pad token, nothing supervised, no
+image; `index` -1), so it shifts nothing. Resuming at micro-batch k on any mesh or process count
+is `make_dataset(..., start=k)`; only the counters (good / truncated / bad samples by reason)
+come from the checkpoint. Each process maps, tokenises and decodes only its own rows. A finite
+stream (num_epochs) drops `len % P` positions and splits its last, partial block equally.
 
-Everything up to `to_iter_dataset` is index-based, so the iterator state is one position in this
-process's rows of the stream. Bad samples are dropped *after* that position advances, in
-LlavaBatches, whose state adds the counters: restoring a state resumes exactly (same batches,
-same counts), with or without prefetch threads or worker processes (resume with the same
-`num_workers`: grain's multiprocess state has one entry per worker).
-
-Bad samples are skipped per process: a process that meets one fills its batch from its next
-rows (its rows of the next block), so from then on that process's rows of a global batch come
-from slightly later stream positions than with another process count. Every sample is still read
-by exactly one process, once per epoch; only the batch composition shifts.
-
-Elastic resume (a different process count or per-process batch): the state also records the
-layout (p, P, b) and `global_position`, the first stream position after this process's last read
-sample. `LlavaBatchIterator.resume_elastic(old states of all processes)` resumes at the largest
-old `global_position`, rounded up to a block boundary of the new layout (without bad samples the
-processes stand exactly at a global-batch boundary, so nothing is skipped or repeated; with bad
-samples the processes stand at different positions, and the rows the slower ones had not reached
-yet (about P x the difference in bad samples met, plus the rounding) are skipped, never
-repeated; their number is logged). checkpoints.py calls it when a checkpoint's layout differs
-from the run's.
-
-Multi-process notes: train by step count with num_epochs=None (processes meet different numbers
-of bad samples, so finite epochs could end at different steps), and pass every local batch
-through `batching.agree_across_processes` (one bucket for the global batch). The JSON path parses
-the whole file in every process (only its rows are tokenised and decoded) and pickles the record
-list into each worker process; for LLaVA-665k-sized data prefer threads or the ArrayRecord path.
+The iterator also has grain's get_state/set_state (exact resume of one iterator, with or
+without prefetch threads or worker processes). Pass every local batch through
+`batching.agree_across_processes` (one length bucket for the global batch). The JSON path
+parses the whole file in every process (only its rows are tokenised and decoded) and pickles
+the record list into each worker process; for LLaVA-665k-sized data prefer threads or the
+ArrayRecord path.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
-import math
 import os
 import sys
 
 import grain
 
 from infllava_jax.data.batching import collate, default_buckets
-from infllava_jax.data.examples import BAD_REASONS, JsonRecordProcessor, SampleSpec
+from infllava_jax.data.examples import BAD_REASONS, JsonRecordProcessor, SampleSpec, example
+from infllava_jax.splice import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 _LOGGED_BAD = 20  # log the first few bad samples with their detail, then only count
@@ -184,10 +168,10 @@ class ProcessRows(grain.MapDataset):
         return f"ProcessRows(process {self.p} of {self.P}, {self.b} rows of each block of {self.P * self.b})"
 
 
-def make_dataset(cfg: DataConfig, tokenizer, *, process_index: int | None = None,
+def make_dataset(cfg: DataConfig, tokenizer, *, start: int = 0, process_index: int | None = None,
                  process_count: int | None = None) -> "LlavaBatches":
-    """The batched grain IterDataset of this process. `iter()` it; the iterator has
-    get_state/set_state (save it in the training checkpoint), `resume_elastic` and `stats()`."""
+    """The batched grain IterDataset of this process, from global micro-batch `start` on.
+    `iter()` it; the iterator has `stats()` / `set_stats()` and grain's get_state/set_state."""
     if process_index is None or process_count is None:
         import jax
         process_index, process_count = jax.process_index(), jax.process_count()
@@ -200,7 +184,7 @@ def make_dataset(cfg: DataConfig, tokenizer, *, process_index: int | None = None
     rows = ProcessRows(ds, process_index, process_count, cfg.batch_size)
     if len(rows) == 0:
         raise ValueError(f"{cfg.data_path}: no records for process {process_index} of {process_count}")
-    ds = rows.map(processor)
+    ds = (rows[start * cfg.batch_size:] if start else rows).map(processor)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads,
                                               prefetch_buffer_size=cfg.prefetch_buffer))
     if cfg.num_workers > 0:
@@ -208,31 +192,21 @@ def make_dataset(cfg: DataConfig, tokenizer, *, process_index: int | None = None
         if not flags.FLAGS.is_parsed():  # never parse them: use the defaults
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
-    return LlavaBatches(it, cfg, pad_id=tokenizer.pad_token_id, rows=rows)
+    return LlavaBatches(it, cfg, pad_id=tokenizer.pad_token_id, start=start)
 
 
 # ----------------------------------------------------------------------------- batches
 
-class _OneProcess:
-    """The layout of an iterator built without ProcessRows: one process reading every row."""
-    p, P, infinite, _full = 0, 1, True, sys.maxsize
-
-    def __init__(self, rows: int):
-        self.b = rows
-
-    def global_index(self, i: int) -> int:
-        return i
-
-
 class LlavaBatches(grain.IterDataset):
-    """Drops and counts bad samples, then collates `batch_size` good ones (batching.py)."""
+    """Counts bad samples (an empty row keeps each one's slot), then collates `batch_size`
+    rows (batching.py)."""
 
-    def __init__(self, parent: grain.IterDataset, cfg: DataConfig, pad_id: int, rows: ProcessRows | None = None):
+    def __init__(self, parent: grain.IterDataset, cfg: DataConfig, pad_id: int, start: int = 0):
         super().__init__(parent)
-        self.cfg, self.pad_id, self.rows = cfg, int(pad_id), rows
+        self.cfg, self.pad_id, self.start = cfg, int(pad_id), start
 
     def __iter__(self) -> "LlavaBatchIterator":
-        return LlavaBatchIterator(self._parent.__iter__(), self.cfg, self.pad_id, self.rows)
+        return LlavaBatchIterator(self._parent.__iter__(), self.cfg, self.pad_id, self.start)
 
     def __str__(self):
         return f"LlavaBatches(batch_size={self.cfg.batch_size}, buckets={self.cfg.bucket_lengths})"
@@ -244,15 +218,13 @@ class TooManyBadSamples(ValueError):
 
 class LlavaBatchIterator(grain.DatasetIterator):
 
-    def __init__(self, parent: grain.DatasetIterator, cfg: DataConfig, pad_id: int,
-                 rows: ProcessRows | None = None):
+    def __init__(self, parent: grain.DatasetIterator, cfg: DataConfig, pad_id: int, start: int = 0):
         super().__init__(parent)
         self.cfg, self.pad_id = cfg, pad_id
-        self.rows = rows or _OneProcess(cfg.batch_size)
         self._buckets = cfg.bucket_lengths
         self._good = self._truncated = 0
         self._bad = {r: 0 for r in BAD_REASONS}
-        self._position = 0            # rows of this process read so far (index of the next one)
+        self._position = start * cfg.batch_size   # this process's rows of the stream read so far
 
     def __next__(self) -> dict:
         rows = []
@@ -267,9 +239,10 @@ class LlavaBatchIterator(grain.DatasetIterator):
             self._position += 1
             if "bad" in e:
                 self._count_bad(e)
-                continue
-            self._good += 1
-            self._truncated += e["truncated"]
+                e = example([self.pad_id], [IGNORE_INDEX], None, index=-1)   # keeps the slot, trains nothing
+            else:
+                self._good += 1
+                self._truncated += e["truncated"]
             rows.append(e)
         return collate(rows, buckets=self._buckets, tokens_per_image=self.cfg.tokens_per_image,
                        image_size=self.cfg.image_size, pad_id=self.pad_id)
@@ -295,87 +268,19 @@ class LlavaBatchIterator(grain.DatasetIterator):
         return {"good": self._good, "truncated": self._truncated, "bad": dict(self._bad),
                 "bad_total": sum(self._bad.values())}
 
-    @property
-    def layout(self) -> dict:
-        """Which rows of the global stream this iterator reads (see the module docstring)."""
-        return {"process_index": self.rows.p, "process_count": self.rows.P, "rows": self.rows.b}
+    def set_stats(self, stats: dict) -> None:
+        """Continue counting from `stats` (e.g. a checkpoint's totals)."""
+        self._good, self._truncated = int(stats["good"]), int(stats["truncated"])
+        self._bad = {r: int(stats["bad"].get(r, 0)) for r in BAD_REASONS}
 
     def get_state(self) -> dict:
-        k = self._position
-        return {"parent": self._parent.get_state(), "good": self._good, "truncated": self._truncated,
-                "bad": dict(self._bad), "position": k, "layout": self.layout,
-                "global_position": self.rows.global_index(k - 1) + 1 if k else 0}
-
-    def same_layout(self, state: dict) -> bool:
-        """True if `state` was saved by an iterator reading the same rows (exact resume); states
-        saved before layouts were recorded count as the same."""
-        return state.get("layout", self.layout) == self.layout
+        """grain's iterator state (restore it into an iterator made with the same `start`)."""
+        return {"parent": self._parent.get_state(), "position": self._position, **self.stats()}
 
     def set_state(self, state: dict) -> None:
-        if not self.same_layout(state):
-            raise ValueError(f"data iterator state of layout {state['layout']} cannot resume exactly as "
-                             f"{self.layout}: use resume_elastic with the states of all processes")
         self._parent.set_state(state["parent"])
-        self._good, self._truncated = int(state["good"]), int(state["truncated"])
-        self._bad = {r: int(state["bad"].get(r, 0)) for r in BAD_REASONS}
-        self._position = int(state.get("position", self._good + sum(self._bad.values())))
-
-    def resume_elastic(self, states: list[dict]) -> dict:
-        """Resume from the states of ALL processes of a run with another layout (process count or
-        per-process batch size): at the largest old `global_position`, rounded up to a block of
-        this layout. Counters: process 0 takes the old totals, the others start at zero.
-        Returns what happened: {"global_position", "start", "skipped", "from": old layout}."""
-        if len(states) == 1 and "layout" not in states[0]:   # one process, saved before layouts were recorded
-            k = int(states[0]["good"]) + sum(int(v) for v in states[0]["bad"].values())
-            states = [{**states[0], "position": k, "global_position": k,
-                       "layout": {"process_index": 0, "process_count": 1, "rows": None}}]
-        layouts = [s.get("layout") for s in states]
-        if not states or None in layouts:
-            raise ValueError("elastic data resume needs the states of all processes with their layouts (saved "
-                             "since layouts are recorded); resume with the original process count instead")
-        P_old = layouts[0]["process_count"]
-        if sorted(l["process_index"] for l in layouts) != list(range(P_old)) or \
-                any(l["process_count"] != P_old for l in layouts):
-            raise ValueError(f"elastic data resume needs the states of all {P_old} processes, got layouts {layouts}")
-        g_old = max(int(s["global_position"]) for s in states)
-        block = self.rows.P * self.rows.b
-        blocks = math.ceil(g_old / block)
-        if self.rows.infinite or blocks <= self.rows._full:
-            k, g_new = blocks * self.rows.b, blocks * block
-        else:   # a finite stream, past its last full block: nothing left to read
-            k, g_new = len(self.rows), g_old
-        try:
-            grain.experimental.set_next_index(self._parent, k)
-        except NotImplementedError as e:
-            raise NotImplementedError(
-                f"elastic data resume cannot move this grain iterator ({self._parent}) to a position: "
-                "resume once with num_workers <= 1, then change it back") from e
-        self._position = k
-        first = self.rows.p == 0
-        self._good = sum(int(s["good"]) for s in states) if first else 0
-        self._truncated = sum(int(s["truncated"]) for s in states) if first else 0
-        self._bad = {r: sum(int(s["bad"].get(r, 0)) for s in states) if first else 0 for r in BAD_REASONS}
-        # positions before g_new that no old process read: the rows the old processes had passed
-        # are exactly positions, so this is g_new minus their sum (0 without bad samples)
-        unread = max(0, g_new - sum(int(s["position"]) for s in states))
-        info = {"global_position": g_new, "start": k, "skipped": unread,
-                "from": {"process_count": P_old, "rows": layouts[0]["rows"]}}
-        log.info("data: elastic resume of %s from %d process(es) x %s rows at global position %d "
-                 "(%d positions skipped): process %d of %d starts at its row %d",
-                 self.cfg.data_path, P_old, layouts[0]["rows"], g_new, info["skipped"],
-                 self.rows.p, self.rows.P, k)
-        return info
+        self._position = int(state["position"])
+        self.set_stats(state)
 
     def __str__(self):
         return f"LlavaBatchIterator(batch_size={self.cfg.batch_size})"
-
-
-def data_stats(iterator) -> dict:
-    """`stats()` of the LlavaBatchIterator in an iterator chain (e.g. under a device prefetch)."""
-    todo = [iterator]
-    while todo:
-        it = todo.pop()
-        if isinstance(it, LlavaBatchIterator):
-            return it.stats()
-        todo.extend(getattr(it, "_parents", ()))
-    raise ValueError("no LlavaBatchIterator in this iterator chain")

@@ -95,14 +95,6 @@ def normalize_turns(conversations, has_image: bool) -> list[tuple[str, str]]:
 
 # ----------------------------------------------------------------------------- text
 
-def llama3_text(pairs, system: str = SYSTEM) -> str:
-    """The whole `llama3` conversation as one string (what the released get_prompt builds)."""
-    s = system_text(system)
-    for q, a in pairs:
-        s += f"{header(USER)}{q}{EOT}{header(ASSISTANT)}{a}{EOT}"
-    return s
-
-
 def build_prompt(question: str, with_image: bool = True, system: str = SYSTEM) -> str:
     """Generation prompt: system, one user turn ("<image>\\n" + question), open assistant header."""
     q = f"{IMAGE_TOKEN}\n{question}" if with_image else question
@@ -127,15 +119,6 @@ def _encode(tokenizer, text: str) -> list[int]:
     if backend is not None:
         return backend.encode(text, add_special_tokens=False).ids
     return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def encode_prompt(question: str, tokenizer, with_image: bool = True, double_bos: bool = False,
-                  system: str = SYSTEM) -> np.ndarray:
-    """Ids of `build_prompt` (int32). double_bos=True reproduces the released eval loader."""
-    ids = tokenize(build_prompt(question, with_image, system), tokenizer)
-    if double_bos:
-        ids = [special_id(tokenizer, BOS)] + ids
-    return np.asarray(ids, np.int32)
 
 
 def encode_conversation(conversations, tokenizer, *, has_image: bool, template: str = "llama3",

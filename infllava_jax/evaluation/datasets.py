@@ -14,7 +14,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 from PIL import Image
 
@@ -122,17 +122,6 @@ def read_rows(files: Iterable[Path], skip_columns: Sequence[str] = ()) -> list[d
         else:
             raise DataError(f"{f}: unsupported data file (want .parquet, .jsonl or .json)")
     return rows
-
-
-def iter_parquet_column(files: Iterable[Path], column: str, batch_rows: int = 64) -> Iterator:
-    """Stream one column of parquet files (row order), without loading the rest."""
-    import pyarrow.parquet as pq
-    for f in files:
-        pf = pq.ParquetFile(f)
-        if column not in pf.schema_arrow.names:
-            raise DataError(f"{f}: no column {column!r}")
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=[column]):
-            yield from batch.column(0).to_pylist()
 
 
 # ----------------------------------------------------------------------------- images

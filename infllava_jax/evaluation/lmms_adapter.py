@@ -43,10 +43,10 @@ class Adapter:
         from infllava_jax.data.tokenizer import stop_ids
         from infllava_jax.evaluation import prompting
         from infllava_jax.evaluation.runner import Generator, grid_config
-        from infllava_jax.evaluation.sweep import make_mesh
+        from infllava_jax.sharding import make_mesh
 
         self._lmms_init()
-        self.mesh = make_mesh(mesh)
+        self.mesh = make_mesh(mesh or "data=-1")
         if model is None:
             model = InfLlava.from_pretrained(ckpt, mesh=self.mesh)
         else:  # an in-memory model: its parameters replicated over this (data-parallel) mesh

@@ -148,16 +148,3 @@ def eval_open(answer, preds: list) -> bool:
         elif p in golds:
             return True
     return False
-
-
-def answer_value(row):
-    """The gold answer: a letter / string, or a list when stored as a Python list literal."""
-    a = row["answer"]
-    if isinstance(a, str) and a.startswith("[") and a.endswith("]"):
-        try:
-            v = ast.literal_eval(a)
-            if isinstance(v, list):
-                return [str(x) for x in v]
-        except (ValueError, SyntaxError):
-            pass
-    return a

@@ -1,6 +1,6 @@
 """Batched generation for evaluation: bucketed shapes, ahead-of-time compiled, data-parallel.
 
-One program = prefill + one `lax.while_loop` decode with the KV cache (`generate.generate_core`),
+One program = prefill + one `lax.while_loop` decode with the KV cache (`generate.generate`),
 exiting early once every row has emitted a stop token. Shapes are bucketed so that a sweep
 compiles a bounded number of programs:
 
@@ -38,8 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from infllava_jax import sharding as sharding_lib
 from infllava_jax.config import InfLlavaConfig
-from infllava_jax.generate import generate_core
-from infllava_jax.model import InfLlavaModel
+from infllava_jax.generate import generate
 
 LENGTH_BUCKETS = (64, 128, 256, 512, 1024, 2048)
 IMAGE_BUCKETS = (1, 2, 4, 8)
@@ -82,20 +81,6 @@ def pixel_size(config: InfLlavaConfig, mode: str) -> int:
     raise ValueError(f"pixels must be 'released' or 'native', got {mode!r}")
 
 
-def _program(config: InfLlavaConfig, max_new_tokens: int, do_sample: bool, pad_id: int,
-             params, input_ids, pixel_values, attention_mask, stop_ids, rng, temperature, top_p):
-    x = InfLlavaModel(config).apply({"params": params}, input_ids, pixel_values, attention_mask,
-                                    method=InfLlavaModel.embed_inputs)
-    return generate_core(config.llm, params["language_model"], x["inputs_embeds"], x["attention_mask"],
-                         max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
-                         do_sample=do_sample, rng=rng if do_sample else None,
-                         temperature=temperature, top_p=top_p)
-
-
-# one jit object for every Generator, so identical programs are traced and compiled once
-_PROGRAM = jax.jit(_program, static_argnums=(0, 1, 2, 3))
-
-
 def _host(x: jax.Array) -> np.ndarray:
     """All of a (possibly multi-host, batch-sharded) array on every process."""
     if x.is_fully_addressable:
@@ -124,7 +109,7 @@ class Generator:
                  stop_ids: Sequence[int] = (), length_buckets=LENGTH_BUCKETS,
                  image_buckets=IMAGE_BUCKETS):
         self.params = params
-        self.mesh = mesh if mesh is not None else sharding_lib.make_mesh({"data": jax.device_count()})
+        self.mesh = mesh if mesh is not None else sharding_lib.make_mesh("data=-1")
         self.dp = int(self.mesh.shape["data"] * self.mesh.shape["fsdp"])
         self.batch_size = int(-(-max(1, batch_size) // self.dp) * self.dp)
         self.pad_id, self.stop_ids = int(pad_id), tuple(int(s) for s in stop_ids)
@@ -152,16 +137,9 @@ class Generator:
             return np.ascontiguousarray(fill(rows), dtype)[(slice(None),) + tuple(index[1:])]
         return jax.make_array_from_callback(shape, self._batch_sh, cb)
 
-    def generate(self, config: InfLlavaConfig, requests: Sequence[Request], *, max_new_tokens: int,
-                 sampling: Sampling | None = None, image_size: int | None = None,
-                 batch_index: int | None = None) -> list[np.ndarray]:
-        """Tokens generated for each request (stop token included when reached). Sampling draws
-        from key(seed) folded with `batch_index` (default: the number of batches run so far)."""
-        if not requests:
-            return []
-        if len(requests) > self.batch_size:
-            raise ValueError(f"{len(requests)} requests > batch size {self.batch_size}")
-        reqs = list(requests) + [requests[0]] * (self.batch_size - len(requests))
+    def _inputs(self, config: InfLlavaConfig, reqs: list[Request], image_size: int | None):
+        """(ids, pixels, mask) of a full batch: prompts left-padded to a length bucket, images to
+        an image-count bucket."""
         B = self.batch_size
         L = bucket(max(len(r.ids) for r in reqs), self.length_buckets)
         K = bucket(max(1, max(len(r.images) for r in reqs)), self.image_buckets)
@@ -194,21 +172,33 @@ class Generator:
                     out[j, k] = img
             return out
 
-        ids = self._global((B, L), np.int32, ids_rows)
-        mask = self._global((B, L), np.int32, mask_rows)
-        pix = self._global((B, K, S, S, 3), np.float32, pix_rows)
+        return (self._global((B, L), np.int32, ids_rows), self._global((B, K, S, S, 3), np.float32, pix_rows),
+                self._global((B, L), np.int32, mask_rows))
+
+    def generate(self, config: InfLlavaConfig, requests: Sequence[Request], *, max_new_tokens: int,
+                 sampling: Sampling | None = None, image_size: int | None = None,
+                 batch_index: int | None = None) -> list[np.ndarray]:
+        """Tokens generated for each request (stop token included when reached). Sampling draws
+        from key(seed) folded with `batch_index` (default: the number of batches run so far)."""
+        if not requests:
+            return []
+        if len(requests) > self.batch_size:
+            raise ValueError(f"{len(requests)} requests > batch size {self.batch_size}")
+        reqs = list(requests) + [requests[0]] * (self.batch_size - len(requests))
+        ids, pix, mask = self._inputs(config, reqs, image_size)
         s = sampling or Sampling()
         do_sample = s.temperature > 0
         put = functools.partial(jax.device_put, device=self._repl)
         stop = put(jnp.asarray(self.stop_ids or (-1,), jnp.int32))
         rng = put(jax.random.fold_in(jax.random.key(s.seed), self.batches if batch_index is None else batch_index))
         temp, top_p = put(jnp.float32(s.temperature if do_sample else 1.0)), put(jnp.float32(s.top_p))
-        args = (self.params, ids, pix, mask, stop, rng, temp, top_p)
-        key = (config, int(max_new_tokens), do_sample, self.pad_id, (B, L), (B, K, S, S), len(self.stop_ids))
+        args = (self.params, ids, pix, mask, stop, rng if do_sample else None, temp, top_p)
+        key = (config, int(max_new_tokens), do_sample, self.pad_id, ids.shape, pix.shape[:4], len(self.stop_ids))
         exe = self._compiled.get(key)
         if exe is None:
             t = time.perf_counter()
-            exe = _PROGRAM.lower(config, int(max_new_tokens), do_sample, self.pad_id, *args).compile()
+            exe = generate.lower(config, *args, max_new_tokens=int(max_new_tokens), do_sample=do_sample,
+                                 pad_id=self.pad_id).compile()
             self.compile_seconds += time.perf_counter() - t
             self._compiled[key] = exe
         tokens, lengths = exe(*args)

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
-import numpy as np
+from tqdm import tqdm
 
 from infllava_jax import sharding as sharding_lib
 from infllava_jax.api import InfLlava
@@ -30,24 +30,6 @@ from infllava_jax.evaluation.tasks import Task, get_task
 from infllava_jax.pixels import preprocess
 
 
-def parse_mesh(spec: str) -> dict:
-    """"data=2,fsdp=4" (or "data:2+fsdp:4", for lmms-eval's model_args) -> {"data": 2, "fsdp": 4};
-    "" -> every device on `data`."""
-    if not spec:
-        return {"data": jax.device_count()}
-    out = {}
-    for part in spec.replace("+", ",").split(","):
-        k, _, v = part.replace(":", "=").partition("=")
-        out[k.strip()] = int(v)
-    return out
-
-
-def make_mesh(spec: str):
-    """The mesh of `parse_mesh(spec)` over the first devices it needs (all by default)."""
-    shape = parse_mesh(spec)
-    return sharding_lib.make_mesh(shape, jax.devices()[:int(np.prod(list(shape.values())))])
-
-
 def parse_scorers(spec: str) -> dict:
     """"pope=llava,docvqa=lmms_eval_2024_07" -> {task: scorer}."""
     out = {}
@@ -55,19 +37,6 @@ def parse_scorers(spec: str) -> dict:
         k, _, v = part.partition("=")
         out[get_task(k).name] = v
     return out
-
-
-def _with_dtype(config, dtype: str):
-    if not dtype:
-        return config
-    c = config.replace(llm=config.llm.replace(dtype=dtype))
-    c = c.replace(vision=_replace(c.vision, dtype=dtype))
-    return c if c.dem is None else c.replace(dem=_replace(c.dem, dtype=dtype))
-
-
-def _replace(dc, **kw):
-    import dataclasses
-    return dataclasses.replace(dc, **kw)
 
 
 def _prefetch(it, depth: int = 2):
@@ -98,9 +67,9 @@ class Sweep:
 
     def __init__(self, cfg, ckpt: str, *, model: InfLlava | None = None, tokenizer=None, log=print):
         self.cfg, self.ckpt, self.log = cfg, str(ckpt), log
-        self.mesh = make_mesh(cfg.mesh)
+        self.mesh = sharding_lib.make_mesh(cfg.mesh or "data=-1")   # default: data parallel
         self.model = model or InfLlava.from_pretrained(ckpt, mesh=self.mesh)
-        self.config = _with_dtype(self.model.config, cfg.dtype)
+        self.config = self.model.config.with_runtime(dtype=cfg.dtype or None)
         self.tok = tokenizer or prompting.get_tokenizer(cfg.tokenizer, ckpt, self.config.llm.vocab_size)
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else self.tok.pad_token_id
         self.gen = Generator(self.model.params, self.mesh, batch_size=cfg.batch_size, pad_id=pad or 0,
@@ -149,7 +118,7 @@ class Sweep:
         compile_before = self.gen.compile_seconds
         t0 = time.perf_counter()
         show = jax.process_index() == 0 and bool(self.cfg.progress)
-        bar = _bar(len(rows), f"{task.name} @ {res}", show)
+        bar = tqdm(total=len(rows), desc=f"{task.name} @ {res}", unit="ex", disable=not show)
         for brows, reqs, texts in _prefetch(self._requests(task, rows, size)):
             outs = self.gen.generate(config, reqs, max_new_tokens=n_new, sampling=self.sampling,
                                      image_size=size)
@@ -173,20 +142,6 @@ class Sweep:
             preds = {id_key(a["question_id"]): a["text"] for a in answers}
             rec["metrics"] = scorers.score(task.name, rows, preds, self.scorer_names.get(task.name))
         return rec
-
-
-def _bar(total, desc, show):
-    if show:
-        from tqdm import tqdm
-        return tqdm(total=total, desc=desc, unit="ex", leave=True)
-
-    class _Null:
-        def update(self, n):
-            pass
-
-        def close(self):
-            pass
-    return _Null()
 
 
 def write_judge_inputs(task: Task, rows, answers, stem: Path) -> None:

@@ -32,7 +32,7 @@ def random_params(config, seed: int = 0):
     zero biases. Placed on the first device."""
     import jax
     from infllava_jax.api import abstract_params
-    shapes, _ = abstract_params(config)
+    shapes = abstract_params(config)
     rng = np.random.default_rng(seed)
 
     def draw(path, leaf):

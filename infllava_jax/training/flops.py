@@ -7,12 +7,12 @@ frozen vision tower (nothing before it trains); causal attention counts half the
 from __future__ import annotations
 
 import time
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 
 from infllava_jax.config import InfLlavaConfig
-from infllava_jax.training.step import trainable_parts
 
 # Dense bf16 peak per chip (vendor figures, no sparsity), matched against device_kind.
 PEAK_FLOPS = {
@@ -55,9 +55,9 @@ def _llm_flops_per_token(c: InfLlavaConfig, seq_len: int) -> float:
     return dense + attn
 
 
-def train_step_flops(c: InfLlavaConfig, batch_size: int, seq_len: int, stage: str) -> float:
-    """FLOPs of one optimizer step over `batch_size` sequences of `seq_len` spliced tokens."""
-    parts = trainable_parts(stage)
+def train_step_flops(c: InfLlavaConfig, batch_size: int, seq_len: int, parts: Sequence[str]) -> float:
+    """FLOPs of one optimizer step over `batch_size` sequences of `seq_len` spliced tokens when
+    `parts` train."""
     passes = 1 if c.dem is None else c.dem.vit_passes()
     vision = passes * _vit_flops(c) * (3 if "vision_tower" in parts else 1)  # forward (x3 when trained)
     proj = 2 * c.tokens_per_image * (c.vision.hidden_size * c.llm.hidden_size + c.llm.hidden_size ** 2)

@@ -1,5 +1,5 @@
 """Metrics: `WORKDIR/metrics.jsonl` (one JSON object per logged step), TensorBoard event files,
-and a progress line with rate and ETA."""
+a progress line with rate and ETA, and the throughput meter (tokens/s, MFU)."""
 from __future__ import annotations
 
 import json
@@ -53,6 +53,29 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+class ThroughputMeter:
+    """Tokens and model FLOPs per second since the last report; `restart()` leaves out what is
+    not training (compiling, evaluating)."""
+
+    def __init__(self, peak_flops: float):
+        self.peak_flops = peak_flops       # of all devices together
+        self.restart()
+
+    def restart(self) -> None:
+        self._t, self._tokens, self._flops = time.perf_counter(), 0, 0.0
+
+    def add(self, tokens: int, flops: float) -> None:
+        self._tokens += tokens
+        self._flops += flops
+
+    def report(self) -> dict:
+        """{"tokens_per_s", "mfu"} since the last report (or restart), then restarts."""
+        dt = max(time.perf_counter() - self._t, 1e-9)
+        out = {"tokens_per_s": self._tokens / dt, "mfu": self._flops / dt / self.peak_flops}
+        self.restart()
+        return out
 
 
 def _fmt(seconds: float) -> str:

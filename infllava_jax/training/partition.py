@@ -6,6 +6,8 @@ plan.py to compile the step from shapes.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import optax
 
@@ -14,12 +16,12 @@ from infllava_jax.config import InfLlavaConfig
 from infllava_jax.training import step as step_lib
 
 
-def state_shardings(config: InfLlavaConfig, stage: str, tx: optax.GradientTransformation, mesh):
-    """(abstract train state, matching tree of NamedShardings)."""
-    abstract_params, _ = api.abstract_params(config)
+def state_shardings(config: InfLlavaConfig, parts: Sequence[str], tx: optax.GradientTransformation, mesh):
+    """(abstract train state, matching tree of NamedShardings); `parts` train."""
+    abstract_params = api.abstract_params(config)
     p_sh = api.param_shardings(config, mesh)
-    abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, stage, tx), abstract_params)
-    train_sh, frozen_sh = step_lib.split_params(p_sh, stage)
+    abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, parts, tx), abstract_params)
+    train_sh, frozen_sh = step_lib.split_params(p_sh, parts)
     rep = sharding.replicated(mesh)
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_state["opt_state"], train_sh,
                                    transform_non_params=lambda _: rep)

@@ -1,15 +1,15 @@
 """The train step: frozen parts, AdamW on the trainable parts only, gradient accumulation.
 
 State = {"step", "params" (trainable subtrees, fp32 master), "frozen" (never differentiated, no
-optimizer state), "opt_state"}. Which top-level parts train is the stage (SPEC section 7):
-stage 1 trains DEM + projector; stage 2 also the LLM; the vision tower never trains, except
-when the stage names more parts ("stage1+vision_tower+language_model": the miniature study).
+optimizer state), "opt_state"}. Which top-level parts train is a tuple of names: the stage's
+(SPEC section 7: stage 1 trains DEM + projector, stage 2 also the LLM, the vision tower never)
+plus any the config adds (`also_train`, e.g. the miniature study's random tiny model).
 The loss is the token-mean next-token cross-entropy over the whole global batch (all
 micro-batches), computed by `loss.cross_entropy_sum` without full fp32 logits.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -30,19 +30,16 @@ TRAINABLE = {
 }
 
 
-def trainable_parts(stage: str) -> tuple[str, ...]:
-    """Top-level parts that train: "stage1" | "stage2", optionally "+part" for more
-    (e.g. "stage1+vision_tower+language_model": the miniature study's random tiny model)."""
-    base, *extra = stage.split("+")
-    if base not in TRAINABLE or set(extra) - set(PARTS):
-        raise ValueError(f"stage={stage!r}; expected one of {sorted(TRAINABLE)}, optionally with "
-                         f"'+part' for parts in {PARTS}")
-    return TRAINABLE[base] + tuple(p for p in extra if p not in TRAINABLE[base])
+def trainable_parts(stage: str, also: Sequence[str] = ()) -> tuple[str, ...]:
+    """Top-level parts that train: those of `stage` ("stage1" | "stage2") and then `also`."""
+    if stage not in TRAINABLE or set(also) - set(PARTS):
+        raise ValueError(f"{'+'.join((stage, *also))}: expected one of {sorted(TRAINABLE)} and parts "
+                         f"of {PARTS}")
+    return TRAINABLE[stage] + tuple(p for p in also if p not in TRAINABLE[stage])
 
 
-def split_params(params: dict, stage: str) -> tuple[dict, dict]:
-    """(trainable, frozen) top-level subtrees for `stage`."""
-    parts = trainable_parts(stage)
+def split_params(params: dict, parts: Sequence[str]) -> tuple[dict, dict]:
+    """(trainable, frozen) top-level subtrees: `parts` train."""
     train = {k: v for k, v in params.items() if k in parts}
     return train, {k: v for k, v in params.items() if k not in train}
 
@@ -58,8 +55,8 @@ def make_optimizer(lr: float, total_steps: int, warmup_ratio: float = 0.03, weig
     return tx, schedule
 
 
-def init_state(params: dict, stage: str, tx: optax.GradientTransformation) -> dict:
-    train, frozen = split_params(params, stage)
+def init_state(params: dict, parts: Sequence[str], tx: optax.GradientTransformation) -> dict:
+    train, frozen = split_params(params, parts)
     return {"step": jnp.zeros((), jnp.int32), "params": train, "frozen": frozen, "opt_state": tx.init(train)}
 
 

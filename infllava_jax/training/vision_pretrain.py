@@ -38,7 +38,7 @@ import numpy as np
 import optax
 from PIL import Image
 
-from infllava_jax import api, presets, sharding
+from infllava_jax import api, checkpoint, presets, sharding
 from infllava_jax.data import synthetic
 from infllava_jax.data import synthetic_targets as st
 from infllava_jax.data.images import normalize, resize_uint8
@@ -186,7 +186,7 @@ def run(data_dir, out_dir, *, steps: int = 600, batch: int = 16, lr: float = 2e-
         meter.update(i + 1, loss, parts, batch * view_index.shape[1])
     params = jax.device_get(params)
     acc = accuracy(config.vision, params, {s: v[n:] for s, v in images.items()}, targets[n:])
-    api.save_checkpoint(out / "final", config, {**model_params, "vision_tower": params["vision_tower"]})
+    checkpoint.save_checkpoint(out / "final", config, {**model_params, "vision_tower": params["vision_tower"]})
     result = {"steps": steps, "batch_images": batch, "views_per_step": batch * len(st.view_families(sampled=True)), "lr": lr, "seed": seed,
               "n_train": n, "holdout": holdout, "final_loss": meter.last_loss, "holdout_accuracy": acc,
               "seconds": round(time.perf_counter() - t0, 1)}

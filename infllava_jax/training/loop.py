@@ -1,0 +1,294 @@
+"""The training loop (levanter's Trainer): build the run from a config, `init_or_restore` the
+state, then one short loop over steps; everything periodic is a hook `(every, fn)`: the
+skipped-step count, metrics, checkpoints, evaluation, the watchdog's next deadline. The host
+waits for the device only inside hooks (`jax.device_get` at log and checkpoint points).
+
+    summary = train(cfg, workdir)       # cfg: a configs/<name>.py ConfigDict (configs/common.py)
+
+Resuming is `init_or_restore` + the data order of the step (data/pipeline.py): the latest
+checkpoint in the workdir restores onto this run's mesh, whatever the device or process count.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+
+from infllava_jax import api, presets, sharding
+from infllava_jax.api import InfLlava
+from infllava_jax.checkpoint import load_config
+from infllava_jax.config import InfLlavaConfig
+from infllava_jax.data.batching import agree_across_processes, pad_batch, sum_over_processes
+from infllava_jax.data.pipeline import DataConfig, make_dataset
+from infllava_jax.data.tokenizer import load_tokenizer
+from infllava_jax.training import flops, partition, step as step_lib
+from infllava_jax.training.checkpoints import TrainCheckpoints
+from infllava_jax.training.metrics import MetricsWriter, ThroughputMeter
+
+log = logging.getLogger("infllava_jax")
+BATCH_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values")
+
+
+def train(cfg, workdir, deadlines=None) -> dict:
+    """Run (or resume) the training of `cfg` in `workdir`; returns a summary (steps, resumed_from,
+    seconds, compile_seconds, final_loss, data). `deadlines`: distributed.Deadlines (multi-process)."""
+    return Trainer(cfg, workdir, deadlines).fit()
+
+
+# ----------------------------------------------------------------------------- the run's parts
+
+def model_config(cfg, vocab_size: int) -> InfLlavaConfig:
+    """InfLlavaConfig from the init checkpoint or a preset, with the run's runtime settings."""
+    if cfg.init_checkpoint:
+        mc = load_config(cfg.init_checkpoint)
+    else:
+        kw = dict(cfg.model)
+        preset = kw.pop("preset")
+        if preset == "tiny":
+            kw["grid"] = kw["grid"] or None      # grid=0: the LLaVA-1.5 path
+            kw["vocab_size"] = vocab_size
+        mc = getattr(presets, preset)(**kw)
+    if vocab_size > mc.llm.vocab_size:
+        raise ValueError(f"tokenizer has {vocab_size} tokens but the model's vocabulary is {mc.llm.vocab_size}")
+    return mc.with_runtime(**cfg.runtime)
+
+
+def init_parts(cfg) -> dict[str, str]:
+    """{top-level part: checkpoint it is taken from} after initialisation."""
+    return {"vision_tower": cfg.init_vision_tower} if cfg.init_vision_tower else {}
+
+
+def init_or_restore(cfg, mc: InfLlavaConfig, mesh, parts, tx, ckpts: TrainCheckpoints):
+    """-> (train state on `mesh`, start step, data counters or None). Restored from the latest
+    checkpoint when there is one (from shapes: nothing is initialised first); else the
+    parameters of cfg.init_checkpoint (or random), then the `init_parts` from their checkpoints."""
+    abstract, shardings = partition.state_shardings(mc, parts, tx, mesh)
+    start = ckpts.latest_step() or 0
+    if start:
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        state, counts = ckpts.restore(start, target)
+        log.info("resumed from %s at step %d", ckpts.dir / str(start), start)
+        return state, start, counts
+    if cfg.init_checkpoint:
+        params = InfLlava.from_pretrained(cfg.init_checkpoint, mesh=mesh).params  # checks keys and shapes
+        log.info("initial weights: %s", cfg.init_checkpoint)
+    else:
+        params = api.init_params(mc, cfg.seed, mesh)
+        log.info("initial weights: random (seed %d)", cfg.seed)
+    if init_parts(cfg):
+        params = api.load_parts(params, init_parts(cfg), mc, mesh)
+        log.info("taken from checkpoints: %s", init_parts(cfg))
+    state = jax.jit(lambda p: step_lib.init_state(p, parts, tx), out_shardings=shardings)(params)
+    return state, 0, None
+
+
+def data_config(cfg, mc: InfLlavaConfig, workdir: Path, per_process_batch: int) -> DataConfig:
+    """The pipeline's config; `data.synthetic` without a path: the demo set in WORKDIR/../data
+    (written once, by process 0)."""
+    d = cfg.data
+    path, folder = d.path, d.image_folder
+    if d.synthetic and not path:
+        from infllava_jax.data import synthetic
+        root = workdir.parent / "data"
+        if jax.process_index() == 0:
+            synthetic.generate(root, seed=0)       # 252 px; the pipeline resizes to the model's input
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("synthetic data")
+        path = str(root / ("train_caption.json" if cfg.stage == "stage1" else "train_vqa.json"))
+        folder = str(root)
+    return DataConfig.for_model(mc, path, folder, stage=int(cfg.stage[-1]), max_len=d.max_len,
+                                buckets=tuple(d.buckets) or None, batch_size=per_process_batch, seed=cfg.seed,
+                                num_threads=d.num_threads, image_cache_mb=d.image_cache_mb)
+
+
+def accumulation_steps(cfg, mesh) -> int:
+    """Micro-batches per step: global_batch = micro_batch x processes x this."""
+    P = jax.process_count()
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]          # the batch axis is split over data x fsdp
+    if (cfg.micro_batch * P) % rows:
+        raise ValueError(f"config.micro_batch={cfg.micro_batch} x {P} processes does not split "
+                         f"over the mesh's data x fsdp = {rows} devices ({dict(mesh.shape)})")
+    accum = cfg.global_batch // (cfg.micro_batch * P)
+    if accum < 1 or accum * cfg.micro_batch * P != cfg.global_batch:
+        raise ValueError(f"global_batch {cfg.global_batch} is not micro_batch {cfg.micro_batch} x "
+                         f"{P} processes x an integer number of accumulation steps")
+    return accum
+
+
+@dataclasses.dataclass
+class Hook:
+    every: int
+    fn: Callable[[int, dict], None]       # (step, the step's metrics, still on device)
+    at_end: bool = False                  # also after the last step
+
+    def due(self, step: int, last: int) -> bool:
+        return step % self.every == 0 or (self.at_end and step == last)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+class Trainer:
+    """One training run: mesh, model config, state, data, compiled steps, hooks."""
+
+    def __init__(self, cfg, workdir, deadlines=None):
+        self.t0 = time.perf_counter()
+        self.cfg, self.workdir, self.deadlines = cfg, Path(workdir).absolute(), deadlines
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.arm("start-up (model, data, checkpoint restore)", compiling=True)
+        _quiet_logs()
+        self.cache = cfg.compilation_cache_dir or str(Path.home() / ".cache" / "infllava_jax" / "xla")
+        jax.config.update("jax_compilation_cache_dir", self.cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        self.mesh = sharding.make_mesh(dict(cfg.mesh))
+        self.tok = load_tokenizer(cfg.tokenizer or None)
+        self.mc = model_config(cfg, len(self.tok))
+        self.accum = accumulation_steps(cfg, self.mesh)
+        self.parts = step_lib.trainable_parts(cfg.stage, cfg.also_train)
+        o = cfg.optimizer
+        self.tx, schedule = step_lib.make_optimizer(o.lr, cfg.total_steps, o.warmup_ratio, o.weight_decay,
+                                                    max_grad_norm=o.max_grad_norm or None)
+        self.ckpts = TrainCheckpoints(self.workdir, keep=cfg.keep_checkpoints)
+        self.state, self.start, counts = init_or_restore(cfg, self.mc, self.mesh, self.parts, self.tx, self.ckpts)
+        self.data = self._data(counts)
+        _, state_sh = partition.state_shardings(self.mc, self.parts, self.tx, self.mesh)
+        self.step_fn = jax.jit(step_lib.make_train_step(self.mc, self.tx, schedule, cfg.loss_chunk),
+                               in_shardings=(state_sh, None), out_shardings=(state_sh, None), donate_argnums=0)
+        self.compiled, self.compile_seconds, self.final_loss, self.skipped = {}, 0.0, None, 0
+        peak, note = flops.device_peak_flops()
+        log.info("MFU denominator: %s x %d devices", note, jax.device_count())
+        self.meter = ThroughputMeter(peak * jax.device_count())
+        self.writer = MetricsWriter(self.workdir, cfg.total_steps, enabled=jax.process_index() == 0)
+        self.hooks = [Hook(1, self.count_skipped), Hook(cfg.log_every, self.log_metrics, at_end=True),
+                      Hook(cfg.checkpoint_every, self.save, at_end=True)]
+        if cfg.eval_every:
+            self.hooks.append(Hook(cfg.eval_every, self.evaluate))
+        if deadlines:
+            self.hooks.append(Hook(1, lambda step, _: self.arm(f"step {step + 1}")))
+
+    def _data(self, counts):
+        """This process's batch iterator from the start step's micro-batch on (data/pipeline.py)."""
+        cfg, b, P, p = self.cfg, self.cfg.micro_batch, jax.process_count(), jax.process_index()
+        k = self.start * self.accum
+        it = iter(make_dataset(data_config(cfg, self.mc, self.workdir, b), self.tok, start=k))
+        if counts and p == 0:                     # the totals so far; the other processes count anew
+            it.set_stats(counts)
+        log.info("mesh %s; model grid %s, %d tokens/image; %s; %d accumulation steps of %d per process",
+                 dict(self.mesh.shape), self.mc.grid, self.mc.tokens_per_image, "+".join(self.parts), self.accum, b)
+        if P > 1:
+            log.info("process %d of %d (%d local devices): reads rows [%d, %d) of every global micro-batch of %d",
+                     p, P, jax.local_device_count(), p * b, (p + 1) * b, P * b)
+        if k:
+            log.info("data: from global micro-batch %d (stream position %d): process %d of %d starts at its row %d",
+                     k, k * P * b, p, P, k * b)
+        return it
+
+    def arm(self, what: str, compiling: bool = False) -> None:
+        if self.deadlines:
+            self.deadlines.arm(what, compiling)
+
+    def global_batch(self) -> dict:
+        """The next `accum` micro-batches of every process, padded to one length, as global arrays
+        (accumulation steps, batch, ...) with the batch axis over (data, fsdp)."""
+        pad = self.tok.pad_token_id
+        micro = [next(self.data) for _ in range(self.accum)]
+        L = max(m["input_ids"].shape[1] for m in micro)
+        micro = [agree_across_processes(pad_batch(m, L, pad), pad) for m in micro]
+        L = max(m["input_ids"].shape[1] for m in micro)
+        local = {k: np.stack([pad_batch(m, L, pad)[k] for m in micro]) for k in BATCH_KEYS}
+        return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(self.mesh, v.ndim, 1), v)
+                for k, v in local.items()}
+
+    def run_step(self, step: int, batch: dict):
+        """One optimizer step; a batch shape seen for the first time is compiled first (timed,
+        under the compile deadline, left out of the throughput)."""
+        shape = batch["input_ids"].shape
+        if shape not in self.compiled:
+            self.arm(f"step {step} (compiling for micro-batches {shape})", compiling=True)
+            t = time.perf_counter()
+            self.compiled[shape] = self.step_fn.lower(self.state, batch).compile()
+            self.compile_seconds += time.perf_counter() - t
+            log.info("compiled the train step for micro-batches %s in %.1f s (cache %s)", shape,
+                     time.perf_counter() - t, self.cache)
+            self.meter.restart()
+        A, b, L = shape
+        seq = L + self.mc.tokens_per_image - 1                 # spliced length
+        self.meter.add(A * b * seq, flops.train_step_flops(self.mc, A * b, seq, self.parts))
+        self.state, metrics = self.compiled[shape](self.state, batch)
+        return {**metrics, "seq_len": seq}
+
+    def fit(self) -> dict:
+        with jax.set_mesh(self.mesh):
+            for step in range(self.start + 1, self.cfg.total_steps + 1):
+                metrics = self.run_step(step, self.global_batch())
+                for hook in self.hooks:
+                    if hook.due(step, self.cfg.total_steps):
+                        hook.fn(step, metrics)
+        return self.finish()
+
+    # -- hooks ------------------------------------------------------------------------------------
+    def count_skipped(self, step: int, m: dict) -> None:
+        if bool(m["skipped"]):
+            self.skipped += 1
+            log.warning("step %d: skipped, not trained on (supervised tokens %d, loss %s)",
+                        step, int(m["tokens"]), float(m["loss"]))
+
+    def log_metrics(self, step: int, m: dict) -> None:
+        m = jax.device_get(m)
+        self.final_loss = float(m["loss"])
+        self.writer.write(step, {
+            "loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+            "supervised_tokens": int(m["tokens"]), **self.meter.report(), "skipped_steps": self.skipped,
+            "bad_samples": sum_over_processes(self.data.stats())["bad_total"], "seq_len": m["seq_len"]})
+
+    def save(self, step: int, _) -> None:
+        self.ckpts.save(step, self.state, sum_over_processes(self.data.stats()))
+
+    def evaluate(self, step: int, _) -> None:
+        """Score `cfg.eval_config` (configs/eval.py arguments) on `cfg.eval_data` with the in-memory
+        parameters (no checkpoint round trip), on the training mesh; logged as eval/<task>@<res>."""
+        from configs.eval import get_config
+        from infllava_jax.evaluation import scorers, sweep
+
+        ecfg = get_config(self.cfg.eval_config)
+        ecfg.mesh = ",".join(f"{k}={v}" for k, v in self.mesh.shape.items())
+        ecfg.progress = False
+        t = time.perf_counter()
+        summary = sweep.run(ecfg, ckpt="(in memory)", data=self.cfg.eval_data,
+                            out=str(self.workdir / "eval" / f"step_{step}"), log=log.info,
+                            model=InfLlava(self.mc, self.params()), tokenizer=self.tok)
+        scores = {f"eval/{task}@{res}": scorers.main_metric(rec["metrics"])
+                  for task, by_res in summary["results"].items() for res, rec in by_res.items() if rec.get("metrics")}
+        log.info("step %d eval (%.1f s): %s", step, time.perf_counter() - t, json.dumps(scores))
+        self.writer.write_eval(step, scores)
+        self.meter.restart()
+
+    # -- the end ------------------------------------------------------------------------------------
+    def params(self) -> dict:
+        return {**self.state["frozen"], **self.state["params"]}
+
+    def finish(self) -> dict:
+        self.arm("the last checkpoint and the export", compiling=True)
+        self.ckpts.wait()
+        stats = sum_over_processes(self.data.stats())
+        log.info("data: %s", json.dumps(stats))
+        if self.cfg.export_final:
+            InfLlava(self.mc, self.params()).save_pretrained(self.workdir / "final")   # all processes take part
+            log.info("wrote %s (InfLlava.from_pretrained)", self.workdir / "final")
+        self.ckpts.close()
+        self.writer.close()
+        return {"steps": self.cfg.total_steps, "resumed_from": self.start,
+                "seconds": round(time.perf_counter() - self.t0, 1), "compile_seconds": round(self.compile_seconds, 1),
+                "final_loss": self.final_loss, "data": stats}
+
+
+def _quiet_logs() -> None:
+    logging.getLogger("absl").setLevel(logging.WARNING)   # Orbax's per-save chatter
+    logging.getLogger().setLevel(logging.WARNING)
+    log.setLevel(logging.INFO)
