@@ -12,7 +12,7 @@ ViT patch of an 84 px local crop) holding four facts, each asked by one question
                                                     bottom left, ...      + where it is
     side    Is the box left or right of the circle? left, right           global only (a control)
 
-The box and the circle are large (70 px, a coloured outline filled with a 60% tint of the colour,
+The box and the circle are large (3 x 3 cells, 42 px at 252, a coloured outline filled with a 60% tint of the colour,
 often straddling local-crop borders); the glyph, the dot cluster and the four 3x3 marks sit at a
 fixed place in the middle of one 14 px cell each (grey level 0..60 per image). Grey strokes and
 dots are clutter. A 2 px dark frame marks the image border, so that a local crop shows where in
@@ -31,7 +31,7 @@ majority-class accuracy of every type. Output (`generate`):
 
     images/{train,val,test}/{i:06d}.png   RGB PNG, written byte-identically for a given seed
     train_caption.json    stage 1: "<image>\\nDescribe the image." -> a caption naming every fact
-    train_vqa.json        stage 2: one record per image, TURNS (2) questions of different types
+    train_vqa.json        stage 2: one record per image, TURNS (4) questions of different types
                           (the first cycles through the types), a few text-only records
     val.jsonl, test.jsonl one question per image: {question_id, image, question, answer, type}
     scenes_{train,val,test}.jsonl  per image: {image, answers, colors, layout, ink, caption},
@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-VERSION = 3
+VERSION = 4
 GRID = 18                        # cells per side
 SPLITS = ("train", "val", "test")
 SHORT = "Answer the question using a single word or phrase."   # as the eval task's post-prompt
@@ -229,9 +229,9 @@ def render(answers: dict, rng: np.random.Generator, image_size: int = 252) -> Sc
     span = PITCH * (LATTICE - 1) + 2
     oy, ox = rc * cell + (cell - span) // 2, cc * cell + (cell - span) // 2
     for s in rng.choice(LATTICE * LATTICE, n, replace=False):
-        h, w = DOT_SIZES[rng.integers(len(DOT_SIZES))]
+        dh, dw = DOT_SIZES[rng.integers(len(DOT_SIZES))]
         y, x = oy + PITCH * (s // LATTICE), ox + PITCH * (s % LATTICE)
-        img[y:y + h, x:x + w] = ink
+        img[y:y + dh, x:x + dw] = ink
     layout["count"] = (oy, ox, span, span)
 
     # one 3x3 mark per quadrant, away from the two middle rows and columns: "x" in the

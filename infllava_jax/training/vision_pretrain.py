@@ -42,7 +42,7 @@ from infllava_jax import api, checkpoint, presets, sharding
 from infllava_jax.data import synthetic
 from infllava_jax.data import synthetic_targets as st
 from infllava_jax.data.images import normalize, resize_uint8
-from infllava_jax.vision import select_features
+from infllava_jax.vision import CLIPVisionTransformer
 
 log = logging.getLogger("infllava_jax")
 NAMES = list(st.HEADS)
@@ -77,7 +77,8 @@ def logits_fn(vision_config, params, images, view_index=None):
     if view_index is not None:
         v = jnp.take_along_axis(v, view_index[:, :, None, None, None], axis=1)
     B, V = v.shape[:2]
-    f = select_features(vision_config, params["vision_tower"], v.reshape(B * V, *v.shape[2:]))
+    f = CLIPVisionTransformer(vision_config).apply({"params": params["vision_tower"]}, v.reshape(B * V, *v.shape[2:]),
+                                                   method=CLIPVisionTransformer.features)   # hidden_states[-2]
     f = f.reshape(B, V, *f.shape[1:])
     rms = jnp.sqrt(jnp.mean(jnp.square(f), axis=-1, keepdims=True) + 1e-6)
     out = {n: (f / rms) @ params["heads"][n]["kernel"] + params["heads"][n]["bias"] for n in NAMES}
