@@ -12,9 +12,10 @@ Rows (same data, same steps, same trainable parts; only the visual path differs)
     dcm_dem_1008   DCM + DEM (released) on a 3x3 grid (252 px), the released model's point
 Every row gives the LLM 36 visual tokens per image.
 
-The tiny model has no pretrained parts (random CLIP, random Llama), so unlike the released recipe
-(SPEC 7: frozen CLIP; frozen LLM in stage 1) the study trains every part in both stages;
-stage 1 still trains on the captions with the plain template, stage 2 on the VQA records.
+The released recipe (SPEC 7), scaled down: the vision tower is the study's stage-0 tower
+(training/vision_pretrain.py, the tiny model's "CLIP"), frozen in both stages; stage 1 trains
+DEM + projector on the captions (plain template) and, unlike the released recipe, the tiny LLM too
+(it has no pretrained weights); stage 2 trains DEM + projector + LLM on the VQA records.
 """
 import ml_collections
 
@@ -29,8 +30,8 @@ ROWS = {
     "dcm_dem_672": (2, "both", 672),
     "dcm_dem_1008": (3, "both", 1008),
 }
-STEPS = {1: 600, 2: 120}        # the 15-minute budget on 2 CPU cores (--scale for longer runs)
-LR = {1: 3e-3, 2: 1e-3}
+STEPS = {1: 600, 2: 250}        # the 15-minute budget on 2 CPU cores (--scale for longer runs)
+LR = {1: 3e-3, 2: 2e-3}
 BATCH = 32                      # four rows per fake device
 STAGE0 = {"steps": 400, "batch": 16, "lr": 2e-3}   # training/vision_pretrain.run
 BUCKET = {1: 80, 2: 200}        # one spliced length per stage (longest record: 73 / 199): one compile

@@ -181,6 +181,27 @@ def _free_cell(rng, occ, rows, cols, core=None):
     return None
 
 
+def _clutter(img: np.ndarray, rng: np.random.Generator, occ: np.ndarray, cell: int) -> None:
+    """Short light strokes and a few grey dots, in free cells only."""
+    for _ in range(int(rng.integers(4, 8))):
+        rcq = _free_cell(rng, occ, range(GRID), range(GRID))
+        if rcq is None:
+            break
+        y, x = rcq[0] * cell + int(rng.integers(2, cell - 8)), rcq[1] * cell + int(rng.integers(2, cell - 8))
+        length = int(rng.integers(3, 8))
+        colr = CLUTTER[rng.integers(len(CLUTTER))]
+        k = np.arange(length)
+        kind = rng.integers(3)
+        ys, xs = (y + 0 * k, x + k) if kind == 0 else (y + k, x + 0 * k) if kind == 1 else (y + k, x + k)
+        img[ys, xs] = colr
+    for _ in range(int(rng.integers(0, 4))):
+        rcq = _free_cell(rng, occ, range(GRID), range(GRID))
+        if rcq is None:
+            break
+        y, x = rcq[0] * cell + int(rng.integers(3, cell - 4)), rcq[1] * cell + int(rng.integers(3, cell - 4))
+        img[y:y + 2, x:x + 2] = CLUTTER[0]
+
+
 def render(answers: dict, rng: np.random.Generator, image_size: int = 252) -> Scene:
     """Draw one scene with the given answers ({type: answer string}); the rest comes from rng."""
     cell = _check_size(image_size)
@@ -250,24 +271,7 @@ def render(answers: dict, rng: np.random.Generator, image_size: int = 252) -> Sc
     layout["corner"] = tuple(marks)
     layout["side"] = ((y0, x0, side, side), ((rc - h) * cell, (cc - h) * cell, OBJECT * cell, OBJECT * cell))
 
-    # clutter: short light strokes and a few grey dots, in free cells only
-    for _ in range(int(rng.integers(4, 8))):
-        rcq = _free_cell(rng, occ, range(GRID), range(GRID))
-        if rcq is None:
-            break
-        y, x = rcq[0] * cell + int(rng.integers(2, cell - 8)), rcq[1] * cell + int(rng.integers(2, cell - 8))
-        length = int(rng.integers(3, 8))
-        colr = CLUTTER[rng.integers(len(CLUTTER))]
-        k = np.arange(length)
-        kind = rng.integers(3)
-        ys, xs = (y + 0 * k, x + k) if kind == 0 else (y + k, x + 0 * k) if kind == 1 else (y + k, x + k)
-        img[ys, xs] = colr
-    for _ in range(int(rng.integers(0, 4))):
-        rcq = _free_cell(rng, occ, range(GRID), range(GRID))
-        if rcq is None:
-            break
-        y, x = rcq[0] * cell + int(rng.integers(3, cell - 4)), rcq[1] * cell + int(rng.integers(3, cell - 4))
-        img[y:y + 2, x:x + 2] = CLUTTER[0]
+    _clutter(img, rng, occ, cell)
     f = max(1, round(FRAME * S / 252))
     img[:f], img[-f:], img[:, :f], img[:, -f:] = FRAME_COLOR, FRAME_COLOR, FRAME_COLOR, FRAME_COLOR
     return Scene(img, dict(answers), {"box": box_c, "circle": circ_c}, layout, ink_level)
@@ -375,6 +379,24 @@ def _is_complete(root: Path, args: dict) -> dict | None:
     return meta if all((root / f).is_file() for f in files) else None
 
 
+def _write_images(root: Path, split: str, n: int, seed: int, image_size: int) -> list:
+    """Render and write a split's images and scenes_<split>.jsonl -> [(answers, colours, caption)]."""
+    d = root / "images" / split
+    d.mkdir(parents=True, exist_ok=True)
+    for stale in d.glob("*.png"):                       # left by a larger earlier run
+        if stale.stem.isdigit() and len(stale.stem) == 6 and int(stale.stem) >= n:
+            stale.unlink()
+    sched = _schedule(seed, split, n)
+    rows, records = [], []
+    for i in range(n):
+        s = scene(seed, split, i, n, image_size, sched)
+        _write(root / _image_rel(split, i), _png(s.image))
+        rows.append((s.answers, s.colors, caption(s)))
+        records.append(scene_record(s, _image_rel(split, i)))
+    _write(root / f"scenes_{split}.jsonl", _jsonl_bytes(records))
+    return rows
+
+
 def generate(out_dir, *, n_train: int = 2000, n_val: int = 200, n_test: int = 300,
              image_size: int = 252, seed: int = 0) -> dict:
     """Write the dataset to out_dir (see the module docstring) and return its meta.json content
@@ -391,22 +413,7 @@ def generate(out_dir, *, n_train: int = 2000, n_val: int = 200, n_test: int = 30
 
     t0 = time.perf_counter()
     (root / "meta.json").unlink(missing_ok=True)         # incomplete until rewritten at the end
-    scenes = {}
-    for split, n in counts.items():
-        d = root / "images" / split
-        d.mkdir(parents=True, exist_ok=True)
-        for stale in d.glob("*.png"):                       # left by a larger earlier run
-            if stale.stem.isdigit() and len(stale.stem) == 6 and int(stale.stem) >= n:
-                stale.unlink()
-        sched = _schedule(seed, split, n)
-        rows, records = [], []
-        for i in range(n):
-            s = scene(seed, split, i, n, image_size, sched)
-            _write(root / _image_rel(split, i), _png(s.image))
-            rows.append((s.answers, s.colors, caption(s)))
-            records.append(scene_record(s, _image_rel(split, i)))
-        scenes[split] = rows
-        _write(root / f"scenes_{split}.jsonl", _jsonl_bytes(records))
+    scenes = {split: _write_images(root, split, n, seed, image_size) for split, n in counts.items()}
 
     rng = np.random.default_rng([seed, 99])
     cap, vqa, first_turns = [], [], []
