@@ -44,7 +44,6 @@ from .attention import dot_product_attention
 from .layers import dense, layer_stack
 
 ACT_AXES = ("act_batch", "act_length", "act_embed")
-INIT_STD = 0.02  # HF initializer_range
 
 
 # ----------------------------------------------------------------------------- config
@@ -94,6 +93,7 @@ class LlamaConfig:
     max_position_embeddings: int = 8192
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    initializer_range: float = 0.02  # std of the random initialisation (HF's field; 0.02 suits d ~ 4096)
     # runtime
     dtype: str = "float32"        # activation / compute dtype
     param_dtype: str = "float32"
@@ -151,7 +151,8 @@ class LlamaConfig:
             rope_scaling=scaling,
             max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=bool(d.get("attention_bias", False)))
+            attention_bias=bool(d.get("attention_bias", False)),
+            initializer_range=float(d.get("initializer_range", 0.02)))
         kw.update(runtime)
         return cls(**kw)
 
@@ -168,7 +169,8 @@ class LlamaConfig:
                  rope_scaling=None if self.rope_scaling is None else self.rope_scaling.to_hf(),
                  max_position_embeddings=self.max_position_embeddings,
                  tie_word_embeddings=self.tie_word_embeddings,
-                 attention_bias=self.attention_bias, mlp_bias=False)
+                 attention_bias=self.attention_bias, mlp_bias=False,
+                 initializer_range=self.initializer_range)
         d.update(extra)
         return d
 
@@ -241,7 +243,7 @@ class RMSNorm(nn.Module):
 
 def _dense(cfg: LlamaConfig, features: int, axes, name: str, use_bias: bool = False):
     return dense(features, axes, name=name, use_bias=use_bias, dtype=cfg.jnp_dtype,
-                 param_dtype=cfg.jnp_param_dtype, kernel_init=nn.initializers.normal(INIT_STD))
+                 param_dtype=cfg.jnp_param_dtype, kernel_init=nn.initializers.normal(cfg.initializer_range))
 
 
 class LlamaAttention(nn.Module):
@@ -312,7 +314,7 @@ class LlamaModel(nn.Module):
         cfg = self.config
         self.embed_tokens = nn.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("vocab", "embed")))
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")))
         self.layers = layer_stack(LlamaDecoderLayer, cfg.num_hidden_layers, scan=cfg.scan_layers,
                                   remat_policy=cfg.remat_policy, config=cfg)
         self.norm = RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype)

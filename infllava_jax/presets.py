@@ -43,7 +43,8 @@ def tiny(grid: int | None = 3, variant: str = "released", vocab_size: int = 512,
                               num_attention_heads=4, image_size=84, patch_size=14, **runtime)
     llm = LlamaConfig(vocab_size=vocab_size, hidden_size=96, intermediate_size=192, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
-                      rope_theta=500000.0, max_position_embeddings=4096, tie_word_embeddings=False, **runtime)
+                      rope_theta=500000.0, max_position_embeddings=4096, tie_word_embeddings=False,
+                      initializer_range=96 ** -0.5, **runtime)   # 1/sqrt(d): 0.02 stalls a 96-wide model
     dem = None if grid is None else DEMConfig(variant=variant, hidden=64, num_heads=4, head_dim=16,
                                               ffn_hidden=16, ffn_out=32, nH=grid, nW=grid, g=6, views=views)
     return InfLlavaConfig(vision=vision, llm=llm, dem=dem, pad_token_id=0)

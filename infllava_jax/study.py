@@ -1,20 +1,20 @@
 """The miniature INF-LLaVA study, the README's main job: why resolution and two perspectives matter.
 
-    python -m infllava_jax.study [OUT] [--rows a,b] [--scale F] [--n-train N] [--stage1-steps N] ...
+    python -m infllava_jax.study [OUT] [--rows a,b] [--seeds N] [--scale F] [--probe] [--fresh] ...
 
 On a fake 8-device mesh (XLA_FLAGS=--xla_force_host_platform_device_count=8, set here if unset):
   1. data: the synthetic high-resolution VQA set (infllava_jax/data/synthetic.py) in OUT/data;
-  2. for every row of configs/study.py (plain 84 px, local crops only, strided crops only,
-     DCM + DEM at 672 and 1008): stage 1 on the captions, stage 2 on the VQA records
-     (training/loop.py, in this process), then the `hires_synth` eval task on test.jsonl at the
-     row's resolution (eval.py's sweep, exact match per question type). After stage 1 a
-     caption probe (evaluation/caption_probe.py) measures which facts of the test scenes each
-     model names: what the captions taught, before any question is asked;
-  3. OUT/results.md, OUT/results.json and OUT/study.png: accuracy per question type and row,
-     next to the answer prior (always saying a type's most frequent answer), the probe table,
-     and a one-line verdict.
+  2. stage 0, once for every row: the tiny vision tower is pretrained on the train split
+     (training/vision_pretrain.py), the tiny model's "CLIP", in OUT/vision;
+  3. for every row of configs/study.py (plain 84 px, local crops only, strided crops only, DCM + DEM
+     at 672 and 1008) and seed: stage 1 on the captions and stage 2 on the VQA records with that
+     tower frozen (the released recipe, SPEC section 7; the tiny LLM trains from stage 1 on), then
+     the `hires_synth` eval task on test.jsonl at the row's resolution (exact match per type);
+  4. OUT/results.md, OUT/results.json and OUT/study.png: accuracy per question type and row (mean
+     and range over seeds) next to the answer prior, and the study's targets, checked.
 
-A row whose OUT/runs/<row>/result.json matches the recipe is reused; `--fresh` starts over.
+A row whose OUT/runs/<row>[-seed<k>]/result.json matches the recipe is reused, as is a stage 0
+with the same recipe; `--fresh` starts over.
 """
 from __future__ import annotations
 
@@ -28,58 +28,109 @@ import time
 from pathlib import Path
 
 TYPES = ("digit", "count", "corner", "side")
+DETAIL = ("digit", "count")
 log = logging.getLogger("infllava_jax")
 
 
-def _recipe(row: str, a) -> dict:
+def _recipe(row: str, a, seed: int) -> dict:
     from configs import study as study_cfg
     grid, views, res = study_cfg.ROWS[row]
-    return {"row": row, "grid": grid, "views": views, "res": res, "n_train": a.n_train, "n_test": a.n_test,
-            "stage1_steps": a.stage1_steps or round(a.scale * study_cfg.STEPS[1]),
-            "stage2_steps": a.stage2_steps or round(a.scale * study_cfg.STEPS[2])}
+    return {"row": row, "grid": grid, "views": views, "res": res, "seed": seed, "n_train": a.n_train,
+            "n_test": a.n_test, "stage0": _stage0_recipe(a),
+            **{f"stage{k}_steps": getattr(a, f"stage{k}_steps") or round(a.scale * study_cfg.STEPS[k])
+               for k in (1, 2)}}
 
 
-def run_row(row: str, a, out: Path, data: Path) -> dict:
-    """Stage 1 -> stage 2 -> eval of one row; returns its result (also OUT/runs/<row>/result.json)."""
-    from infllava_jax.training.loop import train
-    from configs import eval as eval_cfg
+def _stage0_recipe(a) -> dict:
     from configs import study as study_cfg
-    from infllava_jax import InfLlava
-    from infllava_jax.data.tokenizer import load_tokenizer
-    from infllava_jax.evaluation import caption_probe, sweep
+    return {"steps": a.stage0_steps or round(a.scale * study_cfg.STAGE0["steps"]), "n_train": a.n_train}
 
-    recipe, rdir = _recipe(row, a), out / "runs" / row
+
+def stage0(a, out: Path) -> dict:
+    """The tiny tower, trained once (OUT/vision) or reused when its recipe is the same."""
+    from configs import study as study_cfg
+    from infllava_jax.training import vision_pretrain
+    vdir, recipe = out / "vision", _stage0_recipe(a)
+    done = vdir / "result.json"
+    if done.is_file() and json.loads(done.read_text()).get("recipe") == recipe:
+        log.info("stage 0: reusing %s", vdir)
+        return json.loads(done.read_text())
+    shutil.rmtree(vdir, ignore_errors=True)
+    kw = {k: v for k, v in study_cfg.STAGE0.items() if k != "steps"}
+    result = {**vision_pretrain.run(out / "data", vdir, steps=recipe["steps"], holdout=min(200, a.n_train // 10 or 1),
+                                    **kw), "recipe": recipe}
+    done.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def run_row(row: str, seed: int, a, out: Path) -> dict:
+    """Stage 1 -> stage 2 -> eval of one row and seed; returns its result (also in result.json)."""
+    from infllava_jax.training.loop import train
+    from configs import study as study_cfg
+
+    recipe, rdir = _recipe(row, a, seed), out / "runs" / (row if seed == 0 else f"{row}-seed{seed}")
     done = rdir / "result.json"
     if done.is_file():
         old = json.loads(done.read_text())
-        if old.get("recipe") == recipe and "caption_probe" in old:
-            log.info("%s: reusing %s", row, done)
+        if old.get("recipe") == recipe and (old.get("caption_probe") or not a.probe):
+            log.info("%s (seed %d): reusing %s", row, seed, done)
             return old
-    t0 = time.perf_counter()
-    stages = {}
+    t0, data, stages, probe = time.perf_counter(), out / "data", {}, None
     for stage, records in ((1, "train_caption.json"), (2, "train_vqa.json")):
-        cfg = study_cfg.get_config(f"row={row},stage={stage},steps={recipe[f'stage{stage}_steps']}")
+        cfg = study_cfg.get_config(f"row={row},stage={stage},steps={recipe[f'stage{stage}_steps']},seed={seed}")
         cfg.data.path, cfg.data.image_folder = str(data / records), str(data)
-        if stage == 2:
+        if stage == 1:
+            cfg.init_vision_tower = str(out / "vision" / "final")
+        else:
             cfg.init_checkpoint = str(rdir / "stage1" / "final")
-        log.info("%s: stage %d, %d steps of %d on %s (trains %s)", row, stage, cfg.total_steps,
-                 cfg.global_batch, records, "+".join([cfg.stage, *cfg.also_train]))
+        log.info("%s (seed %d): stage %d, %d steps of %d on %s (trains %s)", row, seed, stage, cfg.total_steps,
+                 cfg.global_batch, records, "+".join((cfg.stage, *cfg.also_train)))
         stages[stage] = train(cfg, rdir / f"stage{stage}")
-        if stage == 1:   # what the captions taught: the facts the model names (caption_probe.py)
-            m = InfLlava.from_pretrained(rdir / "stage1" / "final")
-            probe = caption_probe.probe(m.config, m.params, load_tokenizer(None), data, a.n_test)
-            log.info("%s: stage-1 caption probe (%% of test images): %s", row,
-                     ", ".join(f"{f} {100 * v:.1f}" for f, v in probe.items()))
-    ecfg = eval_cfg.get_config(f"tasks=hires_synth,res={recipe['res']},pixels=native,double_bos=false,"
+        if stage == 1 and a.probe:
+            probe = _probe(row, rdir / "stage1" / "final", data, a.n_test)
+    metrics, eval_s = _evaluate(recipe["res"], rdir, data)
+    result = {"recipe": recipe, "metrics": metrics, "caption_probe": probe, "train": stages,
+              "eval_seconds": eval_s, "seconds": round(time.perf_counter() - t0, 1)}
+    done.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _probe(row: str, ckpt: Path, data: Path, n: int) -> dict:
+    """What the captions taught: the facts the model names (evaluation/caption_probe.py)."""
+    from infllava_jax import InfLlava
+    from infllava_jax.data.tokenizer import load_tokenizer
+    from infllava_jax.evaluation import caption_probe
+    m = InfLlava.from_pretrained(ckpt)
+    probe = caption_probe.probe(m.config, m.params, load_tokenizer(None), data, n)
+    log.info("%s: stage-1 caption probe (%% of test images): %s", row,
+             ", ".join(f"{f} {100 * v:.1f}" for f, v in probe.items()))
+    return probe
+
+
+def _evaluate(res: int, rdir: Path, data: Path) -> tuple[dict, float]:
+    from configs import eval as eval_cfg
+    from infllava_jax.evaluation import sweep
+    ecfg = eval_cfg.get_config(f"tasks=hires_synth,res={res},pixels=native,double_bos=false,"
                                "batch_size=32,progress=false")
     summary = sweep.run(ecfg, ckpt=str(rdir / "stage2" / "final"), data=str(data), out=str(rdir / "eval"),
                         log=log.info)
-    metrics = summary["results"]["hires_synth"][str(recipe["res"])]["metrics"]
-    result = {"recipe": recipe, "metrics": metrics, "caption_probe": probe, "train": stages,
-              "eval_seconds": summary["seconds"],
-              "seconds": round(time.perf_counter() - t0, 1)}
-    done.write_text(json.dumps(result, indent=1))
-    return result
+    return summary["results"]["hires_synth"][str(res)]["metrics"], summary["seconds"]
+
+
+# ----------------------------------------------------------------------------- the table
+
+def aggregate(runs: dict) -> dict:
+    """{row: [result per seed]} -> {row: {"metrics": mean over seeds, "range": {key: [min, max]},
+    "seeds": [metrics per seed], "seconds": total}}."""
+    out = {}
+    for row, rs in runs.items():
+        keys = ["accuracy"] + [f"accuracy_{t}" for t in TYPES]
+        vals = {k: [r["metrics"][k] for r in rs] for k in keys}
+        out[row] = {"metrics": {k: sum(v) / len(v) for k, v in vals.items()},
+                    "range": {k: [min(v), max(v)] for k, v in vals.items()},
+                    "seeds": [r["metrics"] for r in rs], "seconds": round(sum(r["seconds"] for r in rs), 1),
+                    "caption_probe": rs[0].get("caption_probe")}
+    return out
 
 
 def describe(row: str) -> str:
@@ -92,13 +143,18 @@ def describe(row: str) -> str:
     return f"{what}, {grid}x{grid} grid, {px} px"
 
 
+def _cell(r: dict, key: str) -> str:
+    lo, hi = r["range"][key]
+    mean = f"{100 * r['metrics'][key]:.1f}"
+    return mean if len(r["seeds"]) == 1 else f"{mean} ({100 * lo:.0f}-{100 * hi:.0f})"
+
+
 def table(results: dict, prior: dict) -> str:
-    head = "| row | what the model sees | overall | " + " | ".join(TYPES) + " | train + eval s |"
-    lines = [head, "|" + "---|" * (len(TYPES) + 4)]
+    keys = ["accuracy"] + [f"accuracy_{t}" for t in TYPES]
+    lines = ["| row | what the model sees | overall | " + " | ".join(TYPES) + " | train + eval s |",
+             "|" + "---|" * (len(TYPES) + 4)]
     for row, r in results.items():
-        m = r["metrics"]
-        cells = [f"{100 * m['accuracy_' + t]:.1f}" for t in TYPES]
-        lines.append(f"| {row} | {describe(row)} | {100 * m['accuracy']:.1f} | " + " | ".join(cells)
+        lines.append(f"| {row} | {describe(row)} | " + " | ".join(_cell(r, k) for k in keys)
                      + f" | {r['seconds']:.0f} |")
     overall = sum(prior.values()) / len(prior)
     lines.append("| answer prior | the most frequent answer of each type | "
@@ -115,24 +171,57 @@ def probe_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def targets(results: dict) -> list[dict]:
+    """The study's goals (issue 17), each measured: name, value, goal, met. Goals whose rows did
+    not run are left out."""
+    acc = {row: r["metrics"] for row, r in results.items()}
+    detail = {row: sum(m[f"accuracy_{t}"] for t in DETAIL) / len(DETAIL) for row, m in acc.items()}
+    out = []
+    if acc:
+        worst = min(acc, key=lambda row: acc[row]["accuracy_side"])
+        out.append({"name": f"side >= 90% on every row (lowest: {worst})",
+                    "value": acc[worst]["accuracy_side"], "goal": 0.90})
+    if {"dcm_dem_1008", "plain_336"} <= set(acc):
+        out.append({"name": "dcm_dem_1008 - plain_336 on the mean of digit and count",
+                    "value": detail["dcm_dem_1008"] - detail["plain_336"], "goal": 0.25})
+    if "dcm_dem_1008" in acc:
+        out.append({"name": "dcm_dem_1008 overall", "value": acc["dcm_dem_1008"]["accuracy"], "goal": 0.60})
+    single = [row for row in ("local_only", "strided_only") if row in acc]
+    if "dcm_dem_1008" in acc and single:
+        best = max(single, key=lambda row: acc[row]["accuracy"])
+        out.append({"name": f"dcm_dem_1008 - the better single view ({best}), overall",
+                    "value": acc["dcm_dem_1008"]["accuracy"] - acc[best]["accuracy"], "goal": -0.03})
+    return [{**t, "met": t["value"] >= t["goal"] - 1e-9} for t in out]
+
+
 def verdict(results: dict, prior: dict, margin: float = 0.03) -> str:
-    """One honest sentence: does any row read the image, and do the detail types gain from it?"""
+    """One honest paragraph, computed: does any row read the image, and which targets are met."""
     base = sum(prior.values()) / len(prior)
     gain = {row: r["metrics"]["accuracy"] - base for row, r in results.items()}
     if max(gain.values()) < margin:
-        from infllava_jax.evaluation.caption_probe import CHANCE
-        named = {f: max(r["caption_probe"][f] for r in results.values()) for f in CHANCE
-                 if all("caption_probe" in r for r in results.values())}
-        learned = [f"{f} (best {100 * v:.0f}%, chance {100 * CHANCE[f]:.0f}%)" for f, v in named.items()
-                   if v > CHANCE[f] + 0.1]
         return (f"No row is {100 * margin:.0f} points above the answer prior: at this budget the models do not "
-                "answer the questions from the images yet, so the table says nothing about resolution"
-                + (f"; after stage 1 they name {', '.join(learned)}." if learned else
-                   "; after stage 1 they name no fact above chance either."))
-    detail = {row: sum(r["metrics"][f"accuracy_{t}"] for t in TYPES[:3]) / 3 for row, r in results.items()}
+                "answer the questions from the images yet, so the table says nothing about resolution.")
+    detail = {row: sum(r["metrics"][f"accuracy_{t}"] for t in DETAIL) / len(DETAIL) for row, r in results.items()}
     best = max(detail, key=detail.get)
-    return ("Above the prior: " + ", ".join(f"{row} {100 * g:+.1f}" for row, g in gain.items())
-            + f" points. Detail types (digit, count, corner) best read by {best} ({100 * detail[best]:.1f}%).")
+    goals = targets(results)
+    missed = [g for g in goals if not g["met"]]
+    text = ("Above the prior: " + ", ".join(f"{row} {100 * g:+.1f}" for row, g in gain.items())
+            + f" points. Digit and count best read by {best} ({100 * detail[best]:.1f}%). "
+            + f"Targets met: {len(goals) - len(missed)} of {len(goals)}")
+    if missed:
+        text += "; missed: " + "; ".join(f"{g['name']}: {100 * g['value']:+.1f} points against "
+                                          f"{100 * g['goal']:+.0f}" if g["goal"] <= 0.25 else
+                                          f"{g['name']}: {100 * g['value']:.1f}% against {100 * g['goal']:.0f}%"
+                                          for g in missed)
+    return text + "."
+
+
+def targets_table(results: dict) -> str:
+    lines = ["| target | measured | goal | met |", "|---|---|---|---|"]
+    for g in targets(results):
+        lines.append(f"| {g['name']} | {100 * g['value']:+.1f} | {100 * g['goal']:+.0f} | "
+                     f"{'yes' if g['met'] else 'no'} |")
+    return "\n".join(lines)
 
 
 def plot(results: dict, prior: dict, path: Path) -> None:
@@ -142,11 +231,14 @@ def plot(results: dict, prior: dict, path: Path) -> None:
     import numpy as np
 
     rows = list(results)
-    x, w = np.arange(len(TYPES) + 1), 0.8 / max(len(rows), 1)
+    keys = ["accuracy"] + [f"accuracy_{t}" for t in TYPES]
+    x, w = np.arange(len(keys)), 0.8 / max(len(rows), 1)
     fig, ax = plt.subplots(figsize=(9, 4))
     for i, row in enumerate(rows):
-        m = results[row]["metrics"]
-        ax.bar(x + i * w, [100 * m["accuracy"]] + [100 * m["accuracy_" + t] for t in TYPES], w, label=row)
+        r = results[row]
+        mean = np.array([100 * r["metrics"][k] for k in keys])
+        lo, hi = (np.array([100 * r["range"][k][j] for k in keys]) for j in (0, 1))
+        ax.bar(x + i * w, mean, w, yerr=[mean - lo, hi - mean], capsize=2, label=row)
     base = [100 * sum(prior.values()) / len(prior)] + [100 * prior[t] for t in TYPES]
     for j, b in enumerate(base):
         ax.hlines(b, x[j] - 0.05, x[j] + 0.85, colors="k", linestyles="dashed", label="answer prior" if j == 0 else None)
@@ -159,29 +251,42 @@ def plot(results: dict, prior: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
+# ----------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
     from configs import study as study_cfg
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", nargs="?", default="study_out")
     ap.add_argument("--rows", default=",".join(study_cfg.ROWS), help="comma-separated rows of configs/study.py")
+    ap.add_argument("--seeds", type=int, default=1, help="stages 1-2 of every row with seeds 0..N-1 (stage 0 shared)")
     ap.add_argument("--n-train", type=int, default=4000)
     ap.add_argument("--n-test", type=int, default=400)
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies configs/study.py's steps (longer runs)")
+    ap.add_argument("--stage0-steps", type=int, default=0, help="0: configs/study.py's")
     ap.add_argument("--stage1-steps", type=int, default=0, help="0: configs/study.py's")
     ap.add_argument("--stage2-steps", type=int, default=0, help="0: configs/study.py's")
+    ap.add_argument("--probe", action="store_true", help="after stage 1, which facts each row names in a caption")
     ap.add_argument("--fresh", action="store_true", help="delete OUT first")
     a = ap.parse_args(argv)
-    rows = [r for r in a.rows.split(",") if r]
-    unknown = sorted(set(rows) - set(study_cfg.ROWS))
+    a.rows = [r for r in a.rows.split(",") if r]
+    unknown = sorted(set(a.rows) - set(study_cfg.ROWS))
     if unknown:
         ap.error(f"unknown rows {unknown}; expected some of {list(study_cfg.ROWS)}")
+    return a
 
-    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")   # before jax starts
+
+def _setup_logging() -> None:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     log.addHandler(handler)
     log.propagate = False
     log.setLevel(logging.INFO)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")   # before jax starts
+    _setup_logging()
     import jax
     from infllava_jax.data import synthetic
 
@@ -189,32 +294,43 @@ def main(argv=None) -> int:
     if a.fresh and out.exists():
         shutil.rmtree(out)
     t0 = time.perf_counter()
-    log.info("study in %s: %d devices (%s), rows %s", out, jax.device_count(), jax.devices()[0].platform, rows)
+    log.info("study in %s: %d devices (%s), rows %s, seeds %d", out, jax.device_count(),
+             jax.devices()[0].platform, a.rows, a.seeds)
     meta = synthetic.generate(out / "data", n_train=a.n_train, n_val=0, n_test=a.n_test)
     log.info("data: %s (%d train images, %d test questions)", "reused" if meta["reused"] else
              f"written in {meta['seconds']} s", a.n_train, a.n_test)
     prior = meta["majority_baseline"]["test"]
+    vision = stage0(a, out)
+    log.info("stage 0: held-out accuracy %s", json.dumps(vision["holdout_accuracy"]))
 
-    results = {}
-    for i, row in enumerate(rows):
-        results[row] = run_row(row, a, out, out / "data")
-        m = results[row]["metrics"]
-        elapsed = time.perf_counter() - t0
-        log.info("[%d/%d] %s: %.1f%% (%s) | elapsed %.0f s, ETA %.0f s", i + 1, len(rows), row,
+    runs, jobs = {row: [] for row in a.rows}, [(s, row) for s in range(a.seeds) for row in a.rows]
+    for i, (seed, row) in enumerate(jobs):
+        runs[row].append(run_row(row, seed, a, out))
+        m, elapsed = runs[row][-1]["metrics"], time.perf_counter() - t0
+        log.info("[%d/%d] %s (seed %d): %.1f%% (%s) | elapsed %.0f s, ETA %.0f s", i + 1, len(jobs), row, seed,
                  100 * m["accuracy"], ", ".join(f"{t} {100 * m['accuracy_' + t]:.1f}" for t in TYPES),
-                 elapsed, elapsed / (i + 1) * (len(rows) - i - 1))
-    md = (f"{table(results, prior)}\n\nAfter stage 1, the facts each model names in the caption of a test image "
-          f"(teacher-forced, % of images):\n\n{probe_table(results)}")
-    total = time.perf_counter() - t0
-    (out / "results.md").write_text(f"# Miniature INF-LLaVA study\n\nExact match (%) on {a.n_test} test "
-                                    f"questions ({a.n_test // 4} per type); total {total:.0f} s.\n\n{md}\n\n"
-                                    f"{verdict(results, prior)}\n")
-    (out / "results.json").write_text(json.dumps({"rows": results, "answer_prior": prior,
-                                                  "seconds": round(total, 1)}, indent=1))
-    plot(results, prior, out / "study.png")
-    print(f"\n{md}\n\n{verdict(results, prior)}\n{out}/results.md, results.json, study.png; "
-          f"total {total / 60:.1f} min")
+                 elapsed, elapsed / (i + 1) * (len(jobs) - i - 1))
+    report(out, aggregate(runs), prior, vision, a, time.perf_counter() - t0)
     return 0
+
+
+def report(out: Path, results: dict, prior: dict, vision: dict, a, total: float) -> None:
+    """results.md / results.json / study.png, and the tables on stdout."""
+    seeds = f"mean over {a.seeds} seeds (min-max); " if a.seeds > 1 else ""
+    md = f"{table(results, prior)}\n\n{targets_table(results)}"
+    if all(r.get("caption_probe") for r in results.values()):
+        md += ("\n\nAfter stage 1, the facts each model names in the caption of a test image "
+               f"(teacher-forced, % of images):\n\n{probe_table(results)}")
+    text = verdict(results, prior)
+    (out / "results.md").write_text(f"# Miniature INF-LLaVA study\n\nExact match (%) on {a.n_test} test "
+                                    f"questions ({a.n_test // 4} per type), {seeds}total {total:.0f} s.\n\n"
+                                    f"{md}\n\n{text}\n")
+    (out / "results.json").write_text(json.dumps({
+        "rows": results, "answer_prior": prior, "targets": targets(results), "verdict": text,
+        "stage0": {k: vision[k] for k in ("holdout_accuracy", "seconds", "steps")},
+        "seeds": a.seeds, "seconds": round(total, 1)}, indent=1))
+    plot(results, prior, out / "study.png")
+    print(f"\n{md}\n\n{text}\n{out}/results.md, results.json, study.png; total {total / 60:.1f} min")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from infllava_jax.data.images import MODES, load_resized, normalize
+from infllava_jax.data.images import CACHE, MODES, load_resized, normalize
 from infllava_jax.data.template import TEMPLATES, TemplateError, encode_conversation
 from infllava_jax.splice import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
@@ -86,8 +86,9 @@ def tokenize_record(record, tokenizer, template: str, double_bos: bool):
 class JsonRecordProcessor:
     """grain map function: (index, LLaVA record) -> example or bad. Picklable (mp workers)."""
 
-    def __init__(self, tokenizer, spec: SampleSpec, image_folder: str):
+    def __init__(self, tokenizer, spec: SampleSpec, image_folder: str, image_cache_mb: int = 0):
         self.tokenizer, self.spec, self.image_folder = tokenizer, spec, image_folder
+        self.cache_bytes = image_cache_mb << 20
 
     def __call__(self, item) -> dict:
         index, record = item
@@ -102,7 +103,9 @@ class JsonRecordProcessor:
         if rel is not None:
             path = os.path.join(self.image_folder, rel)
             try:
-                pixels = normalize(load_resized(path, self.spec.image_size, self.spec.image_mode))
+                size, mode = self.spec.image_size, self.spec.image_mode
+                pixels = normalize(CACHE.load(path, size, mode, self.cache_bytes) if self.cache_bytes else
+                                   load_resized(path, size, mode))
             except FileNotFoundError as e:
                 return bad("missing_image", index, str(e))
             except Exception as e:  # noqa: BLE001 - unreadable, truncated, bomb: all one reason

@@ -8,6 +8,8 @@ The pipeline runs both per sample in its read threads/workers; batching only sta
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from PIL import Image
 
@@ -39,6 +41,30 @@ def load_resized(path: str, size: int, mode: str = "pad") -> np.ndarray:
     with Image.open(path) as img:
         img.load()
         return resize_uint8(img.convert("RGB"), size, mode)
+
+
+class ImageCache:
+    """Decoded, resized images kept in memory up to a byte budget, shared by every reader of the
+    process (a small data set read for many epochs, or by several runs in one process: the
+    miniature study). Keyed by path, size, mode and the file's mtime and size."""
+
+    def __init__(self):
+        self._images, self.nbytes = {}, 0
+
+    def load(self, path: str, size: int, mode: str, budget_bytes: int) -> np.ndarray:
+        st = os.stat(path)
+        key = (path, size, mode, st.st_mtime_ns, st.st_size)
+        img = self._images.get(key)
+        if img is None:
+            img = load_resized(path, size, mode)
+            if self.nbytes + img.nbytes <= budget_bytes:
+                img.flags.writeable = False
+                self._images[key] = img
+                self.nbytes += img.nbytes
+        return img
+
+
+CACHE = ImageCache()
 
 
 def _table() -> np.ndarray:

@@ -65,6 +65,7 @@ class DataConfig:
     num_threads: int = 16                 # grain read threads (0: synchronous)
     prefetch_buffer: int = 64
     num_workers: int = 0                  # >0: grain mp_prefetch worker processes
+    image_cache_mb: int = 0               # >0: keep decoded images in memory (images.ImageCache)
 
     def __post_init__(self):
         if self.buckets is not None and max(self.buckets) != self.max_len:
@@ -123,7 +124,8 @@ def open_source(cfg: DataConfig, tokenizer):
     if os.path.isdir(cfg.data_path):
         from infllava_jax.data.arrayrecord import open_array_record  # tfds only on this path
         return open_array_record(cfg.data_path, cfg.spec)
-    return read_llava_json(cfg.data_path), JsonRecordProcessor(tokenizer, cfg.spec, cfg.image_folder)
+    return read_llava_json(cfg.data_path), JsonRecordProcessor(tokenizer, cfg.spec, cfg.image_folder,
+                                                                         cfg.image_cache_mb)
 
 
 class ProcessRows(grain.MapDataset):

@@ -13,14 +13,18 @@ ViT patch of an 84 px local crop) holding four facts, each asked by one question
     side    Is the box left or right of the circle? left, right           global only (a control)
 
 The box and the circle are large (70 px, a coloured outline filled with a 60% tint of the colour,
-often straddling local-crop borders); the glyph, the dot cluster and the four 3x3 marks sit in the middle of one cell each (+-1 px jitter,
-grey level 0..60 per image). Grey strokes and dots are clutter. Downsampled 3x (252 -> 84 px, the
-single view of a LLaVA-1.5-style model) the glyph becomes a 1x2 px smudge, the dots merge into
-one blob (their sizes vary, so the ink mass does not give the count), "x" and "+" (same ink and
-size) become near-identical blobs, and the digits are those of equal ink; "side" stays readable.
-tests/test_synthetic.py measures this with simple oracles. The detail is illegible at 84 px, not
-erased: a noise-free reader that knows the font, the position and the ink level can still invert
-the ~10 grey levels of difference that remain.
+often straddling local-crop borders); the glyph, the dot cluster and the four 3x3 marks sit at a
+fixed place in the middle of one 14 px cell each (grey level 0..60 per image). Grey strokes and
+dots are clutter. A 2 px dark frame marks the image border, so that a local crop shows where in
+the scene it lies (as a photo's edges do). The cells are the patches of a 252 px scene's local
+crops, so there a detail always looks the same (what lets the tiny tower learn to read it in a
+minute, training/vision_pretrain.py); a 3x downsampled view (252 -> 84 px, the single view of a
+LLaVA-1.5-style model) sees it at one of 9 sub-pixel phases (14 = 2 mod 3): the glyph becomes a
+1x2 px smudge, the dots merge into one blob (their sizes vary, so the ink mass does not give the
+count), "x" and "+" (same ink and size) become near-identical blobs, and the digits are those of
+equal ink; "side" stays readable. tests/test_synthetic.py measures this with simple oracles. The
+detail is illegible at 84 px, not erased: a noise-free reader that knows the font, the position
+and the ink level can still invert the ~10 grey levels of difference that remain.
 
 Answers are balanced per split and per question type by construction; meta.json reports the
 majority-class accuracy of every type. Output (`generate`):
@@ -30,6 +34,8 @@ majority-class accuracy of every type. Output (`generate`):
     train_vqa.json        stage 2: one record per image, TURNS (2) questions of different types
                           (the first cycles through the types), a few text-only records
     val.jsonl, test.jsonl one question per image: {question_id, image, question, answer, type}
+    scenes_{train,val,test}.jsonl  per image: {image, answers, colors, layout, ink, caption},
+                          the ground truth of stage 0 (training/vision_pretrain.py) and the probes
     meta.json             written last; a complete directory with the same arguments is reused
 """
 from __future__ import annotations
@@ -46,12 +52,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-VERSION = 2
+VERSION = 3
 GRID = 18                        # cells per side
 SPLITS = ("train", "val", "test")
 SHORT = "Answer the question using a single word or phrase."   # as the eval task's post-prompt
 CAPTION_PROMPT = "Describe the image."
-TURNS = 2                        # questions (of different types) per train VQA record
+TURNS = 4                        # questions (of different types) per train VQA record
 TEXT_ONLY_FRACTION = 0.01        # extra text-only train VQA records (>= 1)
 PNG_OPTIONS = {"format": "PNG", "compress_level": 1, "optimize": False}  # no metadata chunks
 
@@ -95,6 +101,8 @@ BACKGROUNDS = ((255, 255, 255), (250, 246, 236), (240, 246, 252), (246, 250, 240
 CLUTTER = ((150, 150, 150), (175, 175, 175), (120, 160, 200), (200, 150, 120), (150, 190, 150))
 INK_LEVELS = 61                 # the fine details of one image are drawn in grey 0 .. 60
 TINT = 0.6                      # the box and the circle are filled with 60% of their colour
+FRAME, FRAME_COLOR = 2, (70, 70, 70)   # the image border (px at 252, grey)
+OBJECT = 3                      # the box and the circle span OBJECT x OBJECT cells
 
 
 @dataclasses.dataclass
@@ -144,11 +152,12 @@ def _background(size: int, k: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=4)
 def _ring(cell: int, t: int) -> tuple[np.ndarray, np.ndarray]:
-    """(5 cell, 5 cell) masks of a circle outline of t + 1 px and of its inside, centred on the
+    """(OBJECT cells)^2 masks of a circle outline of t + 1 px and of its inside, centred on the
     middle cell's centre."""
-    r_out = 2.5 * cell - 2
-    yy, xx = np.ogrid[:5 * cell, :5 * cell]
-    d2 = (yy - 2 * cell - (cell - 1) / 2) ** 2 + (xx - 2 * cell - (cell - 1) / 2) ** 2
+    n = OBJECT
+    r_out = n / 2 * cell - 2
+    yy, xx = np.ogrid[:n * cell, :n * cell]
+    d2 = (yy - n // 2 * cell - (cell - 1) / 2) ** 2 + (xx - n // 2 * cell - (cell - 1) / 2) ** 2
     ring, inside = (d2 <= r_out ** 2) & (d2 > (r_out - t - 1) ** 2), d2 <= (r_out - t - 1) ** 2
     ring.flags.writeable = inside.flags.writeable = False
     return ring, inside
@@ -180,19 +189,20 @@ def render(answers: dict, rng: np.random.Generator, image_size: int = 252) -> Sc
     names = list(COLORS)
     box_c, circ_c = (names[i] for i in rng.choice(len(names), 2, replace=False))
     occ = np.zeros((GRID, GRID), bool)      # big objects + 1 cell margin, small items + neighbours
-    core = np.zeros((GRID, GRID), bool)     # big objects' 5x5 cells and the marks only
+    core = np.zeros((GRID, GRID), bool)     # the objects' cells and the marks only
 
-    # big objects: 5x5 cells, centres 6..13 cells apart horizontally (the "side" fact)
+    # the objects: OBJECT x OBJECT cells, centres 6..13 cells apart horizontally (the "side" fact)
     dx = int(rng.integers(6, 14))
     left = int(rng.integers(2, 16 - dx))
     cb, cc = (left, left + dx) if answers["side"] == "left" else (left + dx, left)
     rb, rc = (int(v) for v in rng.integers(2, 16, size=2))
+    h = OBJECT // 2
     for r, c in ((rb, cb), (rc, cc)):
-        occ[max(r - 3, 0):r + 4, max(c - 3, 0):c + 4] = True
-        core[r - 2:r + 3, c - 2:c + 3] = True
+        occ[max(r - h - 1, 0):r + h + 2, max(c - h - 1, 0):c + h + 2] = True
+        core[r - h:r + h + 1, c - h:c + h + 1] = True
 
     t = max(2, cell // 5)                                    # stroke width: 2 px at 252
-    y0, x0, side = (rb - 2) * cell + 2, (cb - 2) * cell + 2, 5 * cell - 4
+    y0, x0, side = (rb - h) * cell + 2, (cb - h) * cell + 2, OBJECT * cell - 4
     col = COLORS[box_c]
     img[y0:y0 + side, x0:x0 + side] = _tint(col)
     img[y0:y0 + t, x0:x0 + side] = col
@@ -201,26 +211,23 @@ def render(answers: dict, rng: np.random.Generator, image_size: int = 252) -> Sc
     img[y0:y0 + side, x0 + side - t:x0 + side] = col
 
     ring, inside = _ring(cell, t)
-    _paint(img, (rc - 2) * cell, (cc - 2) * cell, inside, _tint(COLORS[circ_c]))
-    _paint(img, (rc - 2) * cell, (cc - 2) * cell, ring, COLORS[circ_c])
+    _paint(img, (rc - h) * cell, (cc - h) * cell, inside, _tint(COLORS[circ_c]))
+    _paint(img, (rc - h) * cell, (cc - h) * cell, ring, COLORS[circ_c])
 
     ink_level = int(rng.integers(INK_LEVELS))
     ink = (ink_level,) * 3
 
-    def jit():
-        return int(rng.integers(-1, 2))
-
     layout = {}
     # the digit in the box's centre cell
     g = FONT[answers["digit"]]
-    gy, gx = rb * cell + (cell - 5) // 2 + jit(), cb * cell + (cell - 3) // 2 + jit()
+    gy, gx = rb * cell + (cell - 5) // 2, cb * cell + (cell - 3) // 2
     _paint(img, gy, gx, g, ink)
     layout["digit"] = (gy, gx, 5, 3)
 
     # the dots in the circle's centre cell: n of 9 lattice sites, sizes 1x1 .. 2x2
     n = int(answers["count"])
     span = PITCH * (LATTICE - 1) + 2
-    oy, ox = rc * cell + (cell - span) // 2 + jit(), cc * cell + (cell - span) // 2 + jit()
+    oy, ox = rc * cell + (cell - span) // 2, cc * cell + (cell - span) // 2
     for s in rng.choice(LATTICE * LATTICE, n, replace=False):
         h, w = DOT_SIZES[rng.integers(len(DOT_SIZES))]
         y, x = oy + PITCH * (s // LATTICE), ox + PITCH * (s % LATTICE)
@@ -235,13 +242,13 @@ def render(answers: dict, rng: np.random.Generator, image_size: int = 252) -> Sc
         rows = range(0, half - 1) if q < 2 else range(half + 1, GRID)
         cols = range(0, half - 1) if q % 2 == 0 else range(half + 1, GRID)
         rcq = _free_cell(rng, occ, rows, cols, core)
-        if rcq is None:  # cannot happen: two 5x5 objects never cover an 8x8 quadrant
+        if rcq is None:  # cannot happen: two objects never cover an 8x8 quadrant
             raise RuntimeError("no free cell for a corner mark")
-        my, mx = rcq[0] * cell + (cell - 3) // 2 + jit(), rcq[1] * cell + (cell - 3) // 2 + jit()
+        my, mx = rcq[0] * cell + (cell - 3) // 2, rcq[1] * cell + (cell - 3) // 2
         _paint(img, my, mx, MARKS["x" if name == answers["corner"] else "+"], ink)
         marks.append((my, mx, 3, 3))
     layout["corner"] = tuple(marks)
-    layout["side"] = ((y0, x0, side, side), ((rc - 2) * cell, (cc - 2) * cell, 5 * cell, 5 * cell))
+    layout["side"] = ((y0, x0, side, side), ((rc - h) * cell, (cc - h) * cell, OBJECT * cell, OBJECT * cell))
 
     # clutter: short light strokes and a few grey dots, in free cells only
     for _ in range(int(rng.integers(4, 8))):
@@ -261,6 +268,8 @@ def render(answers: dict, rng: np.random.Generator, image_size: int = 252) -> Sc
             break
         y, x = rcq[0] * cell + int(rng.integers(3, cell - 4)), rcq[1] * cell + int(rng.integers(3, cell - 4))
         img[y:y + 2, x:x + 2] = CLUTTER[0]
+    f = max(1, round(FRAME * S / 252))
+    img[:f], img[-f:], img[:, :f], img[:, -f:] = FRAME_COLOR, FRAME_COLOR, FRAME_COLOR, FRAME_COLOR
     return Scene(img, dict(answers), {"box": box_c, "circle": circ_c}, layout, ink_level)
 
 
@@ -280,6 +289,18 @@ def caption(s: Scene) -> str:
     return (f"A {c['box']} box with the digit {a['digit']} and a {c['circle']} circle with "
             f"{a['count']} dots. The box is {a['side']} of the circle. "
             f"The tiny x is in the {a['corner']} corner.")
+
+
+def scene_record(s: Scene, image: str) -> dict:
+    """One line of scenes_<split>.jsonl: the scene's ground truth (JSON types only)."""
+    return {"image": image, "answers": s.answers, "colors": s.colors, "ink": s.ink, "caption": caption(s),
+            "layout": json.loads(json.dumps(s.layout))}
+
+
+def read_scenes(data_dir, split: str) -> list[dict]:
+    """The ground truth of every image of a split, in image order (scenes_<split>.jsonl)."""
+    path = Path(data_dir) / f"scenes_{split}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def question(qtype: str, variant: int) -> str:
@@ -349,7 +370,7 @@ def _is_complete(root: Path, args: dict) -> dict | None:
         return None
     if meta.get("args") != args or meta.get("version") != VERSION:
         return None
-    files = list(meta.get("files", {}).values())
+    files = list(meta.get("files", {}).values()) + [f"scenes_{s}.jsonl" for s in SPLITS]
     files += [_image_rel(s, i) for s in SPLITS for i in range(args[f"n_{s}"])]
     return meta if all((root / f).is_file() for f in files) else None
 
@@ -378,12 +399,14 @@ def generate(out_dir, *, n_train: int = 2000, n_val: int = 200, n_test: int = 30
             if stale.stem.isdigit() and len(stale.stem) == 6 and int(stale.stem) >= n:
                 stale.unlink()
         sched = _schedule(seed, split, n)
-        rows = []
+        rows, records = [], []
         for i in range(n):
             s = scene(seed, split, i, n, image_size, sched)
             _write(root / _image_rel(split, i), _png(s.image))
             rows.append((s.answers, s.colors, caption(s)))
+            records.append(scene_record(s, _image_rel(split, i)))
         scenes[split] = rows
+        _write(root / f"scenes_{split}.jsonl", _jsonl_bytes(records))
 
     rng = np.random.default_rng([seed, 99])
     cap, vqa, first_turns = [], [], []

@@ -45,6 +45,31 @@ How many dots are inside the circle? How many small dots are in the circle? Whic
 the tiny x? In which corner is the small x mark? Is the box left or right of the circle? Is the
 box on the left or the right of the circle?
 """
+# Text in every training sample (the llama3 system prompt, the short-answer instruction, the
+# synthetic set's words) counts this many times more, as it would in a tokenizer trained on the
+# data: BPE then spends its merges on it, and a 4-question record fits 192 tokens.
+_FREQUENT = """\
+A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions.
+Answer the question using a single word or phrase.
+Describe the image.
+A red box with the digit 5 and a blue circle with 3 dots. The box is left of the circle. The tiny x is in the top left corner.
+A green, orange or purple box with the digit 0, 2, 3, 6 or 9 and 4 dots. The tiny x is in the bottom right corner.
+What digit is written in the box?
+Which digit is inside the box?
+How many dots are inside the circle?
+How many small dots are in the circle?
+Which corner holds the tiny x?
+In which corner is the small x mark?
+Is the box left or right of the circle?
+Is the box on the left or the right of the circle?
+left
+right
+top left
+top right
+bottom left
+bottom right
+"""
+_FREQUENT_WEIGHT = 8
 
 
 @functools.lru_cache(maxsize=8)
@@ -57,8 +82,9 @@ def _tiny_json(vocab_size: int, texts: tuple[str, ...] | None) -> str:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   min_frequency=1, show_progress=False)
+    lines = _CORPUS.splitlines() + _FREQUENT.splitlines() * _FREQUENT_WEIGHT
     corpus = list(texts) if texts is not None else [  # role + "\n\n" + text, as in the template
-        f"{role}\n\n{line}" for role in ("system", "user", "assistant") for line in _CORPUS.splitlines()]
+        f"{role}\n\n{line}" for role in ("system", "user", "assistant") for line in lines]
     tok.train_from_iterator(corpus, trainer=trainer)
     bos_id = tok.token_to_id(BOS)
     tok.post_processor = processors.Sequence([  # as Llama-3: BOS prepended when add_special_tokens

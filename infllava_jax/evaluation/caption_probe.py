@@ -1,14 +1,13 @@
 """Stage-1 probe of the miniature study: which facts of a synthetic scene a model names in its caption.
 
 Teacher-forced, in the stage-1 format (plain template, square image): the true caption of every
-test image (`synthetic.caption`) is fed after the image; a fact counts as named when the model's
+test image (scenes_test.jsonl, `synthetic.caption`) is fed after the image; a fact counts as named when the model's
 argmax predicts every one of its tokens. Per fact the result is the share of test images, next to
 the chance level (every answer is equally frequent; the box colour is in the context when the
 circle colour is predicted, so that one is 1 of 4).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
@@ -25,8 +24,8 @@ CHANCE = {"box colour": 1 / 5, "circle colour": 1 / 4, "side": 1 / 2, "digit": 1
           "corner": 1 / 4}
 
 
-def _fact_values(s: synthetic.Scene) -> dict:
-    a, c = s.answers, s.colors
+def _fact_values(record: dict) -> dict:
+    a, c = record["answers"], record["colors"]
     return {"box colour": c["box"], "digit": a["digit"], "circle colour": c["circle"], "count": a["count"],
             "side": a["side"], "corner": a["corner"]}
 
@@ -44,23 +43,21 @@ def _spans(text: str, values: dict, tokenizer) -> dict:
     return out
 
 
-def probe(config, params, tokenizer, data_dir, n: int, seed: int = 0, batch: int = 32) -> dict:
-    """Share of the first n test images (of `data_dir`, written by synthetic.generate with `seed`)
-    whose facts the model names right, per fact."""
-    meta_n = json.loads((Path(data_dir) / "meta.json").read_text())["args"]["n_test"]
-    sched = synthetic._schedule(seed, "test", meta_n)
+def probe(config, params, tokenizer, data_dir, n: int, batch: int = 32) -> dict:
+    """Share of the first n test images (of `data_dir`, written by synthetic.generate) whose facts
+    the model names right, per fact."""
+    scenes = synthetic.read_scenes(data_dir, "test")[:n]
     size, T = config.image_size[0], config.tokens_per_image
     fwd = jax.jit(lambda p, ids, px: InfLlavaModel(config).apply({"params": p}, ids, px))
     hits = {f: [] for f in FACTS}
-    for b0 in range(0, n, batch):
+    for b0 in range(0, len(scenes), batch):
         rows = []
-        for i in range(b0, min(b0 + batch, n)):
-            s = synthetic.scene(seed, "test", i, meta_n, schedule=sched)
-            text = synthetic.caption(s)
+        for s in scenes[b0:b0 + batch]:
+            text = s["caption"]
             ids, labels = encode_conversation(
                 [{"from": "human", "value": f"<image>\n{synthetic.CAPTION_PROMPT}"}, {"from": "gpt", "value": text}],
                 tokenizer, has_image=True, template="plain", double_bos=False)
-            px = normalize(load_resized(str(Path(data_dir) / synthetic._image_rel("test", i)), size, "square"))
+            px = normalize(load_resized(str(Path(data_dir) / s["image"]), size, "square"))
             rows.append((np.asarray(ids), np.asarray(labels), px, _spans(text, _fact_values(s), tokenizer)))
         L = max(len(r[0]) for r in rows)
         ids = np.stack([np.pad(r[0], (0, L - len(r[0])), constant_values=tokenizer.pad_token_id) for r in rows])

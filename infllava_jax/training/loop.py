@@ -105,7 +105,7 @@ def data_config(cfg, mc: InfLlavaConfig, workdir: Path, per_process_batch: int) 
         folder = str(root)
     return DataConfig.for_model(mc, path, folder, stage=int(cfg.stage[-1]), max_len=d.max_len,
                                 buckets=tuple(d.buckets) or None, batch_size=per_process_batch, seed=cfg.seed,
-                                num_threads=d.num_threads)
+                                num_threads=d.num_threads, image_cache_mb=d.image_cache_mb)
 
 
 def accumulation_steps(cfg, mesh) -> int:
