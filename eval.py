@@ -109,5 +109,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # `configs` importable from anywhere
     sys.exit(main())

@@ -8,7 +8,7 @@ that process' wall time, MB/s (checkpoint bytes / wall time, start-up included) 
 (ru_maxrss). Checks a few slices of the result against the source, exports it back to the
 released layout (measured the same way; every tensor compared with the source), then deletes all.
 
-    python benchmarks/convert_memory.py [--workdir DIR] [--keep]
+    python -m benchmarks.convert_memory [--workdir DIR] [--keep]
 
 Target on a 24 GiB machine: peak RSS <= checkpoint / 4, >= 150 MB/s. Also reported: the child's
 CPU seconds (user + sys) and the machine's load average, since wall-clock MB/s on a shared
@@ -30,13 +30,11 @@ import ml_dtypes
 import numpy as np
 from flax.traverse_util import flatten_dict
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from convert import formats  # noqa: E402
-from convert.sources import Tensor, open_weights  # noqa: E402
-from convert.writers import write_safetensors  # noqa: E402
-from infllava_jax import presets  # noqa: E402
-from infllava_jax.api import abstract_params  # noqa: E402
+from convert import formats
+from convert.sources import Tensor, open_weights
+from convert.writers import write_safetensors
+from infllava_jax import presets
+from infllava_jax.api import abstract_params
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 BLOCK = (np.random.default_rng(0).standard_normal(32 << 20, np.float32) * 0.02).astype(BF16)   # 64 MB

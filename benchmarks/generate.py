@@ -8,7 +8,7 @@ B * (N - 1) / (t(N new tokens) - t(1 new token)), the same formula for both, com
 (each of ours is compiled and warmed up first; transformers runs first, so
 JAX's thread pool is idle while it is timed), best of --repeats. Also checks that both produce the same tokens.
 
-    python benchmarks/generate.py [--batch 4 --prompt 256 --new 64 --repeats 3 --no-sweep]
+    python -m benchmarks.generate [--batch 4 --prompt 256 --new 64 --repeats 3 --no-sweep]
 
 Last line: JSON.
 """
@@ -25,9 +25,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def _best(fn, repeats: int) -> float:

@@ -1,6 +1,6 @@
 """Train-step speed on CPU: our jitted step against the same step in PyTorch, same batch.
 
-    python benchmarks/train_step.py [--steps 5]
+    python -m benchmarks.train_step [--steps 5]
 
 For the tiny and a small config (stage 2: DEM + projector + LLM trained, vision tower frozen):
 step time, tokens/s, XLA's compiled FLOPs against the analytic count (training/flops.py), and a
@@ -14,25 +14,22 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
 
-from convert.torch_reference import InfLlavaTorch  # noqa: E402
-from infllava_jax import api, presets  # noqa: E402
-from infllava_jax.dem import DEMConfig  # noqa: E402
-from infllava_jax.llama import LlamaConfig  # noqa: E402
-from infllava_jax.splice import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
-from infllava_jax.training import flops, step as step_lib  # noqa: E402
-from infllava_jax.vision import CLIPVisionConfig  # noqa: E402
+from convert.torch_reference import InfLlavaTorch
+from infllava_jax import api, presets
+from infllava_jax.dem import DEMConfig
+from infllava_jax.llama import LlamaConfig
+from infllava_jax.splice import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from infllava_jax.training import flops, step as step_lib
+from infllava_jax.vision import CLIPVisionConfig
 
 
 def small():

@@ -1,7 +1,7 @@
 """The released vision path: exact fast path vs full computation vs the PyTorch reference,
 and the memory of DEM's windowed attention vs the paper's naive whole-map cross-attention.
 
-    python benchmarks/vision_path.py            (or: python -m benchmarks.vision_path)
+    python -m benchmarks.vision_path      (from the repository root)
 
 1. FLOPs (XLA `cost_analysis()` of the compiled `InfLlavaModel.encode_images`) of the fast path
    and of the full computation, at a small config (below). The ViT layers are unrolled here
@@ -26,26 +26,22 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from convert.mapping import released_to_params  # noqa: E402
-from convert.torch_reference import InfLlavaTorch, randomize_  # noqa: E402
-from infllava_jax.config import InfLlavaConfig  # noqa: E402
-from infllava_jax.crops import interleave, mosaic  # noqa: E402
-from infllava_jax.dem import DEM, DEMConfig  # noqa: E402
-from infllava_jax.llama import LlamaConfig  # noqa: E402
-from infllava_jax.model import InfLlavaModel  # noqa: E402
-from infllava_jax.pixels import preprocess  # noqa: E402
-from infllava_jax.vision import CLIPVisionConfig  # noqa: E402
+from convert.mapping import released_to_params
+from convert.torch_reference import InfLlavaTorch, randomize_
+from infllava_jax.config import InfLlavaConfig
+from infllava_jax.crops import interleave, mosaic
+from infllava_jax.dem import DEM, DEMConfig
+from infllava_jax.llama import LlamaConfig
+from infllava_jax.model import InfLlavaModel
+from infllava_jax.pixels import preprocess
+from infllava_jax.vision import CLIPVisionConfig
 
 ROUNDS = 7
 THREADS = 2

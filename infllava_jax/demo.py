@@ -34,13 +34,9 @@ def main(argv=None) -> int:
     from PIL import Image
 
     from infllava_jax import InfLlava, presets
-    from infllava_jax.data.tokenizer import build_tiny_tokenizer, stop_ids
+    from infllava_jax.data.tokenizer import build_tiny_tokenizer
     from infllava_jax.evaluation.prompting import encode
     from infllava_jax.pixels import preprocess
-    from infllava_jax.sharding import make_mesh
-
-    def step(msg, t0):
-        print(f"  {msg:<58s} {time.perf_counter() - t0:6.2f} s", flush=True)
 
     print(f"infllava-jax demo: jax {jax.__version__}, {jax.device_count()} {jax.default_backend()} devices")
     t = time.perf_counter()
@@ -73,6 +69,19 @@ def main(argv=None) -> int:
     logits_lo = model(ids, np.moveaxis(lo, -1, 0)[None])
     step(f"logits {logits.shape} (hi-res) and {logits_lo.shape} (low-res, upsampled)", t)
 
+    reload_and_generate(model, tok, ids, px, logits, args)
+    print("demo: OK")
+    return 0
+
+
+def reload_and_generate(model, tok, ids, px, logits, args) -> None:
+    import jax
+    import numpy as np
+
+    from infllava_jax import InfLlava
+    from infllava_jax.data.tokenizer import stop_ids
+    from infllava_jax.sharding import make_mesh
+
     t = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(args.out or Path(tmp) / "tiny_ckpt")
@@ -86,8 +95,10 @@ def main(argv=None) -> int:
     out = model.generate(ids, px, max_new_tokens=args.max_new_tokens, stop_ids=stop_ids(tok))[0]
     step(f"greedy generation: {len(out)} tokens", t)
     print(f"  answer (random weights): {tok.decode(out, skip_special_tokens=True)!r}")
-    print("demo: OK")
-    return 0
+
+
+def step(msg, t0):
+    print(f"  {msg:<58s} {time.perf_counter() - t0:6.2f} s", flush=True)
 
 
 if __name__ == "__main__":

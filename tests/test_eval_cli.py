@@ -1,15 +1,10 @@
 """`python eval.py score` in-process: any model's answer file, missing rows, malformed rows."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import eval as eval_cli  # noqa: E402
-from infllava_jax.evaluation import synthetic  # noqa: E402
+import eval as eval_cli
+from infllava_jax.evaluation import synthetic
 
 
 @pytest.fixture(scope="module")

@@ -1,17 +1,15 @@
 """A tiny end-to-end sweep through the real CLI: random tiny checkpoint, synthetic local data
 (POPE parquet with embedded images, ScienceQA jsonl with image files), 2 tasks x 2 resolutions."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import eval as eval_cli
+from configs.eval import get_config
+from infllava_jax.evaluation import synthetic
 
-import eval as eval_cli  # noqa: E402
-from configs.eval import get_config  # noqa: E402
-from infllava_jax.evaluation import synthetic  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
