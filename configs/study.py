@@ -22,13 +22,13 @@ import ml_collections
 from configs import tiny
 from configs.common import parse_arg
 
-# row -> (grid, views, eval resolution in CLIP-336 units)
+# row -> (grid, views, DEM variant, eval resolution in CLIP-336 units)
 ROWS = {
-    "plain_336": (0, "both", 336),
-    "local_only": (3, "local", 1008),
-    "strided_only": (3, "strided", 1008),
-    "dcm_dem_672": (2, "both", 672),
-    "dcm_dem_1008": (3, "both", 1008),
+    "plain_336": (0, "both", "released", 336),
+    "local_only": (3, "local", "released", 1008),
+    "strided_only": (3, "strided", "released", 1008),
+    "dcm_dem_672": (2, "both", "paper", 672),
+    "dcm_dem_1008": (3, "both", "paper", 1008),
 }
 STEPS = {1: 600, 2: 250}        # the 15-minute budget on 2 CPU cores (--scale for longer runs)
 LR = {1: 3e-3, 2: 2e-3}
@@ -41,9 +41,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     a = parse_arg(arg, row="dcm_dem_1008", stage=2, steps=0, seed=0)
     if a["row"] not in ROWS:
         raise ValueError(f"configs/study.py: row={a['row']!r}; expected one of {sorted(ROWS)}")
-    grid, views, _ = ROWS[a["row"]]
+    grid, views, variant, _ = ROWS[a["row"]]
     stage = a["stage"]
-    c = tiny.get_config(f"stage={stage},grid={grid},steps={a['steps'] or STEPS[stage]}")
+    c = tiny.get_config(f"stage={stage},grid={grid},variant={variant},steps={a['steps'] or STEPS[stage]}")
     c.model.views = views
     c.also_train = ("language_model",) if stage == 1 else ()   # the tiny LLM is random: it learns from stage 1 on
     c.optimizer.lr = LR[stage]

@@ -34,9 +34,10 @@ log = logging.getLogger("infllava_jax")
 
 def _recipe(row: str, a, seed: int) -> dict:
     from configs import study as study_cfg
-    grid, views, res = study_cfg.ROWS[row]
-    return {"row": row, "grid": grid, "views": views, "res": res, "seed": seed, "n_train": a.n_train,
-            "n_test": a.n_test, "stage0": _stage0_recipe(a),
+    grid, views, variant, res = study_cfg.ROWS[row]
+    return {"row": row, "grid": grid, "views": views, "variant": variant, "res": res, "seed": seed, "n_train": a.n_train,
+            "n_test": a.n_test, "stage0": _stage0_recipe(a), "batch": study_cfg.BATCH,
+            **{f"stage{k}_lr": v for k, v in study_cfg.LR.items()},
             **{f"stage{k}_steps": getattr(a, f"stage{k}_steps") or round(a.scale * study_cfg.STEPS[k])
                for k in (1, 2)}}
 
@@ -135,11 +136,11 @@ def aggregate(runs: dict) -> dict:
 
 def describe(row: str) -> str:
     from configs import study as study_cfg
-    grid, views, res = study_cfg.ROWS[row]
+    grid, views, variant, _ = study_cfg.ROWS[row]
     px = 84 * max(grid, 1)
     if not grid:
         return f"one {px} px view (LLaVA-1.5)"
-    what = {"both": "DCM + DEM", "local": "local crops only", "strided": "strided crops only"}[views]
+    what = {"both": f"DCM + DEM ({variant})", "local": "local crops only", "strided": "strided crops only"}[views]
     return f"{what}, {grid}x{grid} grid, {px} px"
 
 
@@ -180,17 +181,19 @@ def targets(results: dict) -> list[dict]:
     if acc:
         worst = min(acc, key=lambda row: acc[row]["accuracy_side"])
         out.append({"name": f"side >= 90% on every row (lowest: {worst})",
-                    "value": acc[worst]["accuracy_side"], "goal": 0.90})
+                    "value": acc[worst]["accuracy_side"], "goal": 0.90, "unit": "%"})
     if {"dcm_dem_1008", "plain_336"} <= set(acc):
         out.append({"name": "dcm_dem_1008 - plain_336 on the mean of digit and count",
-                    "value": detail["dcm_dem_1008"] - detail["plain_336"], "goal": 0.25})
+                    "value": detail["dcm_dem_1008"] - detail["plain_336"], "goal": 0.25, "unit": "points"})
     if "dcm_dem_1008" in acc:
-        out.append({"name": "dcm_dem_1008 overall", "value": acc["dcm_dem_1008"]["accuracy"], "goal": 0.60})
+        out.append({"name": "dcm_dem_1008 overall", "value": acc["dcm_dem_1008"]["accuracy"], "goal": 0.60,
+                    "unit": "%"})
     single = [row for row in ("local_only", "strided_only") if row in acc]
     if "dcm_dem_1008" in acc and single:
         best = max(single, key=lambda row: acc[row]["accuracy"])
         out.append({"name": f"dcm_dem_1008 - the better single view ({best}), overall",
-                    "value": acc["dcm_dem_1008"]["accuracy"] - acc[best]["accuracy"], "goal": -0.03})
+                    "value": acc["dcm_dem_1008"]["accuracy"] - acc[best]["accuracy"], "goal": -0.03,
+                    "unit": "points"})
     return [{**t, "met": t["value"] >= t["goal"] - 1e-9} for t in out]
 
 
@@ -209,18 +212,19 @@ def verdict(results: dict, prior: dict, margin: float = 0.03) -> str:
             + f" points. Digit and count best read by {best} ({100 * detail[best]:.1f}%). "
             + f"Targets met: {len(goals) - len(missed)} of {len(goals)}")
     if missed:
-        text += "; missed: " + "; ".join(f"{g['name']}: {100 * g['value']:+.1f} points against "
-                                          f"{100 * g['goal']:+.0f}" if g["goal"] <= 0.25 else
-                                          f"{g['name']}: {100 * g['value']:.1f}% against {100 * g['goal']:.0f}%"
+        text += "; missed: " + "; ".join(f"{g['name']}: {_fmt(g, 'value')} against {_fmt(g, 'goal')}"
                                           for g in missed)
     return text + "."
+
+
+def _fmt(g: dict, key: str) -> str:
+    return f"{100 * g[key]:+.1f} points" if g["unit"] == "points" else f"{100 * g[key]:.1f}%"
 
 
 def targets_table(results: dict) -> str:
     lines = ["| target | measured | goal | met |", "|---|---|---|---|"]
     for g in targets(results):
-        lines.append(f"| {g['name']} | {100 * g['value']:+.1f} | {100 * g['goal']:+.0f} | "
-                     f"{'yes' if g['met'] else 'no'} |")
+        lines.append(f"| {g['name']} | {_fmt(g, 'value')} | {_fmt(g, 'goal')} | {'yes' if g['met'] else 'no'} |")
     return "\n".join(lines)
 
 
