@@ -23,27 +23,36 @@ from pathlib import Path
 
 def score_main(argv) -> int:
     from infllava_jax.evaluation import scorers, tasks
-    from infllava_jax.evaluation.datasets import DataError, read_predictions
+    from infllava_jax.evaluation.datasets import read_predictions
+    from infllava_jax.errors import InputError
 
     p = argparse.ArgumentParser(prog="eval.py score", description="Score an answer file.")
     p.add_argument("--task", required=True, help=f"one of {', '.join(tasks.TASKS)}")
     p.add_argument("--data", required=True, help="the task's data: a parquet/jsonl file or a directory")
     p.add_argument("--predictions", required=True, help='jsonl rows {"question_id": ..., "text": ...}')
     p.add_argument("--scorer", default=None, help="a named alternative (default: lmms-eval's rule)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="score the rows that have a prediction (default: missing ids are an error)")
     a = p.parse_args(argv)
     try:
         task = tasks.get_task(a.task)
         name, _ = scorers.get_scorer(task.name, a.scorer)
         rows = task.load(a.data)
-        preds, dups = read_predictions(a.predictions)
-    except (KeyError, DataError) as e:
+        preds = read_predictions(a.predictions)
+    except (KeyError, InputError) as e:
         print(f"eval.py score: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
-    metrics = scorers.score(task.name, rows, preds, name)
-    metrics["duplicate_ids"] = dups
-    if metrics["missing"]:
-        print(f"eval.py score: {metrics['missing']} of {metrics['n']} rows have no prediction "
-              "(counted as wrong)", file=sys.stderr)
+    missing = [r["_qid"] for r in rows if r["_qid"] not in preds]
+    if missing and not a.allow_missing:
+        print(f"eval.py score: {a.predictions}: no prediction for {len(missing)} of {len(rows)} question ids "
+              f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); --allow-missing scores the rest",
+              file=sys.stderr)
+        return 2
+    metrics = scorers.score(task.name, [r for r in rows if r["_qid"] in preds], preds, name)
+    metrics["missing"] = len(missing)
+    if missing:
+        print(f"eval.py score: {len(missing)} of {len(rows)} rows have no prediction (not scored: "
+              f"the metrics are over the other {len(rows) - len(missing)})", file=sys.stderr)
     print(json.dumps(metrics))
     return 0
 
@@ -72,8 +81,13 @@ def sweep_main(argv) -> int:
     if fv.config.distributed:
         import jax
         jax.distributed.initialize()  # every process runs the same sweep; process 0 writes
+    from infllava_jax.errors import InputError, one_line
     from infllava_jax.evaluation import sweep
-    sweep.run(fv.config, ckpt=fv.ckpt, data=fv.data, out=fv.out)
+    try:
+        sweep.run(fv.config, ckpt=fv.ckpt, data=fv.data, out=fv.out)
+    except (InputError, KeyError) as e:   # bad checkpoint, data, image or task name: one line
+        print(f"eval.py: error: {e.args[0] if isinstance(e, KeyError) else one_line(e, 1000)}", file=sys.stderr)
+        return 2
     return 0
 
 

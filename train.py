@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import sys
 from pathlib import Path
 
 from absl import app, flags
@@ -69,15 +71,23 @@ def main(_):
     log.setLevel(logging.INFO)
     distributed.initialize(cluster, initialization_timeout=_INIT_TIMEOUT.value,
                            heartbeat_timeout=_HEARTBEAT_TIMEOUT.value)
+    from infllava_jax.errors import InputError, one_line
     from infllava_jax.training.loop import train
     if not cluster.distributed:
-        train(cfg, _WORKDIR.value)
+        try:
+            train(cfg, _WORKDIR.value)
+        except InputError as e:   # bad data, checkpoint or ids: one line, no traceback
+            print(f"train.py: error: {one_line(e, 1000)}", file=sys.stderr)
+            sys.exit(2)
         return
     import jax
     deadlines = distributed.Deadlines(_STEP_TIMEOUT.value, _COMPILE_TIMEOUT.value) \
         if _STEP_TIMEOUT.value > 0 else None
     try:
         train(cfg, _WORKDIR.value, deadlines)
+    except InputError as e:   # every process reads the same input: each says so and ends at once
+        print(f"train.py: error: {one_line(e, 1000)}", file=sys.stderr, flush=True)
+        os._exit(2)
     except BaseException as e:   # noqa: BLE001 - never wait in the shutdown barrier after a failure
         distributed.fail_fast(e, f"process {jax.process_index()} of {jax.process_count()}")
     if deadlines:

@@ -32,6 +32,8 @@ def base_config() -> ConfigDict:
     c.data.buckets = ()             # spliced lengths to pad to; () = max_len / 4, / 2, 3/4, 1
     c.data.num_threads = 16
     c.data.image_cache_mb = 0       # > 0: decoded images stay in memory (the study's rows share them)
+    c.data.allow_outside_paths = False   # True: image paths may be absolute or leave image_folder via ".."
+    c.data.max_image_pixels = 1 << 26    # larger images are skipped and counted (too_many_pixels), not decoded
 
     c.loss_chunk = 512
     c.optimizer = ConfigDict({"lr": 2e-5, "warmup_ratio": 0.03, "weight_decay": 0.0, "max_grad_norm": 1.0})

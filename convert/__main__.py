@@ -37,7 +37,9 @@ and per-token KL (exit 1 past the limits: fp32 1e-4 / 1e-6; bf16 0.1 / 0.05).
 
 Pickles are only read with torch.load(weights_only=True); files that need more are refused.
 Every key must be converted or be a known non-parameter buffer: a missing, unexpected or
-wrongly shaped tensor aborts with its name and shapes. DST appears only when complete.
+wrongly shaped tensor aborts with its name and shapes, and so does a tensor holding NaN / Inf
+(unless --allow-nonfinite). DST appears only when complete; an existing DST is kept unless
+--overwrite.
 """
 
 
@@ -54,6 +56,8 @@ def parser() -> argparse.ArgumentParser:
                    help="stage starts: do not append the <pad> row")
     p.add_argument("--seed", type=int, default=0, help="seed of the fresh DEM/projector (stage-1 start)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="convert tensors holding NaN / Inf (a warning names each); default: refuse")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     v = p.add_argument_group("verification")
     v.add_argument("--verify", action="store_true",
@@ -66,19 +70,21 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    from infllava_jax.checkpoint import CheckpointError
+    from infllava_jax.errors import one_line
     try:
         from convert.importer import convert
         source, _ = convert(args.src, args.dst, vision_tower=args.vision_tower, llm=args.llm, dtype=args.dtype,
                             add_pad_token=args.add_pad_token, seed=args.seed, overwrite=args.overwrite,
-                            progress=args.progress)
+                            progress=args.progress, allow_nonfinite=args.allow_nonfinite)
         if args.verify:
             from convert.verify import verify
             m = verify(source, args.dst, max_rel_err=args.max_rel_err, max_kl=args.max_kl,
                        prompt_tokens=args.prompt_tokens, tokenizer_dirs=(args.src, args.llm))
             return 0 if m["ok"] else 1
         return 0
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConversionError, CheckpointError, OSError) as e:
+        print(f"error: {one_line(e, 1000)}", file=sys.stderr)
         return 2
 
 

@@ -84,18 +84,23 @@ class Leaf(StreamedArray):
     def __repr__(self):
         return f"Leaf({self.path}, {self.shape}, {self.dtype.name}, <- {self.row.key})"
 
-    def _fill(self, out: np.ndarray, tensor: Tensor, region: list[tuple[int, int]]) -> None:
-        copy_permuted(out, tensor.read(_torch_index(self.row, region)), self.row.perm)
+    check: Callable[[Tensor, str, np.ndarray], None] | None = None   # sees every piece read (nonfinite.py)
+
+    def _fill(self, out: np.ndarray, i: int, region: list[tuple[int, int]]) -> None:
+        src = self.tensors[i].read(_torch_index(self.row, region))
+        if self.check is not None:
+            self.check(self.tensors[i], self.row.keys()[i], src)
+        copy_permuted(out, src, self.row.perm)
 
     def read(self, index=None) -> np.ndarray:
         r = ranges(index, self.shape)
         out = np.empty(tuple(b - a for a, b in r), self.dtype)
         if self.row.layers is None:
-            self._fill(out, self.tensors[0], r)
+            self._fill(out, 0, r)
         else:   # one layer at a time into the preallocated region
             (a, b), rest = r[0], r[1:]
             for layer in range(a, b):
-                self._fill(out[layer - a], self.tensors[layer], rest)
+                self._fill(out[layer - a], layer, rest)
         return out
 
 

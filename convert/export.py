@@ -27,8 +27,10 @@ from convert.importer import progress_bar
 from convert.sources import Tensor, ranges
 from convert.writers import DEFAULT_SHARD_BYTES, write_safetensors
 from infllava_jax.api import abstract_params
-from infllava_jax.checkpoint import PARAMS_DIR, atomic_directory, load_config
+from infllava_jax.checkpoint import (PARAMS_DIR, CheckpointError, atomic_directory, load_config, read_orbax,
+                                     saved_metadata)
 from infllava_jax.config import InfLlavaConfig
+from infllava_jax.errors import one_line
 from infllava_jax.vision import CLIPVisionConfig
 
 
@@ -41,15 +43,19 @@ class CheckpointTensor(Tensor):
     def __init__(self, params_dir: Path, name: str, shape, dtype, use_ocdbt: bool, use_zarr3: bool, context):
         import orbax.checkpoint as ocp
         self.shape, self.dtype, self.where = tuple(shape), np.dtype(dtype), f"{params_dir}:{name}"
+        self.params_dir = params_dir
         info = ocp.type_handlers.ParamInfo(name=name, parent_dir=params_dir, is_ocdbt_checkpoint=use_ocdbt,
                                            use_zarr3=use_zarr3, ts_context=context)
         self._spec, self._context, self._store = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt), context, None
 
     def read(self, index=None) -> np.ndarray:
         import tensorstore as ts
-        if self._store is None:
-            self._store = ts.open(self._spec, open=True, context=self._context).result()
-        return self._store[tuple(slice(a, b) for a, b in ranges(index, self.shape))].read().result()
+
+        def read():
+            if self._store is None:
+                self._store = ts.open(self._spec, open=True, context=self._context).result()
+            return self._store[tuple(slice(a, b) for a, b in ranges(index, self.shape))].read().result()
+        return read_orbax(self.params_dir, read, False)
 
 
 def open_checkpoint(path) -> tuple[InfLlavaConfig, dict[str, CheckpointTensor]]:
@@ -57,9 +63,9 @@ def open_checkpoint(path) -> tuple[InfLlavaConfig, dict[str, CheckpointTensor]]:
     import orbax.checkpoint as ocp
     config = load_config(path)
     params_dir = Path(path).absolute() / PARAMS_DIR
-    meta = json.loads((params_dir / "_METADATA").read_text())
+    meta = read_orbax(params_dir, lambda: dict(json.loads((params_dir / "_METADATA").read_text())), False)
     want = flatten_dict(abstract_params(config), sep="/")
-    saved = flatten_dict(dict(ocp.StandardCheckpointer().metadata(params_dir).item_metadata), sep="/")
+    saved = flatten_dict(saved_metadata(params_dir), sep="/")
     if set(saved) != set(want):
         raise ConversionError(f"{params_dir}: parameters do not match config.json: missing "
                               f"{sorted(set(want) - set(saved))[:5]}, unexpected {sorted(set(saved) - set(want))[:5]}")
@@ -166,8 +172,8 @@ def main(argv=None) -> int:
     try:
         export(a.ckpt, a.dst, fmt=a.fmt, dtype=a.dtype, with_vision=a.with_vision, image_token_index=a.image_token_index,
                max_shard_bytes=int(a.max_shard_size * 1e9), overwrite=a.overwrite, progress=a.progress)
-    except (ConversionError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConversionError, CheckpointError, OSError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -29,6 +29,7 @@ from convert.sources import GrownRows, InitTensor, Tensor, open_weights
 from infllava_jax import dem, keymap, llama, projector, vision
 from infllava_jax.config import InfLlavaConfig
 from infllava_jax.dem import DEMConfig
+from infllava_jax.errors import one_line
 from infllava_jax.llama import LlamaConfig
 from infllava_jax.vision import CLIPVisionConfig
 
@@ -132,24 +133,47 @@ def read_config(directory: Path) -> dict:
     if not f.is_file():
         raise ConversionError(f"{directory}: no config.json")
     try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{f}: {e}") from None
+        d = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ConversionError(f"{f}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
-def llama_config(d: Mapping[str, Any]) -> LlamaConfig:
+# integer fields of a config.json that size tensors: positive and at most this (default 2**24), so
+# that a damaged config.json cannot make the converter build millions of key-map rows
+SIZE_FIELDS = {"vocab_size": 1 << 24, "hidden_size": 1 << 20, "intermediate_size": 1 << 22,
+               "num_hidden_layers": 1024, "num_attention_heads": 4096, "num_key_value_heads": 4096,
+               "image_size": 1 << 16, "patch_size": 1 << 12, "num_channels": 16}
+
+
+def check_sizes(d: Mapping[str, Any], where: str) -> None:
+    for k, limit in SIZE_FIELDS.items():
+        v = d.get(k, 1)
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= limit:
+            raise ConversionError(f"{where}: {k}={v!r}; expected an integer in [1, {limit}]")
+
+
+def llama_config(d: Mapping[str, Any], where: str = "config.json") -> LlamaConfig:
+    d = {**LLAMA_DEFAULTS, **d}
+    check_sizes(d, where)
     try:
-        return LlamaConfig.from_hf({**LLAMA_DEFAULTS, **d})
-    except (NotImplementedError, ValueError, TypeError) as e:
-        raise ConversionError(f"Llama config: {e}") from None
+        return LlamaConfig.from_hf(d)
+    except (NotImplementedError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ConversionError(f"{where}: Llama config: {e}") from None
 
 
-def clip_config(d: Mapping[str, Any]) -> CLIPVisionConfig:
-    d = d.get("vision_config", d)
+def clip_config(d: Mapping[str, Any], where: str = "config.json") -> CLIPVisionConfig:
+    d = d.get("vision_config", d) if isinstance(d, Mapping) else d
+    if not isinstance(d, Mapping):
+        raise ConversionError(f"{where}: the CLIP vision config is a {type(d).__name__}, not an object")
+    d = {**CLIP_VISION_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
+    check_sizes(d, where)
     try:
-        return CLIPVisionConfig.from_hf({**CLIP_VISION_DEFAULTS, **{k: v for k, v in d.items() if v is not None}})
-    except (ValueError, TypeError) as e:
-        raise ConversionError(f"CLIP vision config: {e}") from None
+        return CLIPVisionConfig.from_hf(d)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ConversionError(f"{where}: CLIP vision config: {e}") from None
 
 
 def dem_config(cfg_json: Mapping[str, Any], tensors: Mapping[str, Tensor], vision_cfg: CLIPVisionConfig,
@@ -213,7 +237,7 @@ class Source:
     tensors: dict[str, Tensor]
     ignore: tuple[str, ...] = ()
     notes: list[str] = dataclasses.field(default_factory=list)
-    path: Path | None = None          # llava-hf: the directory (verify loads it with transformers)
+    path: Path | None = None          # SRC (verify loads a llava-hf directory with transformers)
 
 
 def detect(path: str | Path) -> str:
@@ -255,13 +279,25 @@ def _clip_tensors(clip_dir: Path, notes: list[str]) -> tuple[dict[str, Tensor], 
             out[k] = t
     if dropped:
         notes.append(f"not converted: {len(dropped)} tensors of CLIP's text tower ({', '.join(CLIP_TEXT_KEYS)})")
-    return out, clip_config(read_config(clip_dir))
+    return out, clip_config(read_config(clip_dir), f"{clip_dir}/config.json")
 
 
 def resolve(src: str | Path, *, vision_tower: str | Path | None = None, llm: str | Path | None = None,
             dtype: str = "auto", add_pad_token: bool = True, seed: int = 0) -> Source:
     """Detect what SRC (+ --vision-tower, --llm) is and present it as a Source."""
     src = Path(src)
+    try:
+        source = _resolve(src, vision_tower, llm, dtype, add_pad_token, seed)
+    except ConversionError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError) as e:   # a field of the wrong type
+        raise ConversionError(f"{src}: a config.json field has the wrong type or value "
+                              f"({type(e).__name__}: {one_line(e)})") from None
+    source.path = source.path or src
+    return source
+
+
+def _resolve(src: Path, vision_tower, llm, dtype: str, add_pad_token: bool, seed: int) -> Source:
     kind = detect(src)
     parts: dict[str, Path] = {kind: src}
     for path, want in ((vision_tower, "clip"), (llm, "llama")):
@@ -299,7 +335,7 @@ def _released(path: Path, clip_dir: Path | None, dtype: str) -> Source:
     notes: list[str] = []
     tensors = dict(open_weights(path))
     vision_keys = [k for k in tensors if k.startswith("model.vision_tower.")]
-    clip_cfg = None if clip_dir is None else clip_config(read_config(clip_dir))
+    clip_cfg = None if clip_dir is None else clip_config(read_config(clip_dir), f"{clip_dir}/config.json")
     if vision_keys:   # the checkpoint's own tower (renamed to the 4.37 prefix if saved otherwise)
         pre = find_prefix(vision_keys, vision.ANCHOR_KEY, "vision tower", within="model.vision_tower.")
         if pre != RELEASED_VISION_PREFIX:
@@ -315,13 +351,13 @@ def _released(path: Path, clip_dir: Path | None, dtype: str) -> Source:
     if clip_cfg is not None:
         vision_cfg = clip_cfg
     elif cfg_json.get(VISION_CONFIG_FIELD):
-        vision_cfg = clip_config(cfg_json[VISION_CONFIG_FIELD])
+        vision_cfg = clip_config(cfg_json[VISION_CONFIG_FIELD], f"{path}/config.json {VISION_CONFIG_FIELD}")
     elif str(cfg_json.get("mm_vision_tower", "")).rstrip("/").endswith(CLIP_L14_336):
         vision_cfg = CLIPVisionConfig.clip_vit_l14_336()
     else:
         raise ConversionError(f"{path}/config.json names vision tower {cfg_json.get('mm_vision_tower')!r}, whose "
                               f"config is unknown here: pass --vision-tower CLIP_DIR")
-    llm_cfg = llama_config(cfg_json)
+    llm_cfg = llama_config(cfg_json, f"{path}/config.json")
     if any(k.startswith("model.spatial_embed.") for k in tensors):
         dem_cfg = dem_config(cfg_json, tensors, vision_cfg)
     elif cfg_json.get(DEM_CONFIG_FIELD):
@@ -356,7 +392,9 @@ def _llava_hf(path: Path, dtype: str) -> Source:
     layer = cfg_json.get("vision_feature_layer", -2)
     if not isinstance(layer, int):
         raise ConversionError(f"{path}/config.json: vision_feature_layer={layer!r}; only one layer is supported")
-    config = InfLlavaConfig(vision=clip_config(cfg_json.get("vision_config") or {}), llm=llama_config(text),
+    where = f"{path}/config.json"
+    config = InfLlavaConfig(vision=clip_config(cfg_json.get("vision_config") or {}, where),
+                            llm=llama_config(text, where),
                             dem=None, select_layer=layer,
                             image_token_index=int(cfg_json.get("image_token_index", cfg_json.get("image_token_id", 32000))),
                             pad_token_id=cfg_json.get("pad_token_id", text.get("pad_token_id")))
@@ -371,7 +409,7 @@ def _stage_start(clip_dir: Path, llama_dir: Path, adapter: Path | None, dtype: s
     notes: list[str] = []
     tensors, vision_cfg = _clip_tensors(clip_dir, notes)
     llama_tensors = open_weights(llama_dir)
-    llm_cfg = llama_config(read_config(llama_dir))
+    llm_cfg = llama_config(read_config(llama_dir), f"{llama_dir}/config.json")
     adapter_tensors, adapter_json = {}, {}
     if adapter is not None:
         adapter_tensors = open_weights(_adapter_file(adapter))

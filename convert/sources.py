@@ -170,30 +170,44 @@ class InitTensor(Tensor):
 
 # ----------------------------------------------------------------------------- files
 
+MAX_HEADER_BYTES = 100 << 20   # the safetensors library's own limit on the JSON header
+
+
 def open_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The tensors of a .safetensors file. Everything the header claims is checked against the
+    file size before anything is read or allocated: a cut-short file or a lying header is a
+    ConversionError naming the file (and the tensor)."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n < 2 or n + 8 > size:
-            raise ConversionError(f"{path}: not a safetensors file (bad header length)")
+        if n < 2 or n + 8 > size or n > MAX_HEADER_BYTES:
+            raise ConversionError(f"{path}: not a safetensors file or cut short (header length {n}, "
+                                  f"file {size} bytes)")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConversionError(f"{path}: not a safetensors file ({e})") from None
-    start, out = 8 + n, {}
+    if not isinstance(header, dict):
+        raise ConversionError(f"{path}: not a safetensors file (its header is not a JSON object)")
     header.pop("__metadata__", None)
-    for key, info in header.items():
-        try:
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            shape, (b, e) = tuple(int(x) for x in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise ConversionError(f"{path}: tensor {key!r} has an unsupported or malformed entry {info}") from None
-        if e - b != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or start + e > size:
-            raise ConversionError(f"{path}: tensor {key!r} {info} does not fit the file ({size} bytes)")
-        out[key] = SafetensorsTensor(path, start + b, shape, dtype)
-    return out
+    return {key: _safetensors_entry(path, key, info, 8 + n, size) for key, info in header.items()}
+
+
+def _safetensors_entry(path: Path, key: str, info, start: int, size: int) -> "SafetensorsTensor":
+    try:
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        shape, (b, e) = tuple(int(x) for x in info["shape"]), info["data_offsets"]
+        b, e = int(b), int(e)
+    except (KeyError, TypeError, ValueError):
+        raise ConversionError(f"{path}: tensor {key!r} has an unsupported dtype or a malformed entry "
+                              f"{str(info)[:200]}") from None
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if all(0 <= d < 1 << 40 for d in shape) else -1
+    if nbytes < 0 or not 0 <= b <= e or e - b != nbytes or start + e > size:
+        raise ConversionError(f"{path}: tensor {key!r} {str(info)[:200]} does not fit the file ({size} bytes): "
+                              f"cut short or a damaged header")
+    return SafetensorsTensor(path, start + b, shape, dtype)
 
 
 def open_torch_pickle(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -253,8 +267,10 @@ def weight_files(directory: Path) -> tuple[list[Path], dict | None]:
         if index_file.is_file():
             try:
                 weight_map = json.loads(index_file.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ConversionError(f"{index_file}: not a weight index ({e})") from None
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+                raise ConversionError(f"{index_file}: not a weight index ({type(e).__name__}: {e})") from None
+            if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+                raise ConversionError(f"{index_file}: weight_map must map tensor names to file names")
             files = sorted({directory / f for f in weight_map.values()})
             missing = [str(f) for f in files if not f.is_file()]
             if missing:

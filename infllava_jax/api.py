@@ -19,13 +19,16 @@ import numpy as np
 from infllava_jax import sharding as sharding_lib
 from infllava_jax.checkpoint import PARAMS_DIR, load_config, load_part, restore_params, save_checkpoint
 from infllava_jax.config import InfLlavaConfig
+from infllava_jax.errors import InputError
 from infllava_jax.generate import LLAMA3_STOP_IDS, generate
 from infllava_jax.model import InfLlavaModel
+from infllava_jax.splice import IMAGE_TOKEN_INDEX
+from infllava_jax.token_ids import prepare_ids
 
 
 def _dummy_inputs(config: InfLlavaConfig):
     H, W = config.image_size
-    ids = jnp.array([[config.image_token_index, 1]], jnp.int32)
+    ids = jnp.array([[IMAGE_TOKEN_INDEX, 1]], jnp.int32)
     return ids, jnp.zeros((1, H, W, 3), jnp.float32)
 
 
@@ -82,8 +85,18 @@ def _to_channels_last(pixel_values) -> jax.Array:
     """(B, 3, H, W) or (B, K, 3, H, W) numpy, as PyTorch code passes it -> channels-last."""
     x = np.asarray(pixel_values, np.float32)
     if x.ndim not in (4, 5) or x.shape[-3] != 3:
-        raise ValueError(f"pixel_values has shape {x.shape}; expected (B, 3, H, W) or (B, K, 3, H, W)")
+        raise InputError(f"pixel_values has shape {x.shape}; expected (B, 3, H, W) or (B, K, 3, H, W)")
     return jnp.asarray(np.moveaxis(x, -3, -1))
+
+
+def _model_inputs(config: InfLlavaConfig, input_ids, pixel_values, attention_mask):
+    """Checked (ids with one -200 per image, channels-last pixels, mask or None): token_ids.py."""
+    pixels = _to_channels_last(pixel_values)
+    images = 1 if pixels.ndim == 4 else pixels.shape[1]
+    ids, mask = prepare_ids(input_ids, attention_mask, config, images)
+    if ids.shape[0] != pixels.shape[0]:
+        raise InputError(f"input_ids has {ids.shape[0]} rows, pixel_values {pixels.shape[0]}")
+    return jnp.asarray(ids), pixels, None if mask is None else jnp.asarray(mask, jnp.int32)
 
 
 class InfLlava:
@@ -92,9 +105,12 @@ class InfLlava:
         model = InfLlava.from_pretrained(ckpt_dir)
         logits = model(input_ids, pixel_values)     # numpy in, numpy out
 
-    input_ids (B, L) int with one -200 per image; pixel_values (B, 3, H, W) CLIP-normalised
-    float32, H = W = n*s (used directly) or s (bicubic-upsampled first, the released inference
-    path). Returns float32 logits (B, L - 1 + tokens_per_image, V).
+    input_ids (B, L) int with one -200 per image (a model converted from transformers also takes
+    its HF image token id, once per image or repeated tokens_per_image times: token_ids.py; any
+    other id outside [0, vocab) is an InputError naming the row and position); pixel_values
+    (B, 3, H, W) CLIP-normalised float32, H = W = n*s (used directly) or s (bicubic-upsampled
+    first, the released inference path). Returns float32 logits (B, L - 1 + tokens_per_image, V)
+    (L counted with one id per image).
     """
 
     def __init__(self, config: InfLlavaConfig, params: Any):
@@ -105,17 +121,16 @@ class InfLlava:
         return cls(config, init_params(config, seed, mesh))
 
     def __call__(self, input_ids, pixel_values, attention_mask=None) -> np.ndarray:
-        ids = jnp.asarray(input_ids, jnp.int32)
-        mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-        return np.asarray(_forward(self.config, self.params, ids, _to_channels_last(pixel_values), mask))
+        ids, pixels, mask = _model_inputs(self.config, input_ids, pixel_values, attention_mask)
+        return np.asarray(_forward(self.config, self.params, ids, pixels, mask))
 
     def generate(self, input_ids, pixel_values, attention_mask=None, *, max_new_tokens: int = 64,
                  stop_ids: Sequence[int] = LLAMA3_STOP_IDS) -> list[np.ndarray]:
         """Greedy decoding; prompts left-padded. Returns one array of new tokens per row
         (stop token included)."""
-        ids = jnp.asarray(input_ids, jnp.int32)
-        mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-        tokens, lengths = generate(self.config, self.params, ids, _to_channels_last(pixel_values), mask,
+        ids, pixels, mask = _model_inputs(self.config, input_ids, pixel_values, attention_mask)
+        mask = jnp.ones_like(ids) if mask is None else mask
+        tokens, lengths = generate(self.config, self.params, ids, pixels, mask,
                                    jnp.asarray(stop_ids, jnp.int32), max_new_tokens=max_new_tokens,
                                    pad_id=self.config.pad_token_id or 0)
         tokens, lengths = np.asarray(tokens), np.asarray(lengths)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from infllava_jax.api import InfLlava
 from infllava_jax.config import InfLlavaConfig
 from infllava_jax.generate import generate
+from infllava_jax.token_ids import check_row
 
 
 class _Sink:
@@ -46,7 +47,9 @@ def stream(model: InfLlava, tokenizer, image, question: str, *, config: InfLlava
 
     config = config or model.config
     img = preprocess(image, pixel_size(config, pixels), "pad")
-    ids = jnp.asarray(prompting.encode(tokenizer, question, 1, double_bos=double_bos)[None])
+    ids = prompting.encode(tokenizer, question, 1, double_bos=double_bos)
+    ids = check_row(ids, None, config, 1, "of the prompt")[0]   # a tokenizer larger than the model: an error
+    ids = jnp.asarray(ids[None], jnp.int32)
     stops, out, shown, failed = stop_ids(tokenizer), [], "", []
     _SINK.queue = tokens = queue.Queue()
 
@@ -87,21 +90,28 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pixels", default="released", choices=("released", "native"))
     a = p.parse_args(argv)
-    from PIL import Image
+    from infllava_jax.errors import InputError, one_line
+    from infllava_jax.evaluation.datasets import open_image
+    try:
+        image = open_image(a.image, where=a.image)   # capped before decoding, any mode -> RGB
+        model = InfLlava.from_pretrained(a.ckpt)
+        _answer(model, image, a)
+    except InputError as e:
+        print(f"chat: error: {one_line(e, 1000)}", file=sys.stderr)
+        return 2
+    return 0
 
+
+def _answer(model: InfLlava, image, a) -> None:
     from infllava_jax.evaluation import prompting
     from infllava_jax.evaluation.runner import grid_config
-    model = InfLlava.from_pretrained(a.ckpt)
     tok = prompting.get_tokenizer(a.tokenizer, a.ckpt, model.config.llm.vocab_size)
     config = grid_config(model.config, a.res) if a.res else model.config
-    with Image.open(a.image) as im:
-        image = im.convert("RGB")
     for piece in stream(model, tok, image, a.question, config=config, max_new_tokens=a.max_new_tokens,
                         temperature=a.temperature, top_p=a.top_p, seed=a.seed, pixels=a.pixels):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    return 0
 
 
 if __name__ == "__main__":

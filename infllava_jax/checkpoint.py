@@ -10,9 +10,9 @@ atomically (`atomic_directory`): into a temporary sibling, then renamed.
 from __future__ import annotations
 
 import abc
-import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -22,18 +22,29 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from infllava_jax.config import InfLlavaConfig
+from infllava_jax.errors import InputError, one_line
 
 CONFIG_FILE, PARAMS_DIR = "config.json", "params"
+
+
+class CheckpointError(InputError):
+    """A checkpoint directory that is missing, incomplete or damaged (the message names it)."""
+
+
+class MissingCheckpointError(CheckpointError, FileNotFoundError):
+    """No config.json / params/ where a checkpoint should be (also a FileNotFoundError)."""
 
 
 def load_config(path: str | os.PathLike) -> InfLlavaConfig:
     f = Path(path) / CONFIG_FILE
     if not f.is_file():
-        raise FileNotFoundError(f"{f}: missing; not a checkpoint written by save_pretrained / python -m convert")
+        raise MissingCheckpointError(f"{f}: missing; not a checkpoint written by save_pretrained / python -m convert")
     try:
         return InfLlavaConfig.from_json(f.read_text())
-    except (ValueError, TypeError, KeyError, json.JSONDecodeError) as e:
-        raise ValueError(f"{f}: {e}") from e
+    except KeyError as e:
+        raise CheckpointError(f"{f}: missing field {e}") from None
+    except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f}: {one_line(e)}") from None
 
 
 def _shapes(tree) -> dict[str, tuple]:
@@ -44,22 +55,50 @@ def restore_params(params_dir: Path, target, *, partial: bool = False):
     """Restore onto the shardings in `target` (a tree of ShapeDtypeStruct); a tree mismatch names
     the keys. `partial`: `target` may be a part of the saved tree (only that part is read)."""
     if not params_dir.is_dir():
-        raise FileNotFoundError(f"{params_dir}: missing parameter checkpoint")
-    saved = _shapes(dict(ocp.StandardCheckpointer().metadata(params_dir).item_metadata))
+        raise MissingCheckpointError(f"{params_dir}: missing parameter checkpoint")
+    saved = _shapes(saved_metadata(params_dir))
     want = _shapes(target)
     missing, unexpected = sorted(set(want) - set(saved)), sorted(set(saved) - set(want))
     if missing or (unexpected and not partial):
-        raise ValueError(f"{params_dir}: parameter tree does not match the config; missing "
-                         f"{missing[:5]}, unexpected {unexpected[:5]}")
+        raise CheckpointError(f"{params_dir}: parameter tree does not match the config; missing "
+                              f"{missing[:5]}, unexpected {unexpected[:5]}")
     for key, shape in want.items():
         if saved[key] != shape:
-            raise ValueError(f"{params_dir}: parameter {key} has shape {saved[key]} in the checkpoint, "
-                             f"{shape} in config.json")
+            raise CheckpointError(f"{params_dir}: parameter {key} has shape {saved[key]} in the checkpoint, "
+                                  f"{shape} in config.json")
     if not partial:
-        return ocp.StandardCheckpointer().restore(params_dir, target)
+        return read_orbax(params_dir, lambda c: c.restore(params_dir, target))
     args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                   partial_restore=True)
-    return ocp.PyTreeCheckpointer().restore(params_dir, args=args)
+    return read_orbax(params_dir, lambda c: c.restore(params_dir, args=args), ocp.PyTreeCheckpointer)
+
+
+def saved_metadata(params_dir: Path) -> dict:
+    """{name: array metadata} of an Orbax parameter checkpoint; CheckpointError if unreadable."""
+    meta = read_orbax(params_dir, lambda c: c.metadata(params_dir).item_metadata)
+    if meta is None:
+        raise CheckpointError(f"{params_dir}: no readable parameter metadata (a half-written or damaged checkpoint)")
+    return dict(meta)
+
+
+def read_orbax(params_dir: Path, read: Callable, checkpointer=None):
+    """read(c) with an Orbax checkpointer `c` (closed afterwards, so that no background thread
+    outlives a failure), Orbax's and tensorstore's errors about a half-written or damaged
+    checkpoint (pages of tensorstore spec, a bare Exception) as one CheckpointError line naming it.
+    `checkpointer=None`: StandardCheckpointer; read() without arguments if `checkpointer` is False."""
+    try:
+        if checkpointer is False:
+            return read()
+        with (checkpointer or ocp.StandardCheckpointer)() as c:
+            return read(c)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - orbax raises bare Exception for unreadable arrays
+        _quiet_closed_loop_callbacks()
+        if type(e) is Exception and isinstance(e.__cause__ or e.__context__, Exception):
+            e = e.__cause__ or e.__context__   # orbax's wrapper: tensorstore's error says what is wrong
+        raise CheckpointError(f"{params_dir}: incomplete or damaged checkpoint ({type(e).__name__}: "
+                              f"{one_line(e, 200)})") from None
 
 
 def load_part(path: str | os.PathLike, part: str, target):
@@ -166,16 +205,20 @@ def _save_params(directory: Path, params, progress) -> None:
         ckptr.wait_until_finished()
 
 
-def save_checkpoint(path: str | os.PathLike, config: InfLlavaConfig, params, *, progress=None) -> None:
+def save_checkpoint(path: str | os.PathLike, config: InfLlavaConfig, params, *, progress=None,
+                    before_commit: Callable[[], None] | None = None) -> None:
     """Write `config.json` + `params/` atomically (an existing checkpoint at `path` is replaced).
 
     Leaves may be arrays or `StreamedArray`s; a tree with StreamedArrays is written piece by
     piece (peak memory ~ STREAM_INFLIGHT_BYTES + one piece, whatever the model size);
-    `progress(nbytes)` is called as pieces are committed. Every process takes part."""
+    `progress(nbytes)` is called as pieces are committed. Every process takes part.
+    `before_commit()` runs once everything is written; if it raises, `path` is left as it was."""
     def fill(tmp: Path) -> None:
         _save_params(tmp / PARAMS_DIR, params, progress)
         if jax.process_index() == 0:
             (tmp / CONFIG_FILE).write_text(config.to_json())
+        if before_commit is not None:
+            before_commit()
     atomic_directory(path, fill, overwrite=True)
 
 
@@ -222,3 +265,18 @@ def _commit(tmp: Path, path: Path) -> None:
         shutil.rmtree(old)
     else:
         tmp.rename(path)
+
+
+def _quiet_closed_loop_callbacks() -> None:
+    """After a failed Orbax read, tensorstore callbacks still in flight call into the event loop
+    Orbax has closed, and Python prints each as an ignored "Event loop is closed" traceback after
+    our one-line error: drop those (only those) from then on."""
+    old = sys.unraisablehook
+    if getattr(old, "drops_closed_loop", False):
+        return
+
+    def hook(u):
+        if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
+            old(u)
+    hook.drops_closed_loop = True
+    sys.unraisablehook = hook

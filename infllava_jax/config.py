@@ -25,7 +25,7 @@ class InfLlavaConfig:
     llm: LlamaConfig
     dem: DEMConfig | None = None        # None: LLaVA-1.5 (no DCM/DEM)
     select_layer: int = -2              # feature = hidden_states[-2] without CLS (SPEC 1)
-    image_token_index: int = IMAGE_TOKEN_INDEX
+    image_token_index: int = IMAGE_TOKEN_INDEX   # -200, or the HF image token id also accepted (token_ids.py)
     pad_token_id: int | None = None
 
     @property

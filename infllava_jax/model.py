@@ -14,7 +14,7 @@ from infllava_jax.dem import DEM
 from infllava_jax.llama import LlamaForCausalLM
 from infllava_jax.pixels import resize_bicubic
 from infllava_jax.projector import Projector
-from infllava_jax.splice import (splice_attention_mask, splice_embeddings, splice_labels,
+from infllava_jax.splice import (IMAGE_TOKEN_INDEX, splice_attention_mask, splice_embeddings, splice_labels,
                                  splice_layout)
 from infllava_jax.vision import CLIPVisionTransformer
 
@@ -70,7 +70,7 @@ class InfLlavaModel(nn.Module):
         return self.mm_projector(self.vision_tokens(pixel_values))
 
     def embed_inputs(self, input_ids, pixel_values, attention_mask=None, labels=None):
-        """Splice: ids (B, L) with K sentinels per row, pixels (B, K, H, W, 3) or (B, H, W, 3)
+        """Splice: ids (B, L) with up to K sentinels (-200, every model) per row, pixels (B, K, H, W, 3) or (B, H, W, 3)
         -> dict(inputs_embeds (B, L + K(T-1), D), attention_mask, labels)."""
         c = self.config
         if pixel_values.ndim == 4:
@@ -78,8 +78,8 @@ class InfLlavaModel(nn.Module):
         B, K = pixel_values.shape[:2]
         images = self.encode_images(pixel_values.reshape(B * K, *pixel_values.shape[2:]))
         images = images.reshape(B, K, *images.shape[1:])
-        text = self.language_model.embed(jnp.where(input_ids == c.image_token_index, 0, input_ids))
-        layout = splice_layout(input_ids, c.tokens_per_image, K, c.image_token_index)
+        text = self.language_model.embed(jnp.where(input_ids == IMAGE_TOKEN_INDEX, 0, input_ids))
+        layout = splice_layout(input_ids, c.tokens_per_image, K)
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         out = dict(inputs_embeds=splice_embeddings(text, images, layout),

@@ -52,6 +52,8 @@ BAD = [
     ({"id": "missing", "image": "img/nope.jpg", "conversations": _conv("<image>\nWhat?", "Nothing.")}, "missing_image"),
     ({"id": "truncated", "image": "img/truncated.jpg", "conversations": _conv("<image>\nWhat?", "A woman.")}, "bad_image"),
     ({"id": "garbage", "image": "img/garbage.png", "conversations": _conv("<image>\nWhat?", "Noise.")}, "bad_image"),
+    ({"id": "bomb", "image": "img/bomb.png", "conversations": _conv("<image>\nWhat?", "Nothing.")}, "too_many_pixels"),
+    ({"id": "escape", "image": "../escape.png", "conversations": _conv("<image>\nWhat?", "x")}, "outside_folder"),
     ({"id": "noconv", "image": "img/astronaut.jpg"}, "bad_fields"),
     ({"id": "novalue", "conversations": [{"from": "human"}, {"from": "gpt", "value": "x"}]}, "bad_fields"),
     ({"id": "robot", "conversations": [{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "x"}]}, "bad_fields"),
@@ -82,6 +84,8 @@ def _write_images(root):
     jpg = open(os.path.join(root, "img/astronaut.jpg"), "rb").read()
     open(os.path.join(root, "img/truncated.jpg"), "wb").write(jpg[: len(jpg) // 2])
     open(os.path.join(root, "img/garbage.png"), "wb").write(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    from tests.test_bad_inputs import png_header_only
+    open(os.path.join(root, "img/bomb.png"), "wb").write(png_header_only(40_000, 40_000))
 
 
 def bad_json_records():
@@ -91,7 +95,7 @@ def bad_json_records():
     for k, r in enumerate(CLEAN):
         clean_at[len(recs)] = k
         recs.append(r)
-        for _ in range(2 if k < 2 else 1):
+        for _ in range(2 if k < 4 else 1):
             if bad:
                 rec, why = bad.pop(0)
                 reasons[len(recs)] = why

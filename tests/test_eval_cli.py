@@ -41,10 +41,20 @@ def test_score_pope_parquet(data, tmp_path, capsys):
 
 def test_score_ids_as_numbers_and_missing(data, tmp_path, capsys):
     preds = [{"question_id": 100 + i, "text": ("yes", "no")[i % 2]} for i in range(4)]  # ints, 2 missing
-    code, m, err = _run(capsys, "--task", "pope", "--data", data / "pope" / "data" / "test-00000-of-00001.parquet",
-                        "--predictions", _write(tmp_path / "p.jsonl", preds))
-    assert code == 0 and m["missing"] == 2 and m["accuracy"] == pytest.approx(4 / 6)
+    args = ("--task", "pope", "--data", data / "pope" / "data" / "test-00000-of-00001.parquet",
+            "--predictions", _write(tmp_path / "p.jsonl", preds))
+    code, _, err = _run(capsys, *args)
+    assert code == 2 and "no prediction for 2 of 6 question ids (104, 105)" in err and "p.jsonl" in err
+    code, m, err = _run(capsys, *args, "--allow-missing")   # a score over what is there + the count missing
+    assert code == 0 and m["missing"] == 2 and m["n"] == 4 and m["accuracy"] == 1.0
     assert "2 of 6 rows have no prediction" in err
+
+
+def test_duplicate_question_id_names_both_lines(data, tmp_path, capsys):
+    preds = [{"question_id": str(100 + i), "text": "yes"} for i in range(6)] + [{"question_id": 102, "text": "no"}]
+    p = _write(tmp_path / "p.jsonl", preds)
+    code, _, err = _run(capsys, "--task", "pope", "--data", data / "pope", "--predictions", p)
+    assert code == 2 and f"{p}:7: duplicate question_id '102' (first on line 3)" in err
 
 
 def test_score_scienceqa_row_index_ids_and_named_scorer(data, tmp_path, capsys):

@@ -28,9 +28,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from infllava_jax.data.examples import (BAD_REASONS, SampleSpec, TemplateError, bad, example,
+from infllava_jax.data.examples import (BAD_REASONS, ImagePolicy, SampleSpec, TemplateError, bad, example,
                                         tokenize_record, truncate)
-from infllava_jax.data.images import load_resized, normalize
+from infllava_jax.data.images import normalize
 
 VERSION = "1.0.0"
 _BUILD_KEYS = ("template", "image_size", "image_mode", "double_bos")  # must match at read time
@@ -45,6 +45,7 @@ class LlavaConfig(tfds.core.BuilderConfig):
     image_mode: str = "pad"
     double_bos: bool = False
     image_format: str = "png"
+    allow_outside_paths: bool = False
 
 
 class _Encoder:
@@ -61,13 +62,11 @@ class _Encoder:
             return bad(e.reason, index, str(e))
         data = b""
         if rel is not None:
-            path = os.path.join(self.cfg.image_folder, rel)
             try:
-                pixels = load_resized(path, self.cfg.image_size, self.cfg.image_mode)
-            except FileNotFoundError as e:
-                return bad("missing_image", index, str(e))
-            except Exception as e:  # noqa: BLE001
-                return bad("bad_image", index, f"{path}: {type(e).__name__}: {e}")
+                pixels = ImagePolicy(self.cfg.image_folder, self.cfg.allow_outside_paths).load(
+                    rel, self.cfg.image_size, self.cfg.image_mode)
+            except TemplateError as e:
+                return bad(e.reason, index, str(e))
             buf = io.BytesIO()
             if self.cfg.image_format == "png":
                 Image.fromarray(pixels).save(buf, format="PNG")
@@ -132,7 +131,7 @@ class LlavaArrayRecord(tfds.core.GeneratorBasedBuilder):
 def build_array_record(json_path: str, image_folder: str, tokenizer, out_dir: str, *, name: str = "llava",
                        template: str = "llama3", image_size: int = 1008, image_mode: str = "pad",
                        double_bos: bool = False, image_format: str = "png", num_workers: int = 0,
-                       max_bad_fraction: float = 0.01) -> tuple[str, dict]:
+                       max_bad_fraction: float = 0.01, allow_outside_paths: bool = False) -> tuple[str, dict]:
     """Pre-process a LLaVA JSON dataset once -> (dataset directory, bad-record counts).
 
     The directory is `out_dir/llava_array_record/<name>/1.0.0`; calling again with the same
@@ -142,7 +141,7 @@ def build_array_record(json_path: str, image_folder: str, tokenizer, out_dir: st
         raise ValueError(f"image_format must be 'png' or 'jpeg', got {image_format!r}")
     cfg = LlavaConfig(name=name, json_path=json_path, image_folder=image_folder, template=template,
                       image_size=image_size, image_mode=image_mode, double_bos=double_bos,
-                      image_format=image_format)
+                      image_format=image_format, allow_outside_paths=allow_outside_paths)
     builder = LlavaArrayRecord(tokenizer=tokenizer, num_workers=num_workers, config=cfg,
                                data_dir=out_dir, file_format="array_record")
     report_path = os.path.join(builder.data_dir, "llava_build.json")

@@ -12,12 +12,44 @@ import os
 
 import numpy as np
 
-from infllava_jax.data.images import CACHE, MODES, load_resized, normalize
+from infllava_jax.data.images import CACHE, MAX_IMAGE_PIXELS, MODES, TooManyPixels, load_resized, normalize
 from infllava_jax.data.template import TEMPLATES, TemplateError, encode_conversation
 from infllava_jax.splice import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 BAD_REASONS = ("bad_fields", "bad_roles", "no_answer", "image_token_mismatch",
-               "missing_image", "bad_image", "too_long")
+               "missing_image", "bad_image", "too_long", "too_many_pixels", "outside_folder")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImagePolicy:
+    """How a record's image file is found and opened (DataConfig's allow_outside_paths, max_image_pixels)."""
+    folder: str = ""
+    allow_outside_paths: bool = False   # True: absolute paths and ".." may leave `folder`
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    cache_bytes: int = 0                # >0: images.CACHE keeps decoded images up to this
+
+    def path(self, rel: str) -> str:
+        """folder/rel; TemplateError("outside_folder") if rel is absolute or climbs out with "..".
+        (Symbolic links inside the folder are followed: where they lead is the user's choice.)"""
+        if not self.allow_outside_paths:
+            norm = os.path.normpath(rel)
+            if os.path.isabs(rel) or norm == ".." or norm.startswith(".." + os.sep):
+                raise TemplateError("outside_folder", f"image path {rel!r} leaves the image folder "
+                                                      f"(data.allow_outside_paths=True allows it)")
+        return os.path.join(self.folder, rel)
+
+    def load(self, rel: str, size: int, mode: str) -> np.ndarray:
+        """uint8 (size, size, 3); TemplateError with the bad-sample reason if the image cannot be used."""
+        path = self.path(rel)
+        try:
+            return (CACHE.load(path, size, mode, self.cache_bytes, self.max_image_pixels) if self.cache_bytes
+                    else load_resized(path, size, mode, self.max_image_pixels))
+        except FileNotFoundError as e:
+            raise TemplateError("missing_image", str(e)) from None
+        except TooManyPixels as e:
+            raise TemplateError("too_many_pixels", str(e)) from None
+        except Exception as e:  # noqa: BLE001 - unreadable, truncated, not an image: all one reason
+            raise TemplateError("bad_image", f"{path}: {type(e).__name__}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,17 +110,23 @@ def tokenize_record(record, tokenizer, template: str, double_bos: bool):
     if not isinstance(record, dict):
         raise TemplateError("bad_fields", "record is not a JSON object")
     path = image_path(record, "")
-    ids, labels = encode_conversation(record.get("conversations"), tokenizer, has_image=path is not None,
-                                      template=template, double_bos=double_bos)
+    try:
+        ids, labels = encode_conversation(record.get("conversations"), tokenizer, has_image=path is not None,
+                                          template=template, double_bos=double_bos)
+    except TemplateError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError) as e:   # a field shape nobody foresaw
+        raise TemplateError("bad_fields", f"{type(e).__name__}: {e}") from None
     return ids, labels, path
 
 
 class JsonRecordProcessor:
     """grain map function: (index, LLaVA record) -> example or bad. Picklable (mp workers)."""
 
-    def __init__(self, tokenizer, spec: SampleSpec, image_folder: str, image_cache_mb: int = 0):
-        self.tokenizer, self.spec, self.image_folder = tokenizer, spec, image_folder
-        self.cache_bytes = image_cache_mb << 20
+    def __init__(self, tokenizer, spec: SampleSpec, image_folder: str, image_cache_mb: int = 0,
+                 allow_outside_paths: bool = False, max_image_pixels: int = MAX_IMAGE_PIXELS):
+        self.tokenizer, self.spec = tokenizer, spec
+        self.images = ImagePolicy(image_folder, allow_outside_paths, max_image_pixels, image_cache_mb << 20)
 
     def __call__(self, item) -> dict:
         index, record = item
@@ -97,19 +135,10 @@ class JsonRecordProcessor:
                                                self.spec.double_bos)
             n = len(ids)
             ids, labels = truncate(ids, labels, self.spec.ids_budget)  # cheap checks before decoding
+            pixels = None if rel is None else normalize(self.images.load(rel, self.spec.image_size,
+                                                                         self.spec.image_mode))
         except TemplateError as e:
             return bad(e.reason, index, str(e))
-        pixels = None
-        if rel is not None:
-            path = os.path.join(self.image_folder, rel)
-            try:
-                size, mode = self.spec.image_size, self.spec.image_mode
-                pixels = normalize(CACHE.load(path, size, mode, self.cache_bytes) if self.cache_bytes else
-                                   load_resized(path, size, mode))
-            except FileNotFoundError as e:
-                return bad("missing_image", index, str(e))
-            except Exception as e:  # noqa: BLE001 - unreadable, truncated, bomb: all one reason
-                return bad("bad_image", index, f"{path}: {type(e).__name__}: {e}")
         return example(ids, labels, pixels, index, truncated=n > len(ids))
 
 

@@ -9,6 +9,7 @@ The pipeline runs both per sample in its read threads/workers; batching only sta
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 from PIL import Image
@@ -16,6 +17,7 @@ from PIL import Image
 from infllava_jax.pixels import CLIP_MEAN, CLIP_STD, MEAN_COLOR, expand2square
 
 MODES = ("pad", "square")
+MAX_IMAGE_PIXELS = 1 << 26   # 67 Mpx (8192 x 8192): larger images are refused before decoding
 
 
 def resize_uint8(img: Image.Image, size: int, mode: str = "pad") -> np.ndarray:
@@ -23,8 +25,7 @@ def resize_uint8(img: Image.Image, size: int, mode: str = "pad") -> np.ndarray:
     with PIL bicubic, centre crop. Returns uint8 (size, size, 3)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if img.mode != "RGB":
-        img = img.convert("RGB")
+    img = to_rgb(img)
     if mode == "pad":
         img = expand2square(img, MEAN_COLOR)
     w, h = img.size
@@ -36,11 +37,44 @@ def resize_uint8(img: Image.Image, size: int, mode: str = "pad") -> np.ndarray:
     return np.ascontiguousarray(np.asarray(img)[top:top + size, left:left + size])
 
 
-def load_resized(path: str, size: int, mode: str = "pad") -> np.ndarray:
-    """Decode an image file fully (truncated files raise here, not later) -> uint8 (size, size, 3)."""
-    with Image.open(path) as img:
+def load_resized(path: str, size: int, mode: str = "pad", max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Decode an image file fully (truncated files raise here, not later) -> uint8 (size, size, 3).
+    Raises TooManyPixels, before decoding, for an image larger than `max_pixels`."""
+    with open_capped(path, max_pixels) as img:
         img.load()
-        return resize_uint8(img.convert("RGB"), size, mode)
+        return resize_uint8(to_rgb(img), size, mode)
+
+
+class TooManyPixels(ValueError):
+    """An image whose header claims more than the allowed pixels (a decompression bomb?)."""
+
+
+def open_capped(src, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Image.open (reads the header only), refusing an image of more than `max_pixels` before any
+    pixel is decoded; PIL's own bomb check (DecompressionBombError) counts as the same refusal."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # our cap decides
+            img = Image.open(src)
+    except Image.DecompressionBombError as e:
+        raise TooManyPixels(f"{src}: {e}") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        img.close()
+        raise TooManyPixels(f"{src}: {w} x {h} = {w * h} pixels > max_image_pixels={max_pixels}; not decoded")
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. 16-bit and 32-bit integer greyscale ("I;16*", "I") keep their top 8 bits
+    (PIL's own convert clips them at 255: a white image), float ("F") is clipped to [0, 255];
+    CMYK, palette, alpha (dropped, as CLIPImageProcessor's convert) go through PIL's convert."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        a = np.asarray(img).astype(np.int64) >> 8
+        img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 class ImageCache:
@@ -51,12 +85,13 @@ class ImageCache:
     def __init__(self):
         self._images, self.nbytes = {}, 0
 
-    def load(self, path: str, size: int, mode: str, budget_bytes: int) -> np.ndarray:
+    def load(self, path: str, size: int, mode: str, budget_bytes: int,
+             max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
         st = os.stat(path)
         key = (path, size, mode, st.st_mtime_ns, st.st_size)
         img = self._images.get(key)
         if img is None:
-            img = load_resized(path, size, mode)
+            img = load_resized(path, size, mode, max_pixels)
             if self.nbytes + img.nbytes <= budget_bytes:
                 img.flags.writeable = False
                 self._images[key] = img

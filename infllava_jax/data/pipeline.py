@@ -38,6 +38,8 @@ import grain
 
 from infllava_jax.data.batching import collate, default_buckets
 from infllava_jax.data.examples import BAD_REASONS, JsonRecordProcessor, SampleSpec, example
+from infllava_jax.data.images import MAX_IMAGE_PIXELS
+from infllava_jax.errors import InputError
 from infllava_jax.splice import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,8 @@ class DataConfig:
     prefetch_buffer: int = 64
     num_workers: int = 0                  # >0: grain mp_prefetch worker processes
     image_cache_mb: int = 0               # >0: keep decoded images in memory (images.ImageCache)
+    allow_outside_paths: bool = False     # image paths may be absolute or leave image_folder with ".."
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images are skipped (too_many_pixels), never decoded
 
     def __post_init__(self):
         if self.buckets is not None and max(self.buckets) != self.max_len:
@@ -108,15 +112,35 @@ class _Indexed:
         return i, self.source[i]
 
 
+class DataFileError(InputError):
+    """A data file that cannot be read at all (the message names it, and the line for JSONL)."""
+
+
 def read_llava_json(path: str) -> list:
-    """A LLaVA JSON list (or JSONL, one record a line)."""
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            return [json.loads(line) for line in f if line.strip()]
-        data = json.load(f)
+    """A LLaVA JSON list (or JSONL, one record a line). Records themselves are checked later,
+    one by one (a bad one is skipped and counted); a file that is not a list, or a JSONL line
+    that is not JSON, raises DataFileError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.endswith(".jsonl"):
+                return [_jsonl_record(path, n, line) for n, line in enumerate(f, 1) if line.strip()]
+            data = json.load(f)
+    except OSError as e:
+        raise DataFileError(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise DataFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise DataFileError(f"{path}: not valid JSON ({e.msg}, line {e.lineno} column {e.colno})") from None
     if not isinstance(data, list):
-        raise ValueError(f"{path}: a LLaVA JSON file holds a list of records, got {type(data).__name__}")
+        raise DataFileError(f"{path}: a LLaVA JSON file holds a list of records, got {type(data).__name__}")
     return data
+
+
+def _jsonl_record(path: str, n: int, line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataFileError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
 
 
 def open_source(cfg: DataConfig, tokenizer):
@@ -124,8 +148,9 @@ def open_source(cfg: DataConfig, tokenizer):
     if os.path.isdir(cfg.data_path):
         from infllava_jax.data.arrayrecord import open_array_record  # tfds only on this path
         return open_array_record(cfg.data_path, cfg.spec)
-    return read_llava_json(cfg.data_path), JsonRecordProcessor(tokenizer, cfg.spec, cfg.image_folder,
-                                                                         cfg.image_cache_mb)
+    return read_llava_json(cfg.data_path), JsonRecordProcessor(
+        tokenizer, cfg.spec, cfg.image_folder, cfg.image_cache_mb, allow_outside_paths=cfg.allow_outside_paths,
+        max_image_pixels=cfg.max_image_pixels)
 
 
 class ProcessRows(grain.MapDataset):
@@ -183,7 +208,7 @@ def make_dataset(cfg: DataConfig, tokenizer, *, start: int = 0, process_index: i
         ds = ds.repeat(cfg.num_epochs)
     rows = ProcessRows(ds, process_index, process_count, cfg.batch_size)
     if len(rows) == 0:
-        raise ValueError(f"{cfg.data_path}: no records for process {process_index} of {process_count}")
+        raise DataFileError(f"{cfg.data_path}: no records for process {process_index} of {process_count}")
     ds = (rows[start * cfg.batch_size:] if start else rows).map(processor)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads,
                                               prefetch_buffer_size=cfg.prefetch_buffer))
@@ -212,7 +237,7 @@ class LlavaBatches(grain.IterDataset):
         return f"LlavaBatches(batch_size={self.cfg.batch_size}, buckets={self.cfg.bucket_lengths})"
 
 
-class TooManyBadSamples(ValueError):
+class TooManyBadSamples(InputError):
     pass
 
 

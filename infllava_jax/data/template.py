@@ -69,7 +69,8 @@ def normalize_turns(conversations, has_image: bool) -> list[tuple[str, str]]:
         raise TemplateError("bad_fields", "'conversations' must be a non-empty list")
     turns = []
     for t in conversations:
-        if not (isinstance(t, dict) and isinstance(t.get("value"), str) and t.get("from") in _ROLES):
+        if not (isinstance(t, dict) and isinstance(t.get("value"), str) and isinstance(t.get("from"), str)
+                and t["from"] in _ROLES):
             raise TemplateError("bad_fields", f"bad turn {str(t)[:80]!r}")
         turns.append((_ROLES[t["from"]], t["value"]))
     n_img = sum(v.count(IMAGE_TOKEN) for _, v in turns)

@@ -18,10 +18,13 @@ from typing import Iterable, Sequence
 
 from PIL import Image
 
+from infllava_jax.data.images import open_capped, to_rgb
+from infllava_jax.errors import InputError, one_line
+
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A data or prediction file that cannot be used; the message names the file (and line)."""
 
 
@@ -73,19 +76,19 @@ def _read_parquet(f: Path, columns=None, skip_columns=()) -> list[dict]:
         cols = [c for c in (columns or names) if c in names and c not in skip_columns]
         return pf.read(columns=cols).to_pylist()
     except Exception as e:  # pyarrow raises several types
-        raise DataError(f"{f}: cannot read parquet: {e}") from e
+        raise DataError(f"{f}: cannot read parquet: {one_line(e, 200)}") from None
 
 
 def _jsonl_objects(f: Path):
     """(line number, object) for each non-blank line; DataError names the file and line."""
-    with open(f, encoding="utf-8") as fh:
+    with open(f, encoding="utf-8", errors="surrogateescape") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{f}:{n}: not valid JSON ({e.msg})") from e
+                raise DataError(f"{f}:{n}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{f}:{n}: expected a JSON object, got {type(row).__name__}")
             yield n, row
@@ -109,13 +112,13 @@ def read_rows(files: Iterable[Path], skip_columns: Sequence[str] = ()) -> list[d
             rows.extend(_read_jsonl(f))
         elif f.suffix == ".json":
             try:
-                data = json.loads(f.read_text(encoding="utf-8"))
+                data = json.loads(f.read_text(encoding="utf-8", errors="surrogateescape"))
             except json.JSONDecodeError as e:
                 raise DataError(f"{f}: not valid JSON ({e.msg}, line {e.lineno})") from e
             if isinstance(data, dict) and isinstance(data.get("data"), list):
                 data = data["data"]
-            if not isinstance(data, list):
-                raise DataError(f"{f}: expected a JSON list of rows")
+            if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+                raise DataError(f"{f}: expected a JSON list of rows (objects)")
             for r in data:
                 r["_base_dir"] = str(f.parent)
             rows.extend(data)
@@ -126,13 +129,18 @@ def read_rows(files: Iterable[Path], skip_columns: Sequence[str] = ()) -> list[d
 
 # ----------------------------------------------------------------------------- images
 
-def _decode_bytes(b: bytes, where: str) -> Image.Image:
+def _decode(src, where: str) -> Image.Image:
+    """A decoded image from a file path or file object, refused before decoding past MAX_IMAGE_PIXELS."""
     try:
-        img = Image.open(io.BytesIO(b))
+        img = open_capped(src)
         img.load()
         return img
-    except Exception as e:
-        raise DataError(f"{where}: cannot decode image bytes: {e}") from e
+    except Exception as e:  # noqa: BLE001 - truncated, not an image, too many pixels: all one error
+        raise DataError(f"{where}: cannot decode image ({type(e).__name__}: {one_line(e, 200)})") from None
+
+
+def _decode_bytes(b: bytes, where: str) -> Image.Image:
+    return _decode(io.BytesIO(b), where)
 
 
 def open_image(value, base_dir: str | None = None, where: str = "image") -> Image.Image:
@@ -154,53 +162,55 @@ def open_image(value, base_dir: str | None = None, where: str = "image") -> Imag
         img = _open_str(value, base_dir, where)
     else:
         raise DataError(f"{where}: unsupported image value of type {type(value).__name__}")
-    return img.convert("RGB") if img.mode != "RGB" else img
+    return to_rgb(img)
 
 
 def _open_str(s: str, base_dir: str | None, where: str) -> Image.Image:
     if s.startswith("data:"):
-        s = s.split(",", 1)[-1]
-        return _decode_bytes(base64.b64decode(s), where)
+        try:
+            raw = base64.b64decode(s.split(",", 1)[-1])
+        except (binascii.Error, ValueError) as e:
+            raise DataError(f"{where}: bad base64 image data ({e})") from None
+        return _decode_bytes(raw, where)
     cands = [Path(s)]
     if base_dir is not None and not Path(s).is_absolute():
         cands += [Path(base_dir) / s, Path(base_dir) / "images" / s]
     for c in cands:
         if c.is_file():
-            try:
-                img = Image.open(c)
-                img.load()
-                return img
-            except Exception as e:
-                raise DataError(f"{where}: cannot open image file {c}: {e}") from e
+            return _decode(c, f"{where}: image file {c}")
     if len(s) > 256:  # long and not a file: try base64
         try:
-            return _decode_bytes(base64.b64decode(s, validate=True), where)
+            raw = base64.b64decode(s, validate=True)
         except (binascii.Error, ValueError):
-            pass
+            raw = None
+        if raw is not None:
+            return _decode_bytes(raw, where)
     raise DataError(f"{where}: image file {s!r} not found (looked in {', '.join(map(str, cands))})")
 
 
 # ----------------------------------------------------------------------------- predictions
 
-def read_predictions(path: str | os.PathLike) -> tuple[dict[str, str], int]:
-    """{str(question_id): text} from a jsonl answer file, and the number of duplicate ids (the
-    last one wins). A malformed row raises DataError naming the file and line."""
+def read_predictions(path: str | os.PathLike) -> dict[str, str]:
+    """{str(question_id): text} from a jsonl answer file. A malformed row or a repeated id raises
+    DataError naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: predictions file not found")
     preds: dict[str, str] = {}
-    dups = 0
+    lines: dict[str, int] = {}
     for n, row in _jsonl_objects(path):
         if "question_id" not in row or "text" not in row:
             raise DataError(f"{path}:{n}: expected an object with 'question_id' and 'text'")
         if not isinstance(row["text"], str):
             raise DataError(f"{path}:{n}: 'text' must be a string, got {type(row['text']).__name__}")
-        if isinstance(row["question_id"], (dict, list)) or row["question_id"] is None:
-            raise DataError(f"{path}:{n}: 'question_id' must be a string or a number")
+        if not isinstance(row["question_id"], (str, int, float)) or isinstance(row["question_id"], bool):
+            raise DataError(f"{path}:{n}: 'question_id' must be a string or a number, "
+                            f"got {type(row['question_id']).__name__}")
         key = id_key(row["question_id"])
-        dups += key in preds
-        preds[key] = row["text"]
-    return preds, dups
+        if key in lines:
+            raise DataError(f"{path}:{n}: duplicate question_id {key!r} (first on line {lines[key]})")
+        preds[key], lines[key] = row["text"], n
+    return preds
 
 
 def id_key(x) -> str:

@@ -38,7 +38,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from infllava_jax import sharding as sharding_lib
 from infllava_jax.config import InfLlavaConfig
+from infllava_jax.errors import InputError
 from infllava_jax.generate import generate
+from infllava_jax.splice import IMAGE_TOKEN_INDEX
+from infllava_jax.token_ids import check_row
 
 LENGTH_BUCKETS = (64, 128, 256, 512, 1024, 2048)
 IMAGE_BUCKETS = (1, 2, 4, 8)
@@ -147,10 +150,11 @@ class Generator:
         if len(shapes) > 1:
             raise ValueError(f"images of one sweep point must share a shape, got {sorted(shapes)}")
         S = image_size or (next(iter(shapes))[0] if shapes else config.sub_image_size)
-        for r in reqs:
-            n_sent = int(np.sum(np.asarray(r.ids) == config.image_token_index))
+        for i, r in enumerate(reqs):
+            r.ids = check_row(r.ids, None, config, len(r.images), f"of request {i}")[0]
+            n_sent = int(np.sum(r.ids == IMAGE_TOKEN_INDEX))
             if n_sent != len(r.images):
-                raise ValueError(f"a prompt has {n_sent} image sentinels but {len(r.images)} images")
+                raise InputError(f"request {i}: its prompt has {n_sent} image sentinels but {len(r.images)} images")
 
         def ids_rows(rows):
             out = np.full((len(rows), L), self.pad_id, np.int32)

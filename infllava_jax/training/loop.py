@@ -25,6 +25,7 @@ from infllava_jax.api import InfLlava
 from infllava_jax.checkpoint import load_config
 from infllava_jax.config import InfLlavaConfig
 from infllava_jax.data.batching import agree_across_processes, pad_batch, sum_over_processes
+from infllava_jax.data.images import MAX_IMAGE_PIXELS
 from infllava_jax.data.pipeline import DataConfig, make_dataset
 from infllava_jax.data.tokenizer import load_tokenizer
 from infllava_jax.training import flops, partition, step as step_lib
@@ -105,7 +106,9 @@ def data_config(cfg, mc: InfLlavaConfig, workdir: Path, per_process_batch: int) 
         folder = str(root)
     return DataConfig.for_model(mc, path, folder, stage=int(cfg.stage[-1]), max_len=d.max_len,
                                 buckets=tuple(d.buckets) or None, batch_size=per_process_batch, seed=cfg.seed,
-                                num_threads=d.num_threads, image_cache_mb=d.image_cache_mb)
+                                num_threads=d.num_threads, image_cache_mb=d.image_cache_mb,
+                                allow_outside_paths=d.get("allow_outside_paths", False),
+                                max_image_pixels=d.get("max_image_pixels", MAX_IMAGE_PIXELS))
 
 
 def accumulation_steps(cfg, mesh) -> int:

@@ -81,8 +81,7 @@ def make_loss_fn(config: InfLlavaConfig, loss_chunk: int = 512) -> Callable:
             hidden = model.apply({"params": api.rebox(config, cast)}, mb["input_ids"], mb["pixel_values"],
                                  mb["attention_mask"], return_hidden=True)
         K = 1 if mb["pixel_values"].ndim == 4 else mb["pixel_values"].shape[1]
-        labels = splice_labels(mb["labels"], splice_layout(mb["input_ids"], config.tokens_per_image, K,
-                                                           config.image_token_index))
+        labels = splice_labels(mb["labels"], splice_layout(mb["input_ids"], config.tokens_per_image, K))
         return cross_entropy_sum(hidden, head_kernel(params, config), shift_labels(labels), loss_chunk)
 
     return loss_sum
