@@ -2,8 +2,8 @@
 state, then one short loop over steps; everything periodic is a hook `(every, fn)`: metrics,
 checkpoints, evaluation, the watchdog's next deadline. The host never waits for a step: the loop
 runs under `jax.transfer_guard("disallow")`, skipped steps are counted on the device, and only the
-hooks read the device (`jax.device_get` at log points; checkpoints and evaluation allow transfers
-explicitly), so step k+1 is dispatched while step k runs.
+log, checkpoint and evaluation hooks read the device (they, and the batch's copy to the device,
+allow transfers explicitly), so step k+1 is dispatched while step k runs.
 
     summary = train(cfg, workdir)       # cfg: a configs/<name>.py ConfigDict (configs/common.py)
 
@@ -207,11 +207,14 @@ class Trainer:
         pad = self.tok.pad_token_id
         micro = [next(self.data) for _ in range(self.accum)]
         L = max(m["input_ids"].shape[1] for m in micro)
-        micro = [agree_across_processes(pad_batch(m, L, pad), pad) for m in micro]
-        L = max(m["input_ids"].shape[1] for m in micro)
-        local = {k: np.stack([pad_batch(m, L, pad)[k] for m in micro]) for k in BATCH_KEYS}
-        return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(self.mesh, v.ndim, 1), v)
-                for k, v in local.items()}
+        # the step's one intended host->device copy (with several processes, the length agreement
+        # and make_array_from_process_local_data count as implicit transfers)
+        with jax.transfer_guard("allow"):
+            micro = [agree_across_processes(pad_batch(m, L, pad), pad) for m in micro]
+            L = max(m["input_ids"].shape[1] for m in micro)
+            local = {k: np.stack([pad_batch(m, L, pad)[k] for m in micro]) for k in BATCH_KEYS}
+            return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(self.mesh, v.ndim, 1), v)
+                    for k, v in local.items()}
 
     def run_step(self, step: int, batch: dict):
         """One optimizer step; a batch shape seen for the first time is compiled first (timed,
@@ -245,6 +248,10 @@ class Trainer:
 
     # -- hooks ------------------------------------------------------------------------------------
     def log_metrics(self, step: int, m: dict) -> None:
+        with jax.transfer_guard("allow"):        # a sync point (several processes: the counts' all-gather)
+            self._log_metrics(step, m)
+
+    def _log_metrics(self, step: int, m: dict) -> None:
         m, skipped = jax.device_get((m, self.skipped))
         if skipped > self.skipped_logged:
             log.warning("%d of the steps up to %d skipped, not trained on (no supervised token or a "
