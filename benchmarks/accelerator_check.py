@@ -191,7 +191,7 @@ def table(r: dict) -> str:
         else:
             lines.append(f"{impl:<10}  {a.get('skipped') or a.get('error')}")
     t, m = r["train_step"], r["memory"]
-    lines.append(f"train step {t['config']} ({t['params'] / 1e6:,.0f} M params), {t['sequences']} x {t['seq_len']} tokens, "
+    lines.append(f"train step {t['config']} ({t['params'] / 1e6:,.2f} M params), {t['sequences']} x {t['seq_len']} tokens, "
                  f"attention {t['attention']}: {t['step_s']:.3f} s, {t['tokens_per_s']:.0f} tok/s, "
                  f"MFU {100 * t['mfu']:.1f}% (compile {t['compile_s']:.0f} s)")
     used = "n/a (no memory_stats)" if m["peak_gib_used"] is None else f"{m['peak_gib_used']:.2f} GiB"
