@@ -236,8 +236,9 @@ class Trainer:
         return {**metrics, "seq_len": seq}
 
     def fit(self) -> dict:
-        """The steps under `transfer_guard("disallow")`: an implicit host<->device copy (a
-        `bool(x)` on a device value, a numpy batch handed to the step) fails instead of stalling."""
+        """The steps under `transfer_guard("disallow")`: an implicit copy fails instead of stalling
+        (a numpy value handed to the device; on GPU/TPU also a `bool(x)` of a device value; CPU
+        buffers are host memory, so there the guard checks host-to-device copies only)."""
         with jax.set_mesh(self.mesh), jax.transfer_guard("disallow"):
             for step in range(self.start + 1, self.cfg.total_steps + 1):
                 metrics = self.run_step(step, self.global_batch())
