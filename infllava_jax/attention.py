@@ -3,36 +3,97 @@
 impl = "xla"      plain einsum + fp32 softmax (any backend; the CPU path)
        "chunked"  the same per block of 512 queries under remat: the (T, S) score matrix never
                   exists whole, forward or backward (memory-lean on every backend)
-       "jax"      jax.nn.dot_product_attention (XLA, or cuDNN flash attention on GPU)
-A Pallas/splash kernel for TPU is not wired in yet (see the README).
+       "jax"      jax.nn.dot_product_attention without `implementation=`: XLA in jax 0.10 (not cuDNN)
+       "cudnn"    cuDNN flash attention (GPU; bf16/fp16): attention_cudnn.py
+       "splash"   Pallas splash attention (TPU; Pallas interpret mode elsewhere): attention_splash.py
+       "auto"     cudnn on GPU, splash on TPU, chunked elsewhere (logged once)
+
+What a call masks: `causal` (query t attends keys s <= t; T == S), `kv_mask` (B, S) False at padding
+keys, or a general bool `mask` broadcastable to (B, T, S) (the KV-cache path). The fused kernels
+take `causal` and `kv_mask` natively; a general mask, or a dtype or head size the kernel refuses
+under "auto", runs as "chunked" instead (logged once per case).
 """
 from __future__ import annotations
+
+import logging
 
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("xla", "chunked", "jax")
+from infllava_jax import attention_cudnn, attention_splash
+
+IMPLS = ("xla", "chunked", "jax", "cudnn", "splash", "auto")
+FUSED = ("cudnn", "splash")
 QUERY_CHUNK = 512
+log = logging.getLogger("infllava_jax")
+_LOGGED: set = set()
 
 
-def dot_product_attention(q, k, v, *, mask=None, scale: float | None = None, impl: str = "xla"):
+def dot_product_attention(q, k, v, *, mask=None, causal: bool = False, kv_mask=None,
+                          scale: float | None = None, impl: str = "xla"):
     """softmax(q k^T * scale + mask) v with grouped-query heads.
 
     q: (B, T, N, H); k, v: (B, S, K, H) with N % K == 0 (query head n uses kv head n // (N/K)).
-    mask: bool, broadcastable to (B, T, S); True = attend. Returns (B, T, N, H) in q.dtype.
+    Returns (B, T, N, H) in q.dtype. Rows whose every key is masked are undefined (padding rows).
     """
     B, T, N, H = q.shape
-    K = k.shape[2]
+    K, S = k.shape[2], k.shape[1]
     if N % K:
         raise ValueError(f"{N} query heads are not a multiple of {K} kv heads")
+    if causal and T != S:
+        raise ValueError(f"causal attention needs as many queries as keys, got {T} and {S}")
     scale = H ** -0.5 if scale is None else scale
+    impl = resolve(impl, q, general_mask=mask is not None)
+    if impl == "cudnn":
+        return attention_cudnn.attend(q, k, v, causal=causal, kv_mask=kv_mask, scale=scale)
+    if impl == "splash":
+        return attention_splash.attend(q, k, v, causal=causal, kv_mask=kv_mask, scale=scale)
+    mask = dense_mask(B, T, S, mask, causal, kv_mask)
     if impl == "jax":
-        m = None if mask is None else jnp.broadcast_to(mask, (B, T, k.shape[1]))[:, None]
+        m = None if mask is None else jnp.broadcast_to(mask, (B, T, S))[:, None]
         return jax.nn.dot_product_attention(q, k, v, mask=m, scale=scale)
     if impl == "chunked" and T > QUERY_CHUNK:
         return _query_chunked(q, k, v, mask, scale)
+    return _xla(q, k, v, mask, scale)
+
+
+def resolve(impl: str, q, general_mask: bool = False) -> str:
+    """The implementation a call runs: "auto" by backend; a fused one that cannot take the call
+    ("auto" only for dtype / head size; a general mask for both) becomes "chunked"."""
     if impl not in IMPLS:
         raise ValueError(f"attention impl={impl!r}; expected one of {IMPLS}")
+    requested, why = impl, ""
+    if impl == "auto":
+        impl = {"gpu": "cudnn", "tpu": "splash"}.get(jax.default_backend(), "chunked")
+        why = {"cudnn": attention_cudnn.unsupported, "splash": attention_splash.unsupported}.get(
+            impl, lambda _: "")(q)
+        why = why or ("" if impl in FUSED else f"no fused kernel on {jax.default_backend()}")
+        impl = "chunked" if why and impl in FUSED else impl
+    if impl in FUSED and general_mask:
+        impl, why = "chunked", "a general mask (the KV-cache path)"
+    if requested in ("auto", *FUSED) and (requested, impl, why) not in _LOGGED:
+        _LOGGED.add((requested, impl, why))
+        log.info("attention %s -> %s on %s%s", requested, impl, jax.default_backend(), f" ({why})" if why else "")
+    return impl
+
+
+def dense_mask(B: int, T: int, S: int, mask, causal: bool, kv_mask):
+    """The bool mask (broadcastable to (B, T, S)) that `mask`, `causal` and `kv_mask` describe,
+    or None when nothing is masked."""
+    parts = [m for m in (mask,
+                         jnp.tril(jnp.ones((T, S), bool))[None] if causal else None,
+                         None if kv_mask is None else kv_mask.astype(bool)[:, None, :]) if m is not None]
+    if not parts:
+        return None
+    out = parts[0]
+    for m in parts[1:]:
+        out = out & m
+    return out
+
+
+def _xla(q, k, v, mask, scale):
+    B, T, N, H = q.shape
+    K = k.shape[2]
     qg = q.reshape(B, T, K, N // K, H)
     logits = jnp.einsum("btkgh,bskh->bkgts", qg, k).astype(jnp.float32) * scale
     if mask is not None:
@@ -51,6 +112,6 @@ def _query_chunked(q, k, v, mask, scale):
     m = jnp.ones((B, T, k.shape[1]), bool) if mask is None else jnp.broadcast_to(mask, (B, T, k.shape[1]))
     qs = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, n, QUERY_CHUNK, N, H).swapaxes(0, 1)
     ms = jnp.pad(m, ((0, 0), (0, pad), (0, 0))).reshape(B, n, QUERY_CHUNK, -1).swapaxes(0, 1)
-    block = jax.checkpoint(lambda qc, mc: dot_product_attention(qc, k, v, mask=mc, scale=scale, impl="xla"))
+    block = jax.checkpoint(lambda qc, mc: _xla(qc, k, v, mc, scale))
     out = jax.lax.map(lambda a: block(*a), (qs, ms))
     return out.swapaxes(0, 1).reshape(B, n * QUERY_CHUNK, N, H)[:, :T]

@@ -264,8 +264,9 @@ class LlamaAttention(nn.Module):
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
             kv = (k, v)
-        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
-                                    impl=cfg.attention_impl)
+        # no cache: causal, `mask` (B, T) marks padding keys; a cache: a general (B, T, S) mask
+        masking = dict(mask=mask) if kv is not None else dict(causal=True, kv_mask=mask)
+        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), impl=cfg.attention_impl, **masking)
         out = _dense(cfg, cfg.hidden_size, ("heads", "embed"), "o_proj", bias)(out.reshape(B, T, N * H))
         return out, kv
 
@@ -336,9 +337,7 @@ class LlamaModel(nn.Module):
         positions = positions.astype(jnp.int32)
         cos, sin = rope_cos_sin(positions, self.config)
         if cache is None:
-            causal = jnp.tril(jnp.ones((T, T), bool))
-            attn_mask = causal[None] & mask[:, None, :]
-            index, xs = None, None
+            attn_mask, index, xs = mask, None, None     # causal + padding keys (attention.py)
         else:
             index = cache["index"]
             S = cache["valid"].shape[1]

@@ -31,17 +31,30 @@ def load_config(spec: str):
     return mod.get_config(arg or None)
 
 
-def plan(cfg, mesh_shape: dict[str, int], micro_batch_per_device: int, mfu: float) -> dict:
+def apply_sets(cfg, sets):
+    """cfg with `key.sub=value` overrides (the value takes the existing entry's type)."""
+    for kv in sets:
+        k, _, v = kv.partition("=")
+        node = cfg
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = type(node[leaf])(v) if not isinstance(node[leaf], bool) else v.lower() in ("1", "true")
+    return cfg
+
+
+def train_step_setup(cfg, mesh_shape: dict[str, int], micro_batch_per_device: int) -> dict:
+    """The stage's jitted train step on a mesh of `mesh_shape` (jax.devices()), with the abstract
+    state and batch it is compiled for: what `plan` analyses and benchmarks/accelerator_check.py runs."""
     import jax
     import jax.numpy as jnp
 
     from infllava_jax import sharding
-    from infllava_jax.training import flops, partition, step as step_lib
+    from infllava_jax.data.tokenizer import load_tokenizer
+    from infllava_jax.training import partition, step as step_lib
     from infllava_jax.training.loop import model_config
 
     mesh = sharding.make_mesh(mesh_shape)
-    n_dev = mesh.devices.size
-    from infllava_jax.data.tokenizer import load_tokenizer
     mc = model_config(cfg, len(load_tokenizer(cfg.tokenizer or None)))
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     micro_global = micro_batch_per_device * data_parallel
@@ -49,13 +62,11 @@ def plan(cfg, mesh_shape: dict[str, int], micro_batch_per_device: int, mfu: floa
     if accum * micro_global != cfg.global_batch:
         print(f"note: {micro_batch_per_device} x {data_parallel} data-parallel devices x {accum} steps = "
               f"{accum * micro_global} sequences per step, not the config's global batch {cfg.global_batch}")
-    T = mc.tokens_per_image
     seq = cfg.data.max_len
-    L = seq - T + 1                                             # ids per row; spliced length = seq
+    L = seq - mc.tokens_per_image + 1                           # ids per row; spliced length = seq
     H, W = mc.image_size
-    batch = {"input_ids": jax.ShapeDtypeStruct((accum, micro_global, L), jnp.int32),
-             "labels": jax.ShapeDtypeStruct((accum, micro_global, L), jnp.int32),
-             "attention_mask": jax.ShapeDtypeStruct((accum, micro_global, L), jnp.int32),
+    ids = jax.ShapeDtypeStruct((accum, micro_global, L), jnp.int32)
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": ids,
              "pixel_values": jax.ShapeDtypeStruct((accum, micro_global, H, W, 3), jnp.float32)}
     tx, schedule = step_lib.make_optimizer(cfg.optimizer.lr, cfg.total_steps)
     parts = step_lib.trainable_parts(cfg.stage, cfg.also_train)
@@ -63,9 +74,20 @@ def plan(cfg, mesh_shape: dict[str, int], micro_batch_per_device: int, mfu: floa
     batch_sh = partition.batch_shardings(batch, mesh)
     step = jax.jit(step_lib.make_train_step(mc, tx, schedule, cfg.loss_chunk),
                    in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
+    return {"mesh": mesh, "mc": mc, "parts": parts, "tx": tx, "step": step, "state": abstract_state, "state_shardings": state_sh,
+            "batch": batch, "batch_shardings": batch_sh, "accum": accum, "sequences": accum * micro_global, "seq": seq}
+
+
+def plan(cfg, mesh_shape: dict[str, int], micro_batch_per_device: int, mfu: float) -> dict:
+    import jax
+
+    from infllava_jax.training import flops
+
+    s = train_step_setup(cfg, mesh_shape, micro_batch_per_device)
+    mesh, mc, n_dev = s["mesh"], s["mc"], s["mesh"].devices.size
     t = time.perf_counter()
     with jax.set_mesh(mesh):
-        compiled = step.lower(abstract_state, batch).compile()
+        compiled = s["step"].lower(s["state"], s["batch"]).compile()
     compile_s = time.perf_counter() - t
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -73,15 +95,15 @@ def plan(cfg, mesh_shape: dict[str, int], micro_batch_per_device: int, mfu: floa
     args, outs = mem.argument_size_in_bytes, mem.output_size_in_bytes
     temp, alias = mem.temp_size_in_bytes, mem.alias_size_in_bytes
     peak = args + outs + temp - alias
-    step_flops = flops.train_step_flops(mc, accum * micro_global, seq, parts)
-    n_params = sum(x.size for x in jax.tree.leaves(abstract_state["params"])) \
-        + sum(x.size for x in jax.tree.leaves(abstract_state["frozen"]))
+    step_flops = flops.train_step_flops(mc, s["sequences"], s["seq"], s["parts"])
+    n_params = sum(x.size for x in jax.tree.leaves(s["state"]["params"])) \
+        + sum(x.size for x in jax.tree.leaves(s["state"]["frozen"]))
     return {
         "config": cfg.model.preset, "stage": cfg.stage, "mesh": dict(mesh.shape), "devices": n_dev,
-        "params": int(n_params), "global_batch": accum * micro_global, "micro_batch_per_device": micro_batch_per_device,
-        "accumulation_steps": accum, "seq_len": seq, "remat_policy": mc.llm.remat_policy, "dtype": mc.llm.dtype,
-        "argument_gib": args / GiB, "output_gib": outs / GiB, "temp_gib": temp / GiB, "alias_gib": alias / GiB,
-        "peak_gib_per_device": peak / GiB,
+        "params": int(n_params), "global_batch": s["sequences"], "micro_batch_per_device": micro_batch_per_device,
+        "accumulation_steps": s["accum"], "seq_len": s["seq"], "remat_policy": mc.llm.remat_policy,
+        "dtype": mc.llm.dtype, "argument_gib": args / GiB, "output_gib": outs / GiB, "temp_gib": temp / GiB,
+        "alias_gib": alias / GiB, "peak_gib_per_device": peak / GiB,
         "flops_per_step_analytic": step_flops,
         "flops_per_device_xla": float(cost.get("flops", 0.0)) if cost else 0.0,
         "compile_s": compile_s, "mfu_assumed": mfu,
@@ -102,14 +124,7 @@ def main(argv=None) -> int:
     n = math.prod(mesh_shape.values())
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    cfg = load_config(args.config)
-    for kv in args.set:
-        k, _, v = kv.partition("=")
-        node = cfg
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = type(node[leaf])(v) if not isinstance(node[leaf], bool) else v.lower() in ("1", "true")
+    cfg = apply_sets(load_config(args.config), args.set)
     mb = args.micro_batch or max(1, cfg.micro_batch // n)
     r = plan(cfg, mesh_shape, mb, args.mfu)
     print(f"{r['config']} {r['stage']}: {r['params'] / 1e9:.2f} B params on mesh {r['mesh']} "

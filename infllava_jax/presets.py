@@ -1,4 +1,5 @@
-"""Named model configs: the released INF-LLaVA, the paper variant at any resolution, LLaVA-1.5, tiny."""
+"""Named model configs: the released INF-LLaVA, the paper variant at any resolution, LLaVA-1.5, a
+1.5 B benchmark model, tiny."""
 from __future__ import annotations
 
 from infllava_jax.config import InfLlavaConfig
@@ -23,6 +24,15 @@ def inf_llava_paper(height: int = 1008, width: int | None = None, **dem_override
     if min(nH, nW) < 1:
         raise ValueError(f"paper variant needs at least 336 px per side, got {height}x{width}")
     return inf_llava_8b(variant="paper", nH=nH, nW=nW, **dem_overrides)
+
+
+def inf_llava_1b() -> InfLlavaConfig:
+    """The released structure (CLIP ViT-L/14-336, 3x3 grid, released DEM) on a Llama-3.2-1B-shaped
+    decoder (16 layers, 2048 wide, tied embeddings): 1.5 B parameters, for benchmarks (no weights)."""
+    llm = llama3_8b(vocab_size=LLAMA3_PAD_ID + 1, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                    num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True)
+    return InfLlavaConfig(vision=CLIPVisionConfig.clip_vit_l14_336(), llm=llm, dem=DEMConfig(),
+                          pad_token_id=LLAMA3_PAD_ID)
 
 
 def llava15_7b() -> InfLlavaConfig:

@@ -45,13 +45,24 @@ def reference():
 
 @pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
 def test_mesh_matches_single_device(reference, shape):
+    check_mesh(reference, shape, CFG)
+
+
+def test_splash_attention_in_the_sharded_step(reference):
+    """Every attention through splash (Pallas interpret mode) inside the scanned, rematerialised
+    layers and the accumulation scan, shard_map'ed over a 2 x 2 x 2 mesh: the xla reference's
+    loss and gradients."""
+    check_mesh(reference, (2, 2, 2), CFG.with_runtime(attention_impl="splash"))
+
+
+def check_mesh(reference, shape, cfg):
     params, batch, (loss1, count1, grads1) = reference
     mesh = make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)))
-    p_sh = api.param_shardings(CFG, mesh)
+    p_sh = api.param_shardings(cfg, mesh)
     tx, _ = step_lib.make_optimizer(1e-3, 10)
     state = step_lib.init_state(_place(params, p_sh), step_lib.trainable_parts("stage2"), tx)
     b_sh = {k: batch_sharding(mesh, v.ndim, batch_axis=1) for k, v in batch.items()}
-    grads_fn = step_lib.make_grad_fn(CFG, loss_chunk=16)
+    grads_fn = step_lib.make_grad_fn(cfg, loss_chunk=16)
     with jax.set_mesh(mesh):
         loss, count, grads = jax.jit(grads_fn)(state, _place(batch, b_sh))
     assert int(count) == count1

@@ -1,7 +1,9 @@
 """The training loop (levanter's Trainer): build the run from a config, `init_or_restore` the
-state, then one short loop over steps; everything periodic is a hook `(every, fn)`: the
-skipped-step count, metrics, checkpoints, evaluation, the watchdog's next deadline. The host
-waits for the device only inside hooks (`jax.device_get` at log and checkpoint points).
+state, then one short loop over steps; everything periodic is a hook `(every, fn)`: metrics,
+checkpoints, evaluation, the watchdog's next deadline. The host never waits for a step: the loop
+runs under `jax.transfer_guard("disallow")`, skipped steps are counted on the device, and only the
+log, checkpoint and evaluation hooks read the device (they, and the batch's copy to the device,
+allow transfers explicitly), so step k+1 is dispatched while step k runs.
 
     summary = train(cfg, workdir)       # cfg: a configs/<name>.py ConfigDict (configs/common.py)
 
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from infllava_jax import api, presets, sharding
@@ -149,6 +152,7 @@ class Trainer:
         self.cache = cfg.compilation_cache_dir or str(Path.home() / ".cache" / "infllava_jax" / "xla")
         jax.config.update("jax_compilation_cache_dir", self.cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        jax.config.update("jax_threefry_partitionable", True)     # random bits need no gather when sharded
         self.mesh = sharding.make_mesh(dict(cfg.mesh))
         self.tok = load_tokenizer(cfg.tokenizer or None)
         self.mc = model_config(cfg, len(self.tok))
@@ -163,12 +167,16 @@ class Trainer:
         _, state_sh = partition.state_shardings(self.mc, self.parts, self.tx, self.mesh)
         self.step_fn = jax.jit(step_lib.make_train_step(self.mc, self.tx, schedule, cfg.loss_chunk),
                                in_shardings=(state_sh, None), out_shardings=(state_sh, None), donate_argnums=0)
-        self.compiled, self.compile_seconds, self.final_loss, self.skipped = {}, 0.0, None, 0
+        self.compiled, self.compile_seconds, self.final_loss = {}, 0.0, None
+        # skipped steps: counted on the device, read at log steps (`skipped_logged`: the last read)
+        self.skipped = jax.device_put(np.int32(0), sharding.replicated(self.mesh))
+        self.skipped_logged = 0
+        self._count = jax.jit(lambda n, skipped: n + skipped.astype(jnp.int32))
         peak, note = flops.device_peak_flops()
         log.info("MFU denominator: %s x %d devices", note, jax.device_count())
         self.meter = ThroughputMeter(peak * jax.device_count())
         self.writer = MetricsWriter(self.workdir, cfg.total_steps, enabled=jax.process_index() == 0)
-        self.hooks = [Hook(1, self.count_skipped), Hook(cfg.log_every, self.log_metrics, at_end=True),
+        self.hooks = [Hook(cfg.log_every, self.log_metrics, at_end=True),
                       Hook(cfg.checkpoint_every, self.save, at_end=True)]
         if cfg.eval_every:
             self.hooks.append(Hook(cfg.eval_every, self.evaluate))
@@ -202,11 +210,14 @@ class Trainer:
         pad = self.tok.pad_token_id
         micro = [next(self.data) for _ in range(self.accum)]
         L = max(m["input_ids"].shape[1] for m in micro)
-        micro = [agree_across_processes(pad_batch(m, L, pad), pad) for m in micro]
-        L = max(m["input_ids"].shape[1] for m in micro)
-        local = {k: np.stack([pad_batch(m, L, pad)[k] for m in micro]) for k in BATCH_KEYS}
-        return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(self.mesh, v.ndim, 1), v)
-                for k, v in local.items()}
+        # the step's one intended host->device copy (with several processes, the length agreement
+        # and make_array_from_process_local_data count as implicit transfers)
+        with jax.transfer_guard("allow"):
+            micro = [agree_across_processes(pad_batch(m, L, pad), pad) for m in micro]
+            L = max(m["input_ids"].shape[1] for m in micro)
+            local = {k: np.stack([pad_batch(m, L, pad)[k] for m in micro]) for k in BATCH_KEYS}
+            return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(self.mesh, v.ndim, 1), v)
+                    for k, v in local.items()}
 
     def run_step(self, step: int, batch: dict):
         """One optimizer step; a batch shape seen for the first time is compiled first (timed,
@@ -224,10 +235,14 @@ class Trainer:
         seq = L + self.mc.tokens_per_image - 1                 # spliced length
         self.meter.add(A * b * seq, flops.train_step_flops(self.mc, A * b, seq, self.parts))
         self.state, metrics = self.compiled[shape](self.state, batch)
+        self.skipped = self._count(self.skipped, metrics["skipped"])
         return {**metrics, "seq_len": seq}
 
     def fit(self) -> dict:
-        with jax.set_mesh(self.mesh):
+        """The steps under `transfer_guard("disallow")`: an implicit copy fails instead of stalling
+        (a numpy value handed to the device; on GPU/TPU also a `bool(x)` of a device value; CPU
+        buffers are host memory, so there the guard checks host-to-device copies only)."""
+        with jax.set_mesh(self.mesh), jax.transfer_guard("disallow"):
             for step in range(self.start + 1, self.cfg.total_steps + 1):
                 metrics = self.run_step(step, self.global_batch())
                 for hook in self.hooks:
@@ -236,22 +251,25 @@ class Trainer:
         return self.finish()
 
     # -- hooks ------------------------------------------------------------------------------------
-    def count_skipped(self, step: int, m: dict) -> None:
-        if bool(m["skipped"]):
-            self.skipped += 1
-            log.warning("step %d: skipped, not trained on (supervised tokens %d, loss %s)",
-                        step, int(m["tokens"]), float(m["loss"]))
-
     def log_metrics(self, step: int, m: dict) -> None:
-        m = jax.device_get(m)
+        with jax.transfer_guard("allow"):        # a sync point (several processes: the counts' all-gather)
+            self._log_metrics(step, m)
+
+    def _log_metrics(self, step: int, m: dict) -> None:
+        m, skipped = jax.device_get((m, self.skipped))
+        if skipped > self.skipped_logged:
+            log.warning("%d of the steps up to %d skipped, not trained on (no supervised token or a "
+                        "non-finite loss); %d in all", skipped - self.skipped_logged, step, skipped)
+        self.skipped_logged = int(skipped)
         self.final_loss = float(m["loss"])
         self.writer.write(step, {
             "loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-            "supervised_tokens": int(m["tokens"]), **self.meter.report(), "skipped_steps": self.skipped,
+            "supervised_tokens": int(m["tokens"]), **self.meter.report(), "skipped_steps": int(skipped),
             "bad_samples": sum_over_processes(self.data.stats())["bad_total"], "seq_len": m["seq_len"]})
 
     def save(self, step: int, _) -> None:
-        self.ckpts.save(step, self.state, sum_over_processes(self.data.stats()))
+        with jax.transfer_guard("allow"):        # a sync point: Orbax copies the state to the host
+            self.ckpts.save(step, self.state, sum_over_processes(self.data.stats()))
 
     def evaluate(self, step: int, _) -> None:
         """Score `cfg.eval_config` (configs/eval.py arguments) on `cfg.eval_data` with the in-memory
@@ -263,9 +281,10 @@ class Trainer:
         ecfg.mesh = ",".join(f"{k}={v}" for k, v in self.mesh.shape.items())
         ecfg.progress = False
         t = time.perf_counter()
-        summary = sweep.run(ecfg, ckpt="(in memory)", data=self.cfg.eval_data,
-                            out=str(self.workdir / "eval" / f"step_{step}"), log=log.info,
-                            model=InfLlava(self.mc, self.params()), tokenizer=self.tok)
+        with jax.transfer_guard("allow"):        # a sync point: evaluation moves data both ways
+            summary = sweep.run(ecfg, ckpt="(in memory)", data=self.cfg.eval_data,
+                                out=str(self.workdir / "eval" / f"step_{step}"), log=log.info,
+                                model=InfLlava(self.mc, self.params()), tokenizer=self.tok)
         scores = {f"eval/{task}@{res}": scorers.main_metric(rec["metrics"])
                   for task, by_res in summary["results"].items() for res, rec in by_res.items() if rec.get("metrics")}
         log.info("step %d eval (%.1f s): %s", step, time.perf_counter() - t, json.dumps(scores))
