@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.timing import timed
 from infllava_jax import api, attention, presets
 from infllava_jax.api import InfLlava
 from infllava_jax.plan import apply_sets, load_config, train_step_setup
@@ -108,16 +108,6 @@ def attention_impls(shape, smoke: bool) -> dict:
         except Exception as e:                      # reported, never hidden
             rows[impl] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     return rows
-
-
-def timed(fn, n: int) -> float:
-    fn()
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def random_batch(s) -> dict:

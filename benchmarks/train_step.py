@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from convert.torch_reference import InfLlavaTorch
+from benchmarks.timing import timed
 from infllava_jax import api, presets
 from infllava_jax.dem import DEMConfig
 from infllava_jax.llama import LlamaConfig
@@ -79,16 +79,6 @@ def torch_reference(cfg, params):
         return loss.item()
 
     return step
-
-
-def timed(fn, n):
-    fn()  # warm-up (and compile)
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def run(name, cfg, B, L, steps):
