@@ -80,7 +80,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 class ImageCache:
     """Decoded, resized images kept in memory up to a byte budget, shared by every reader of the
     process (a small data set read for many epochs, or by several runs in one process: the
-    miniature study). Keyed by path, size, mode and the file's mtime and size."""
+    miniature study). Keyed by path, size, mode, the pixel cap and the file's mtime and size."""
 
     def __init__(self):
         self._images, self.nbytes = {}, 0
@@ -88,7 +88,7 @@ class ImageCache:
     def load(self, path: str, size: int, mode: str, budget_bytes: int,
              max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
         st = os.stat(path)
-        key = (path, size, mode, st.st_mtime_ns, st.st_size)
+        key = (path, size, mode, max_pixels, st.st_mtime_ns, st.st_size)   # a smaller cap must refuse anew
         img = self._images.get(key)
         if img is None:
             img = load_resized(path, size, mode, max_pixels)
