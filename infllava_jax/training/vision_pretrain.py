@@ -41,7 +41,7 @@ from PIL import Image
 from infllava_jax import api, checkpoint, presets, sharding
 from infllava_jax.data import synthetic
 from infllava_jax.data import synthetic_targets as st
-from infllava_jax.data.images import normalize, resize_uint8
+from infllava_jax.data.images import normalize, resize_uint8, to_rgb
 from infllava_jax.vision import CLIPVisionTransformer
 
 log = logging.getLogger("infllava_jax")
@@ -54,7 +54,7 @@ def load_split(data_dir, records: list[dict]) -> tuple[dict, np.ndarray]:
     """Images at every size of `st.SIZES` (uint8, resized as the data pipeline does) and targets."""
     def one(r):
         with Image.open(Path(data_dir) / r["image"]) as im:
-            im = im.convert("RGB")
+            im = to_rgb(im)        # as the data pipeline converts (images.load_resized)
             return [resize_uint8(im, s, "square") for s in st.SIZES], st.targets(r)
 
     with ThreadPoolExecutor(4) as pool:
