@@ -7,12 +7,16 @@ and the memory of DEM's windowed attention vs the paper's naive whole-map cross-
    and of the full computation, at a small config (below). The ViT layers are unrolled here
    (`scan_layers=False`): XLA's cost analysis counts a while-loop body once, so a scanned
    tower would be under-counted by its depth.
-2. CPU wall time (warm, median of ROUNDS runs; JAX fast, JAX full and the PyTorch reference
-   `convert/torch_reference.py` interleaved round by round; each run waits until other
-   processes leave the CPUs >= 90% idle, and the output counts the runs where they did not)
-   of the same function on the same 1008 px image with the same weights. JAX runs at
-   the default matmul precision (not "highest"; on CPU fp32 dots are fp32 either way);
-   PyTorch: torch.no_grad, torch.set_num_threads(2), CLIP with HF's default SDPA attention.
+2. CPU wall time (warm, median of ROUNDS runs; every row interleaved round by round; each run
+   waits until other processes leave the CPUs >= 90% idle, and the output counts the runs where
+   they did not) of the same function on the same 1008 px image with the same weights:
+   `encode_images` (JAX fast path, JAX full computation, the PyTorch reference
+   `convert/torch_reference.py` as the released code runs it, and `torch_pruned`: plain PyTorch
+   doing the fast path's work, 10 ViT passes stopped at the selected layer and the DEM at the
+   pooled positions only, i.e. equal work to JAX fast), and the full forward (vision + splice +
+   Llama logits for a PROMPT-token prompt around the image): JAX fast against the pruned and the
+   released PyTorch forward. JAX runs at the default matmul precision (on CPU fp32 dots are
+   fp32 either way); PyTorch: torch.no_grad, torch.set_num_threads(2), HF's SDPA attention.
 3. Compile-only memory (`memory_analysis().temp_size_in_bytes`) of one DEM application at the
    real width D=1024 (8 heads x 128, g=24) for 672..1680 px, from abstract inputs
    (jax.ShapeDtypeStruct: nothing big is allocated): the windowed DEM (full computation),
@@ -23,7 +27,9 @@ The last line of the output is a JSON object.
 """
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import statistics
 import time
@@ -32,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from convert.mapping import released_to_params
 from convert.torch_reference import InfLlavaTorch, randomize_
@@ -41,6 +48,7 @@ from infllava_jax.dem import DEM, DEMConfig
 from infllava_jax.llama import LlamaConfig
 from infllava_jax.model import InfLlavaModel
 from infllava_jax.pixels import preprocess
+from infllava_jax.splice import IMAGE_TOKEN_INDEX
 from infllava_jax.vision import CLIPVisionConfig
 
 ROUNDS = 7
@@ -50,11 +58,13 @@ SIZES = (672, 1008, 1344, 1680)
 MiB = 2 ** 20
 
 # Small config of the released structure: 336 px sub-images (24x24 tokens), 3x3 grid (1008 px),
-# CLIP width 256 / 4 layers (features after layer 3), DEM 8 heads x 32, fusion 64 -> 128.
-VISION = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+# CLIP width 256 / 6 layers (features after layer 5), DEM 8 heads x 32, fusion 64 -> 128,
+# Llama 512 wide x 6 layers (GQA 8 / 2 heads), a PROMPT-token prompt around the 576 image tokens.
+VISION = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
               image_size=336, patch_size=14)
-LLM = dict(vocab_size=256, hidden_size=512, intermediate_size=1024, num_hidden_layers=1,
-           num_attention_heads=4, num_key_value_heads=4)   # only its width matters (projector)
+LLM = dict(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
+           num_attention_heads=8, num_key_value_heads=2)
+PROMPT = 64
 DEM_SMALL = dict(hidden=256, num_heads=8, head_dim=32, ffn_hidden=64, ffn_out=128)
 
 
@@ -103,43 +113,89 @@ def wait_idle(min_idle: float = MIN_IDLE, timeout: float = IDLE_TIMEOUT) -> floa
 
 # ----------------------------------------------------------------------------- 1 + 2: FLOPs, time
 
+def torch_pruned(ref: InfLlavaTorch, pixels: torch.Tensor) -> torch.Tensor:
+    """Plain PyTorch doing the work of JAX's fast path (odd grid, released DEM): the N local crops
+    and the low-res view through the tower's first L-1 layers (hidden_states[-2]), then the DEM
+    only at the positions the bilinear pooling reads (DEM.fast, SPEC section 4), the projector."""
+    nH, nW, s = ref.dem["nH"], ref.dem["nW"], ref.s
+    assert nH % 2 and nW % 2 and ref.model.vision_tower.select_layer == -2, "odd grids, hidden_states[-2]"
+    clip, dem = ref.model.vision_tower.clip, ref.model.spatial_embed
+    B, N = pixels.shape[0], nH * nW
+    local = [pixels[:, :, r * s:(r + 1) * s, c * s:(c + 1) * s] for r in range(nH) for c in range(nW)]
+    low = F.interpolate(pixels, size=(s, s), mode="bicubic", align_corners=False)  # = centre strided crop
+    x = clip.pre_layrnorm(clip.embeddings(torch.cat(local + [low])))
+    for layer in clip.encoder.layers[:-1]:
+        x = layer(x, None)
+        x = x[0] if isinstance(x, tuple) else x
+    f = x[:, 1:].reshape(N + 1, B, -1, x.shape[-1]).transpose(0, 1)          # (B, N+1, g*g, D)
+    loc, S = f[:, :N], f[:, N]
+    g = math.isqrt(S.shape[1])
+    mh, mw, D = g // nH, g // nW, S.shape[-1]
+    Sg = S.reshape(B, g, g, D)
+    # A at the sampled positions: the low-res map's window k attends to local crop k
+    A = torch.empty_like(Sg)
+    for r in range(nH):
+        for c in range(nW):
+            q = Sg[:, r * mh:(r + 1) * mh, c * mw:(c + 1) * mw].reshape(B, mh * mw, D)
+            A[:, r * mh:(r + 1) * mh, c * mw:(c + 1) * mw] = dem.attention(q, loc[:, r * nW + c]).view(B, mh, mw, D)
+    # B at the sampled positions: the local map's centre phase attends to the low-res view
+    F_loc = loc.reshape(B, nH, nW, g, g, D).permute(0, 1, 3, 2, 4, 5).reshape(B, nH * g, nW * g, D)
+    Bm = dem.attention(F_loc[:, nH // 2::nH, nW // 2::nW].reshape(B, g * g, D), S).view(B, g, g, D)
+    Fm = dem.ln_fuse(torch.cat([dem.ffn_crop(Bm), dem.ffn_stride(A)], dim=-1) + A + Bm)
+    return ref.model.mm_projector(((S + Fm.reshape(B, g * g, D)) / 2))
+
+
 def speed():
     torch.set_num_threads(THREADS)
     cfg_fast, cfg_full = small_config(True), small_config(False)
-    ref = randomize_(InfLlavaTorch.from_config(cfg_fast, device="cpu", attn_implementation="sdpa"), seed=0)
+    ref = randomize_(InfLlavaTorch.from_config(cfg_fast, device="cpu", attn_implementation="sdpa"), seed=0).eval()
     params = jax.tree.map(jnp.asarray, released_to_params(ref.released_state_dict(), cfg_fast))
 
     import skimage.data
     img = preprocess(skimage.data.astronaut(), size=3 * 336)            # (1008, 1008, 3)
     x = jnp.asarray(img[None])
     xt = torch.from_numpy(np.ascontiguousarray(np.moveaxis(img, -1, 0))[None])
+    ids = np.random.default_rng(0).integers(1, LLM["vocab_size"], (1, PROMPT)).astype(np.int32)
+    ids[0, 8] = IMAGE_TOKEN_INDEX
+    ids_j, ids_t = jnp.asarray(ids), torch.from_numpy(ids).long()
 
-    def compiled(cfg):
-        fn = jax.jit(lambda p, x: InfLlavaModel(cfg).apply({"params": p}, x, method=InfLlavaModel.encode_images))
-        return fn.lower(params, x).compile()
+    def compiled(cfg, method=InfLlavaModel.encode_images, *args):
+        fn = jax.jit(lambda p, *a: InfLlavaModel(cfg).apply({"params": p}, *a, method=method))
+        return fn.lower(params, *args).compile()
 
-    fast, full = compiled(cfg_fast), compiled(cfg_full)
+    fast, full = compiled(cfg_fast, InfLlavaModel.encode_images, x), compiled(cfg_full, InfLlavaModel.encode_images, x)
+    fwd = compiled(cfg_fast, InfLlavaModel.__call__, ids_j, x)
     f_fast, f_full = flops(fast), flops(full)
+    pruned_ref = copy.copy(ref)                    # the same modules, the pruned encode_images
+    pruned_ref.encode_images = lambda px: torch_pruned(ref, px)
+    no_grad = lambda f: lambda: torch.no_grad()(f)()
     run = {"jax_fast": lambda: fast(params, x).block_until_ready(),
-           "jax_full": lambda: full(params, x).block_until_ready()}
+           "jax_full": lambda: full(params, x).block_until_ready(),
+           "torch": no_grad(lambda: ref.encode_images(xt)),
+           "torch_pruned": no_grad(lambda: torch_pruned(ref, xt)),
+           "jax_forward": lambda: fwd(params, ids_j, x).block_until_ready(),
+           "torch_forward_pruned": no_grad(lambda: pruned_ref(ids_t, xt)[0]),
+           "torch_forward": no_grad(lambda: ref(ids_t, xt)[0])}
 
-    def torch_run():
-        with torch.no_grad():
-            return ref.encode_images(xt)
-    run["torch"] = torch_run
-
-    out = {k: np.asarray(f()) if k != "torch" else f().numpy() for k, f in run.items()}   # warm-up
+    out = {k: np.asarray(f()) if k.startswith("jax") else f().numpy() for k, f in run.items()}   # warm-up
     rel = lambda a, b: float(np.abs(a - b).max() / np.abs(b).max())
     diffs = {"fast_vs_torch": rel(out["jax_fast"], out["torch"]),
              "full_vs_torch": rel(out["jax_full"], out["torch"]),
-             "fast_vs_full": rel(out["jax_fast"], out["jax_full"])}
+             "fast_vs_full": rel(out["jax_fast"], out["jax_full"]),
+             "torch_pruned_vs_torch": rel(out["torch_pruned"], out["torch"]),
+             "forward_vs_torch": rel(out["jax_forward"], out["torch_forward"]),
+             "forward_vs_torch_pruned": rel(out["jax_forward"], out["torch_forward_pruned"])}
+    bad = {k: v for k, v in diffs.items() if not v < 1e-3}
+    if bad:   # a speed comparison of different computations means nothing
+        raise SystemExit(f"outputs differ: {bad}")
     times = {k: [] for k in run}
     busy = 0   # runs started while other processes kept the CPUs busy
-    for _ in range(ROUNDS):   # interleaved, so that remaining background load hits all three
+    for _ in range(ROUNDS):   # interleaved, so that remaining background load hits every row
         for k, f in run.items():
             busy += wait_idle() < MIN_IDLE
             times[k].append(timed(f))
-    return dict(cfg=cfg_fast, flops_fast=f_fast, flops_full=f_full, times=times, diffs=diffs, busy=busy)
+    return dict(cfg=cfg_fast, flops_fast=f_fast, flops_full=f_full, flops_forward=flops(fwd), times=times,
+                diffs=diffs, busy=busy)
 
 
 # ----------------------------------------------------------------------------- 3: DEM memory
@@ -194,25 +250,34 @@ def main():
           f"(features = layer {VISION['num_hidden_layers'] - 1}), {VISION['image_size']} px sub-images "
           f"(24x24 tokens), 3x3 grid = 1008 px input, batch 1; DEM {DEM_SMALL['num_heads']}x"
           f"{DEM_SMALL['head_dim']} heads, fusion {DEM_SMALL['ffn_hidden']}->{DEM_SMALL['ffn_out']}; "
-          f"projector 256->512; fp32; ViT layers unrolled")
+          f"projector 256->512; Llama {LLM['hidden_size']} wide x {LLM['num_hidden_layers']} layers, {PROMPT}-token "
+          f"prompt; fp32; ViT layers unrolled")
     s = speed()
     d = s["cfg"].dem
     med = {k: statistics.median(v) for k, v in s["times"].items()}
     best = {k: min(v) for k, v in s["times"].items()}
     print()
-    print(f"{'encode_images':<14} {'ViT passes':>10} {'GFLOPs':>9} {'median s':>9} {'min s':>8}")
-    print(f"{'jax fast':<14} {d.vit_passes(True):>10} {s['flops_fast'] / 1e9:>9.2f} {med['jax_fast']:>9.3f} "
-          f"{best['jax_fast']:>8.3f}")
-    print(f"{'jax full':<14} {d.vit_passes(False):>10} {s['flops_full'] / 1e9:>9.2f} {med['jax_full']:>9.3f} "
-          f"{best['jax_full']:>8.3f}")
-    print(f"{'torch ref':<14} {d.vit_passes(False):>10} {'-':>9} {med['torch']:>9.3f} {best['torch']:>8.3f}")
-    print("(the JAX tower stops after the selected layer; the reference, like the released code, runs HF "
-          "CLIPVisionModel with output_hidden_states, i.e. all layers)")
+    print(f"{'encode_images':<22} {'ViT passes':>10} {'GFLOPs':>9} {'median s':>9} {'min s':>8}")
+    rows = [("jax fast", "jax_fast", d.vit_passes(True), f"{s['flops_fast'] / 1e9:.2f}"),
+            ("jax full", "jax_full", d.vit_passes(False), f"{s['flops_full'] / 1e9:.2f}"),
+            ("torch pruned", "torch_pruned", d.vit_passes(True), "-"),
+            ("torch ref (released)", "torch", d.vit_passes(False), "-")]
+    for name, k, passes, gf in rows:
+        print(f"{name:<22} {passes:>10} {gf:>9} {med[k]:>9.3f} {best[k]:>8.3f}")
+    print(f"{'full forward':<22} {'':>10} {'':>9} {'median s':>9} {'min s':>8}")
+    for name, k in (("jax fast", "jax_forward"), ("torch pruned", "torch_forward_pruned"),
+                    ("torch ref (released)", "torch_forward")):
+        print(f"{name:<22} {'':>10} {'':>9} {med[k]:>9.3f} {best[k]:>8.3f}")
+    print("(torch pruned does JAX fast's work: 10 ViT passes through the first L-1 layers, the DEM at "
+          "the pooled positions; the released reference runs 19 passes through all layers)")
     ratio = s["flops_fast"] / s["flops_full"]
-    print(f"FLOPs fast/full {ratio:.3f} (ViT passes 10/19 = {10 / 19:.3f}); speed-up vs torch: fast "
-          f"{med['torch'] / med['jax_fast']:.2f}x, full {med['torch'] / med['jax_full']:.2f}x (medians of "
-          f"{ROUNDS}); max rel diff of the outputs: " +
-          ", ".join(f"{k} {v:.1e}" for k, v in s["diffs"].items()))
+    eq = {"encode_images": med["torch_pruned"] / med["jax_fast"],
+          "forward": med["torch_forward_pruned"] / med["jax_forward"]}
+    print(f"FLOPs fast/full {ratio:.3f} (ViT passes 10/19 = {10 / 19:.3f}); speed-up at equal work: "
+          f"encode_images {eq['encode_images']:.2f}x, full forward {eq['forward']:.2f}x; vs the released "
+          f"reference: encode_images {med['torch'] / med['jax_fast']:.2f}x, full forward "
+          f"{med['torch_forward'] / med['jax_forward']:.2f}x (medians of {ROUNDS}); max rel diff of the outputs: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in s["diffs"].items()))
 
     print()
     print("one DEM application at D=1024 (8 x 128 heads, g=24), compile-only temp memory (MiB):")
@@ -231,14 +296,17 @@ def main():
           + ("; WARNING: wall times are inflated by other jobs (PyTorch's most), the min column is "
              "the better estimate" if s["busy"] > n_runs // 5 else ""))
     result = {
-        "config": {"vision": VISION, "dem": DEM_SMALL, "grid": [d.nH, d.nW], "input_px": 1008, "batch": 1,
-                   "projector_out": LLM["hidden_size"], "dtype": "float32", "matmul_precision": "default",
+        "config": {"vision": VISION, "llm": LLM, "dem": DEM_SMALL, "grid": [d.nH, d.nW], "input_px": 1008,
+                   "batch": 1, "prompt_tokens": PROMPT, "dtype": "float32", "matmul_precision": "default",
                    "torch_threads": THREADS, "rounds": ROUNDS},
         "flops_fast": s["flops_fast"], "flops_full": s["flops_full"], "flops_fast_over_full": ratio,
         "vit_passes_fast": d.vit_passes(True), "vit_passes_full": d.vit_passes(False),
         "time_s": {k: {"median": med[k], "min": best[k]} for k in med},
-        "speedup_vs_torch": med["torch"] / med["jax_fast"],
-        "speedup_vs_torch_min": best["torch"] / best["jax_fast"],
+        "speedup_vs_torch": {"encode_images": eq["encode_images"], "forward": eq["forward"]},   # equal work
+        "speedup_vs_torch_min": {"encode_images": best["torch_pruned"] / best["jax_fast"],
+                                 "forward": best["torch_forward_pruned"] / best["jax_forward"]},
+        "speedup_vs_released_torch": {"encode_images": med["torch"] / med["jax_fast"],
+                                      "forward": med["torch_forward"] / med["jax_forward"]},
         "speedup_full_vs_torch": med["torch"] / med["jax_full"],
         "speedup_fast_vs_full": med["jax_full"] / med["jax_fast"],
         "max_rel_diff": s["diffs"],

@@ -20,8 +20,9 @@ def base_config() -> ConfigDict:
     c.init_checkpoint = ""          # our checkpoint dir (python -m convert / a stage-1 export)
     c.init_vision_tower = ""        # a checkpoint whose vision tower replaces the initial one
     c.model = ConfigDict({"preset": "tiny"})   # without init_checkpoint: presets.<preset>(**the rest)
+    # layer_loop "auto": stacked layers run unrolled on CPU, as a scan elsewhere (layers.unroll_layers)
     c.runtime = ConfigDict({"dtype": "float32", "remat_policy": "none", "scan_layers": True,
-                            "attention_impl": "xla"})  # InfLlavaConfig.with_runtime
+                            "layer_loop": "auto", "attention_impl": "xla"})  # InfLlavaConfig.with_runtime
     c.tokenizer = ""                # HF tokenizer dir; "" = the built-in tiny BPE
 
     c.data = ConfigDict()

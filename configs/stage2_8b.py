@@ -23,9 +23,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.total_steps = (558_128 if stage1 else 665_298) // c.global_batch   # one epoch
     c.init_checkpoint = ""                    # required for a real run (see the docstring)
     c.model = ml_collections.ConfigDict({"preset": "inf_llava_8b"})
-    # attention "auto": cuDNN flash attention on GPU, splash on TPU, chunked elsewhere (attention.py)
-    c.runtime = ml_collections.ConfigDict({"dtype": "bfloat16", "remat_policy": a["remat"],
-                                           "scan_layers": True, "attention_impl": "auto"})
+    # attention "auto": cuDNN flash attention on GPU, splash on TPU, chunked elsewhere (attention.py);
+    # layer_loop "scan" also on CPU, where `python -m infllava_jax.plan` compiles it for a GPU/TPU mesh
+    c.runtime = ml_collections.ConfigDict({"dtype": "bfloat16", "remat_policy": a["remat"], "scan_layers": True,
+                                           "layer_loop": "scan", "attention_impl": "auto"})
     c.tokenizer = ""                          # the Llama-3-8B-Instruct tokenizer directory
     c.optimizer.lr = 1e-3 if stage1 else 2e-5
     return c

@@ -92,16 +92,21 @@ def dense_mask(B: int, T: int, S: int, mask, causal: bool, kv_mask):
 
 
 def _xla(q, k, v, mask, scale):
+    """Heads-major: the G = N/K query heads of a kv head are folded into the query axis,
+    (B, K, G*T, H) x (B, K, S, H), so both products are batched GEMMs in their natural layout
+    (with (B, T, K, G, H) operands XLA:CPU transposes the scores in the backward pass: a small
+    Llama's attention forward + backward took 2x as long)."""
     B, T, N, H = q.shape
-    K = k.shape[2]
-    qg = q.reshape(B, T, K, N // K, H)
-    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k).astype(jnp.float32) * scale
+    K, S = k.shape[2], k.shape[1]
+    G = N // K
+    qh = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+    logits = jnp.einsum("bkqh,bksh->bkqs", qh, k.transpose(0, 2, 1, 3)).astype(jnp.float32) * scale
     if mask is not None:
-        m = jnp.broadcast_to(mask, (B, T, k.shape[1]))[:, None, None]
-        logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
+        m = jnp.broadcast_to(jnp.broadcast_to(mask, (B, T, S))[:, None, None], (B, 1, G, T, S))
+        logits = jnp.where(m.reshape(B, 1, G * T, S), logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
-    return out.reshape(B, T, N, H)
+    out = jnp.einsum("bkqs,bksh->bkqh", probs, v.transpose(0, 2, 1, 3))
+    return out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
 def _query_chunked(q, k, v, mask, scale):

@@ -16,7 +16,7 @@ from infllava_jax.splice import IMAGE_TOKEN_INDEX
 from infllava_jax.vision import CLIPVisionConfig
 
 FORMAT_VERSION = 1
-RUNTIME_FIELDS = {"dtype", "remat_policy", "scan_layers", "attention_impl"}
+RUNTIME_FIELDS = {"dtype", "remat_policy", "scan_layers", "layer_loop", "attention_impl"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +50,7 @@ class InfLlavaConfig:
 
     def with_runtime(self, **runtime) -> "InfLlavaConfig":
         """The same model with other runtime settings (dtype, remat_policy, scan_layers,
-        attention_impl; None = unchanged), applied to every part that has the field."""
+        layer_loop, attention_impl; None = unchanged), applied to every part that has the field."""
         runtime = {k: v for k, v in runtime.items() if v is not None}
         unknown = set(runtime) - RUNTIME_FIELDS
         if unknown:

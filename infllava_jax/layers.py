@@ -8,6 +8,7 @@ PyTorch state dict is a key map plus transposes.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -27,11 +28,23 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 }
 
 
+class Dense(nn.Dense):
+    """nn.Dense applied to the rows of a matrix: (..., in) is flattened to (rows, in) first.
+
+    Same parameters and result; what changes is the weight gradient x^T dy, which then contracts
+    one axis instead of two (batch and length). XLA:CPU lowers the two-axis contraction through
+    transposing copies of x and dy; one axis is one GEMM, as in PyTorch (benchmarks/train_step.py)."""
+
+    def __call__(self, inputs):
+        y = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
+        return y.reshape(*inputs.shape[:-1], y.shape[-1])
+
+
 def dense(features: int, axes: tuple[str | None, str | None], *, name: str, use_bias: bool = True,
           dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
           kernel_init: Callable = nn.initializers.lecun_normal()) -> nn.Dense:
-    """nn.Dense whose kernel carries logical names `axes` = (in, out) and bias (out,)."""
-    return nn.Dense(
+    """Dense whose kernel carries logical names `axes` = (in, out) and bias (out,)."""
+    return Dense(
         features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
         kernel_init=nn.with_logical_partitioning(kernel_init, axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-1:]))
@@ -46,8 +59,21 @@ def layer_norm(eps: float, *, name: str, dtype: Dtype = jnp.float32,
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))
 
 
+LAYER_LOOPS = ("auto", "scan", "unroll")
+
+
+def unroll_layers(layer_loop: str) -> bool:
+    """Whether a stacked (`scan_layers=True`) layer stack runs unrolled: `layer_loop` "unroll",
+    or "auto" on CPU. XLA:CPU runs a scanned stack 25% slower than the same layers unrolled
+    (a small Llama's forward + backward, benchmarks/train_step.py): dynamic slices of the stacked
+    weights, dynamic updates of the stacked residuals, zero-filled gradient accumulators."""
+    if layer_loop not in LAYER_LOOPS:
+        raise ValueError(f"layer_loop={layer_loop!r}; expected one of {LAYER_LOOPS}")
+    return layer_loop == "unroll" or (layer_loop == "auto" and jax.default_backend() == "cpu")
+
+
 def layer_stack(parent_block: type[nn.Module], length: int, *, scan: bool, remat_policy: str,
-                name: str = LAYERS, **block_kwargs):
+                name: str = LAYERS, unroll: bool = False, **block_kwargs):
     """`length` copies of `parent_block`, applied as `carry, ys = stack(carry, xs, bcast)`.
 
     The block is called `block(carry, xs_i, bcast) -> (carry, ys_i)`: `xs` are per-layer
@@ -55,13 +81,17 @@ def layer_stack(parent_block: type[nn.Module], length: int, *, scan: bool, remat
     layers (masks, positions). With `scan=True` the parameters are stacked along a leading
     `layers` axis under `name`; otherwise they live under `name_0`, `name_1`, ... and the
     result is identical (`stack_layer_params` / `unstack_layer_params` convert the trees).
-    Must be called inside a compact method of the parent.
+    `unroll` (with `scan=True`, not at init): the same stacked parameters, the layers run one
+    after the other (`unroll_layers`). Must be called inside a compact method or setup of the parent.
     """
     if remat_policy not in REMAT_POLICIES:
         raise ValueError(f"remat_policy={remat_policy!r}; expected one of {sorted(REMAT_POLICIES)}")
     block = parent_block
     if REMAT_POLICIES[remat_policy] is not None:
-        block = nn.remat(block, policy=REMAT_POLICIES[remat_policy], prevent_cse=not scan)
+        block = nn.remat(block, policy=REMAT_POLICIES[remat_policy], prevent_cse=unroll or not scan)
+    if scan and unroll:
+        mapped = nn.map_variables(_Unrolled, "params", trans_in_fn=functools.partial(_per_layer, length))
+        return mapped(block=block, length=length, block_kwargs=block_kwargs, name=name)
     if scan:
         scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                           in_axes=(0, nn.broadcast), out_axes=0, length=length,
@@ -78,6 +108,33 @@ def layer_stack(parent_block: type[nn.Module], length: int, *, scan: bool, remat
         return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
 
     return run
+
+
+class _Unrolled(nn.Module):
+    """`length` blocks named "0", "1", ... run in a Python loop (layer_stack's calling convention)."""
+    block: Any
+    length: int
+    block_kwargs: Any
+
+    @nn.compact
+    def __call__(self, carry, xs, bcast):
+        ys = []
+        for i in range(self.length):
+            carry, y = self.block(**self.block_kwargs, name=str(i))(carry, jax.tree.map(lambda a: a[i], xs), bcast)
+            ys.append(y)
+        return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+
+def _per_layer(length: int, variables: dict) -> dict:
+    """Stacked variables (leading `layers` axis; boxed leaves lose that axis name) -> {"i": layer i}.
+    One split per leaf: its gradient is one concatenation (slices would each pad to the stack)."""
+    is_box = lambda x: isinstance(x, nn.Partitioned)
+    split = lambda a: [p[0] for p in jnp.split(a, length)]
+    unbox = lambda x: ([x.replace(value=p, names=x.names[1:]) for p in split(x.value)] if is_box(x) else split(x))
+    parts = {col: jax.tree.map(unbox, tree, is_leaf=is_box) for col, tree in variables.items()}
+    is_parts = lambda x: isinstance(x, list)
+    return {col: {str(i): jax.tree.map(lambda p: p[i], t, is_leaf=is_parts) for i in range(length)}
+            for col, t in parts.items()}
 
 
 def unstack_layer_params(tree: dict, name: str = LAYERS) -> dict:

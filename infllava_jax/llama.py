@@ -41,7 +41,7 @@ import numpy as np
 
 from . import keymap
 from .attention import dot_product_attention
-from .layers import dense, layer_stack
+from .layers import dense, layer_stack, unroll_layers
 
 ACT_AXES = ("act_batch", "act_length", "act_embed")
 
@@ -98,6 +98,7 @@ class LlamaConfig:
     dtype: str = "float32"        # activation / compute dtype
     param_dtype: str = "float32"
     scan_layers: bool = True
+    layer_loop: str = "auto"      # stacked layers: "scan" | "unroll" | "auto" (unrolled on CPU), layers.unroll_layers
     remat_policy: str = "none"    # a key of layers.REMAT_POLICIES
     attention_impl: str = "xla"   # see attention.IMPLS
 
@@ -317,6 +318,7 @@ class LlamaModel(nn.Module):
             cfg.vocab_size, cfg.hidden_size, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")))
         self.layers = layer_stack(LlamaDecoderLayer, cfg.num_hidden_layers, scan=cfg.scan_layers,
+                                  unroll=unroll_layers(cfg.layer_loop) and not self.is_initializing(),
                                   remat_policy=cfg.remat_policy, config=cfg)
         self.norm = RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype)
 

@@ -174,17 +174,19 @@ def test_logits_match_torch_reference_long_prompts(mode):
     check_parity(f"released tiny {mode}", ours, our_mask, r, r_mask)
 
 
-def _vit_batch_sizes(jaxpr):
-    """Batch sizes of every patch-embedding convolution in a (nested) jaxpr."""
+def _vit_batch_sizes(jaxpr, patch: int):
+    """Batch sizes of every patch embedding in a (nested) jaxpr: vision.PatchEmbedding's reshape of
+    (B, H, W, C) pixels into (B, H/p, p, W/p, p, C) patches of the tower's patch size p."""
     out = []
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "conv_general_dilated":
-            out.append(eqn.invars[0].aval.shape[0])
+        shape = eqn.outvars[0].aval.shape if eqn.outvars else ()
+        if eqn.primitive.name == "reshape" and len(shape) == 6 and shape[2] == shape[4] == patch:
+            out.append(shape[0])
         for v in eqn.params.values():
             for sub in (v if isinstance(v, (tuple, list)) else (v,)):
                 sub = getattr(sub, "jaxpr", sub)
                 if hasattr(sub, "eqns"):
-                    out += _vit_batch_sizes(sub)
+                    out += _vit_batch_sizes(sub, patch)
     return out
 
 
@@ -214,7 +216,8 @@ def test_fast_path_equals_full_path_at_model_level():
     for c, passes in ((cfg, N + 1), (full, 2 * N + 1)):
         jaxpr = jax.make_jaxpr(lambda p, x: InfLlavaModel(c).apply(
             {"params": p}, x, method=InfLlavaModel.vision_tokens))(params, x)
-        assert _vit_batch_sizes(jaxpr.jaxpr) == [2 * passes], _vit_batch_sizes(jaxpr.jaxpr)
+        sizes = _vit_batch_sizes(jaxpr.jaxpr, c.vision.patch_size)
+        assert sizes == [2 * passes], sizes
 
 
 @pytest.mark.parametrize("nH,nW,mode", [(2, 2, "lowres"), (2, 3, "highres"), (2, 3, "lowres")])

@@ -1,7 +1,8 @@
 """Next-token cross-entropy that never materialises the full (B, L, V) fp32 logits.
 
 The vocabulary projection runs chunk by chunk over the sequence inside a rematerialised scan:
-only one (B, chunk, V) block of logits exists at a time, forward and backward.
+only one (B, chunk, V) block of logits exists at a time, forward and backward. A sequence of
+one chunk or less runs without the scan and without recomputing its logits.
 """
 from __future__ import annotations
 
@@ -23,23 +24,27 @@ def cross_entropy_sum(hidden, head_kernel, targets, chunk: int = 512):
     hidden (B, L, D) final normed states; head_kernel (D, V); targets (B, L) (already shifted).
     """
     B, L, D = hidden.shape
-    chunk = min(chunk, L)
+    if L <= chunk:   # one chunk: the logits exist once either way; no scan, no recomputation
+        return _chunk_nll(hidden, targets, head_kernel)
     n = -(-L // chunk)
     pad = n * chunk - L
     h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(B, n, chunk, D).swapaxes(0, 1)
     t = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX).reshape(B, n, chunk).swapaxes(0, 1)
 
-    @jax.checkpoint
-    def one(hc, tc):
-        logits = jnp.einsum("bcd,dv->bcv", hc, head_kernel.astype(hc.dtype)).astype(jnp.float32)
-        valid = tc != IGNORE_INDEX
-        gold = jnp.take_along_axis(logits, jnp.where(valid, tc, 0)[..., None], axis=-1)[..., 0]
-        nll = jax.nn.logsumexp(logits, axis=-1) - gold
-        return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
-
     def body(carry, xs):
-        s, c = one(*xs)
+        s, c = jax.checkpoint(_chunk_nll)(*xs, head_kernel)
         return (carry[0] + s, carry[1] + c), None
 
     (total, count), _ = jax.lax.scan(body, (jnp.float32(0), jnp.int32(0)), (h, t))
     return total, count
+
+
+def _chunk_nll(h, tc, head_kernel):
+    """(sum of -log p(target), count) over one (B, c, D) block of hidden states."""
+    # rows x D: the head's weight gradient is one GEMM (layers.Dense)
+    logits = (h.reshape(-1, h.shape[-1]) @ head_kernel.astype(h.dtype)).astype(jnp.float32)
+    logits = logits.reshape(*tc.shape, -1)
+    valid = tc != IGNORE_INDEX
+    gold = jnp.take_along_axis(logits, jnp.where(valid, tc, 0)[..., None], axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - gold
+    return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)

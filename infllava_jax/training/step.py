@@ -93,12 +93,16 @@ def make_grad_fn(config: InfLlavaConfig, loss_chunk: int = 512) -> Callable:
     vg = jax.value_and_grad(make_loss_fn(config, loss_chunk), has_aux=True)
 
     def grads(state, batch):
-        def acc(carry, mb):
+        def one(mb):
             (s, c), g = vg(state["params"], state["frozen"], mb)
-            return (carry[0] + s, carry[1] + c, jax.tree.map(jnp.add, carry[2], g)), None
+            return s, c, jax.tree.map(lambda x: x.astype(jnp.float32), g)
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state["params"])
-        (s, c, g), _ = jax.lax.scan(acc, (jnp.float32(0), jnp.int32(0), zeros), batch)
+        if jax.tree.leaves(batch)[0].shape[0] == 1:   # one micro-batch: no loop, no accumulators
+            s, c, g = one(jax.tree.map(lambda x: x[0], batch))
+        else:
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state["params"])
+            (s, c, g), _ = jax.lax.scan(lambda carry, mb: (jax.tree.map(jnp.add, carry, one(mb)), None),
+                                        (jnp.float32(0), jnp.int32(0), zeros), batch)
         denom = jnp.maximum(c, 1).astype(jnp.float32)
         return s / denom, c, jax.tree.map(lambda x: x / denom, g)
 
