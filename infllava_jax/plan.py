@@ -52,7 +52,7 @@ def train_step_setup(cfg, mesh_shape: dict[str, int], micro_batch_per_device: in
     from infllava_jax import sharding
     from infllava_jax.data.tokenizer import load_tokenizer
     from infllava_jax.training import partition, step as step_lib
-    from infllava_jax.training.loop import model_config
+    from infllava_jax.training.loop import model_config, trainable_parts
 
     mesh = sharding.make_mesh(mesh_shape)
     mc = model_config(cfg, len(load_tokenizer(cfg.tokenizer or None)))
@@ -69,7 +69,7 @@ def train_step_setup(cfg, mesh_shape: dict[str, int], micro_batch_per_device: in
     batch = {"input_ids": ids, "labels": ids, "attention_mask": ids,
              "pixel_values": jax.ShapeDtypeStruct((accum, micro_global, H, W, 3), jnp.float32)}
     tx, schedule = step_lib.make_optimizer(cfg.optimizer.lr, cfg.total_steps)
-    parts = step_lib.trainable_parts(cfg.stage, cfg.also_train)
+    parts = trainable_parts(cfg, mc)
     abstract_state, state_sh = partition.state_shardings(mc, parts, tx, mesh)
     batch_sh = partition.batch_shardings(batch, mesh)
     step = jax.jit(step_lib.make_train_step(mc, tx, schedule, cfg.loss_chunk),
