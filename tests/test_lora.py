@@ -196,3 +196,18 @@ def test_lora_steps_lower_the_loss_on_a_fixed_batch():
         state, m = step(state, batch)
         losses.append(float(m["loss"]))
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_train_step_applies_lora_dropout_with_a_key_per_step():
+    cfg = CFG.replace(llm=CFG.llm.replace(lora=lora.LoraConfig(rank=4, dropout=0.5)))
+    params = with_adapters(api.init_params(CFG, seed=6), b_scale=0.05)
+    tx, _ = step_lib.make_optimizer(1e-2, 10)
+    parts = step_lib.trainable_parts("stage2", with_lora=True)
+    state = step_lib.init_state(params, parts, tx, cfg)
+    batch = _batch(A=2, b=2, seed=3)
+    loss = lambda c, st: float(jax.jit(step_lib.make_grad_fn(c, loss_chunk=16))(st, batch)[0])
+    plain = loss(CFG_LORA, state)
+    dropped = loss(cfg, state)
+    assert abs(dropped - plain) > 1e-4 * abs(plain)
+    assert loss(cfg, state) == dropped                                   # the key depends on the step only
+    assert loss(cfg, {**state, "step": state["step"] + 1}) != dropped
