@@ -127,7 +127,7 @@ def train_step(mode: dict) -> dict:
     s = train_step_setup(cfg, {"fsdp": n}, mode["micro"])
     with jax.set_mesh(s["mesh"]):
         params = api.init_params(s["mc"], 0, s["mesh"])
-        state = jax.jit(lambda p: step_lib.init_state(p, s["parts"], s["tx"]), out_shardings=s["state_shardings"])(params)
+        state = jax.jit(lambda p: step_lib.init_state(p, s["parts"], s["tx"], s["mc"]), out_shardings=s["state_shardings"])(params)
         del params
         batch = random_batch(s)
         t = time.perf_counter()

@@ -36,6 +36,13 @@ def base_config() -> ConfigDict:
     c.data.allow_outside_paths = False   # True: image paths may be absolute or leave image_folder via ".."
     c.data.max_image_pixels = 1 << 26    # larger images are skipped and counted (too_many_pixels), not decoded
 
+    # LoRA on the language model (infllava_jax/lora.py): rank 0 = off (the stage trains the LLM in
+    # full); rank > 0 freezes the LLM base and trains adapters on `targets`. WORKDIR/final is
+    # always merged; export="adapters" also writes WORKDIR/final_lora (PEFT + LLaVA files).
+    c.lora = ConfigDict({"rank": 0, "alpha": 16.0, "dropout": 0.0,
+                         "targets": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                         "export": "merged"})
+
     c.loss_chunk = 512
     c.optimizer = ConfigDict({"lr": 2e-5, "warmup_ratio": 0.03, "weight_decay": 0.0, "max_grad_norm": 1.0})
     c.eval_every = 0                # > 0: score eval_config on eval_data every N steps (in-memory params)

@@ -22,6 +22,10 @@ SRC is detected:
   stage-1 start        an HF Llama directory (LlamaForCausalLM) with --vision-tower CLIP_DIR, or
                        an HF CLIP directory with --llm LLAMA_DIR: DEM and projector freshly
                        initialised (PyTorch defaults, --seed).
+  LoRA                 a LLaVA-family LoRA directory (adapter_config.json, adapter_model.safetensors
+                       or .bin, non_lora_trainables.bin with the projector and DEM), with
+                       --vision-tower CLIP_DIR and --llm LLAMA_DIR (its base): the adapters are
+                       merged, W + (lora_alpha / r) B A.
   LLaVA-1.5            transformers LlavaForConditionalGeneration directory (llava-hf files of
                        transformers 4.x or what v5 writes); converted as LLaVA-1.5 (no DEM).
 
@@ -46,7 +50,7 @@ wrongly shaped tensor aborts with its name and shapes, and so does a tensor hold
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m convert", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", help="checkpoint directory or mm_projector.bin")
+    p.add_argument("src", help="checkpoint directory, LoRA directory or mm_projector.bin")
     p.add_argument("dst", help="output checkpoint directory")
     p.add_argument("--vision-tower", metavar="CLIP_DIR", help="HF CLIP directory (CLIPModel or CLIPVisionModel)")
     p.add_argument("--llm", metavar="LLAMA_DIR", help="HF Llama-3 directory (LlamaForCausalLM)")

@@ -11,6 +11,8 @@ its own table (`llava_hf_rows`) in any of its three key layouts.
     released        INF-LLaVA dir (config.json llava_llama)  --vision-tower if it holds no CLIP weights
     stage2-start    mm_projector.bin (or a dir holding it)   --vision-tower CLIP, --llm Llama-3
     stage1-start    HF Llama dir / HF CLIP dir               the other one (--vision-tower / --llm)
+    lora            LLaVA LoRA dir (PEFT adapter + non_lora_trainables.bin, convert/lora.py)
+                                                            --vision-tower CLIP, --llm Llama-3 (the base)
     llava-hf        LlavaForConditionalGeneration dir        -
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from convert import lora as lora_files
 from convert.errors import ConversionError, MissingKeysError, listing
 from convert.sources import GrownRows, InitTensor, Tensor, open_weights
 from infllava_jax import dem, keymap, llama, projector, vision
@@ -241,12 +244,15 @@ class Source:
 
 
 def detect(path: str | Path) -> str:
-    """released | llava-hf | clip | llama | adapter (a weights file, or a dir holding only an adapter)."""
+    """released | llava-hf | clip | llama | adapter (a weights file, or a dir holding only an adapter)
+    | lora (a PEFT adapter directory)."""
     path = Path(path)
     if path.is_file():
         return "adapter"
     if not path.is_dir():
         raise ConversionError(f"{path}: no such file or directory")
+    if lora_files.is_lora_dir(path):
+        return "lora"
     if not (path / "config.json").is_file() and (path / "mm_projector.bin").is_file():
         return "adapter"
     model_type = read_config(path).get("model_type")
@@ -319,12 +325,13 @@ def _resolve(src: Path, vision_tower, llm, dtype: str, add_pad_token: bool, seed
             raise ConversionError("a LlavaForConditionalGeneration checkpoint is complete; drop --vision-tower/--llm")
         return _llava_hf(src, dtype)
     if "clip" in parts and "llama" in parts:
-        return _stage_start(parts["clip"], parts["llama"], parts.get("adapter"), dtype, add_pad_token, seed)
+        return _stage_start(parts["clip"], parts["llama"], parts.get("adapter") or parts.get("lora"), dtype,
+                            add_pad_token, seed)
     have = ", ".join(f"{k} ({v})" for k, v in parts.items())
     raise ConversionError(
         f"incomplete model: got {have}. An HF CLIP and an HF Llama directory together make an INF-LLaVA "
         f"stage-1 start (pass the other one with --vision-tower CLIP_DIR / --llm LLAMA_DIR); add a "
-        f"stage-1 mm_projector.bin as SRC for a stage-2 start")
+        f"stage-1 mm_projector.bin as SRC for a stage-2 start, or a LoRA directory as SRC to merge it")
 
 
 def _released(path: Path, clip_dir: Path | None, dtype: str) -> Source:
@@ -410,11 +417,7 @@ def _stage_start(clip_dir: Path, llama_dir: Path, adapter: Path | None, dtype: s
     tensors, vision_cfg = _clip_tensors(clip_dir, notes)
     llama_tensors = open_weights(llama_dir)
     llm_cfg = llama_config(read_config(llama_dir), f"{llama_dir}/config.json")
-    adapter_tensors, adapter_json = {}, {}
-    if adapter is not None:
-        adapter_tensors = open_weights(_adapter_file(adapter))
-        if adapter.is_dir() and (adapter / "config.json").is_file():
-            adapter_json = read_config(adapter)
+    llama_tensors, adapter_tensors, adapter_json, adapter_note = _adapter(adapter, llama_tensors)
     pad = None
     if add_pad_token:   # SPEC 1/6: `<pad>` appended, its rows = mean of the others
         pad = llm_cfg.vocab_size
@@ -437,13 +440,25 @@ def _stage_start(clip_dir: Path, llama_dir: Path, adapter: Path | None, dtype: s
     rows = released_rows(config)
     if adapter is not None:
         tensors.update(adapter_tensors)
-        kind = "stage2-start"
-        notes.append(f"DEM and projector from {_adapter_file(adapter)}")
+        kind = "lora" if lora_files.is_lora_dir(adapter) else "stage2-start"
+        notes.append(adapter_note)
     else:
         tensors.update(fresh_tensors(config, rows, seed))
         kind = "stage1-start"
         notes.append(f"DEM and projector freshly initialised (PyTorch defaults, seed {seed})")
     return Source(kind, config, rows, tensors, released_ignore(config), notes)
+
+
+def _adapter(adapter: Path | None, llama_tensors: dict[str, Tensor]):
+    """(Llama tensors, DEM + projector tensors, the adapter's config.json or {}, a note) of a
+    stage-1 adapter (mm_projector.bin) or a LoRA directory (its adapters merged into the Llama)."""
+    if adapter is None:
+        return llama_tensors, {}, {}, ""
+    cfg_json = read_config(adapter) if adapter.is_dir() and (adapter / "config.json").is_file() else {}
+    if lora_files.is_lora_dir(adapter):
+        merged, trainables, note = lora_files.read(adapter, llama_tensors)
+        return merged, trainables, cfg_json, note
+    return llama_tensors, open_weights(_adapter_file(adapter)), cfg_json, f"DEM and projector from {_adapter_file(adapter)}"
 
 
 def fresh_tensors(config: InfLlavaConfig, rows, seed: int) -> dict[str, Tensor]:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infllava_jax import sharding as sharding_lib
+from infllava_jax import lora, sharding as sharding_lib
 from infllava_jax.checkpoint import PARAMS_DIR, load_config, load_part, restore_params, save_checkpoint
 from infllava_jax.config import InfLlavaConfig
 from infllava_jax.errors import InputError
@@ -73,6 +73,15 @@ def init_params(config: InfLlavaConfig, seed: int = 0, mesh=None):
     """Random parameters, created directly in their sharding."""
     shardings = param_shardings(config, mesh)
     init = lambda key: nn.unbox(InfLlavaModel(config).init(key, *_dummy_inputs(config)))["params"]
+    return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+
+
+def init_adapters(config: InfLlavaConfig, seed: int = 0, mesh=None):
+    """The LoRA adapters of `config` alone (the `lora_A` / `lora_B` leaves `init_params` would
+    draw; XLA drops the rest of the initialisation), created in their sharding."""
+    shardings = lora.split(param_shardings(config, mesh), lora.is_adapter)[0]
+    init = lambda key: lora.split(nn.unbox(InfLlavaModel(config).init(key, *_dummy_inputs(config)))["params"],
+                                  lora.is_adapter)[0]
     return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
 
 

@@ -64,6 +64,8 @@ class InfLlavaConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        if d["llm"]["lora"] is None:        # checkpoints without adapters keep their config.json
+            del d["llm"]["lora"]
         d["format_version"] = FORMAT_VERSION
         return d
 

@@ -42,6 +42,7 @@ import numpy as np
 from . import keymap
 from .attention import dot_product_attention
 from .layers import dense, layer_stack, unroll_layers
+from .lora import LoraConfig, LoraDense
 
 ACT_AXES = ("act_batch", "act_length", "act_embed")
 
@@ -101,8 +102,11 @@ class LlamaConfig:
     layer_loop: str = "auto"      # stacked layers: "scan" | "unroll" | "auto" (unrolled on CPU), layers.unroll_layers
     remat_policy: str = "none"    # a key of layers.REMAT_POLICIES
     attention_impl: str = "xla"   # see attention.IMPLS
+    lora: LoraConfig | None = None  # adapters on the target projections (lora.py); a dict is accepted
 
     def __post_init__(self):
+        if isinstance(self.lora, Mapping):
+            object.__setattr__(self, "lora", LoraConfig(**self.lora))
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if isinstance(self.rope_scaling, Mapping):
@@ -243,6 +247,9 @@ class RMSNorm(nn.Module):
 
 
 def _dense(cfg: LlamaConfig, features: int, axes, name: str, use_bias: bool = False):
+    if cfg.lora is not None and name in cfg.lora.targets:
+        return LoraDense(features, axes, cfg.lora, use_bias=use_bias, dtype=cfg.jnp_dtype, name=name,
+                         param_dtype=cfg.jnp_param_dtype, kernel_init=nn.initializers.normal(cfg.initializer_range))
     return dense(features, axes, name=name, use_bias=use_bias, dtype=cfg.jnp_dtype,
                  param_dtype=cfg.jnp_param_dtype, kernel_init=nn.initializers.normal(cfg.initializer_range))
 

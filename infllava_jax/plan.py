@@ -2,6 +2,8 @@
 from shapes only, on fake CPU devices laid out as the target mesh.
 
     python -m infllava_jax.plan --config configs/stage2_8b.py --mesh fsdp=8 [--micro-batch 4]
+    python -m infllava_jax.plan --config configs/stage2_8b.py --set lora.rank=128 --mesh fsdp=1 \
+        --micro-batch 1 --no-hoist                   # LoRA: bf16 frozen base, adapters + DEM + projector train
 
 Prints per-device memory (arguments, outputs, temporaries, peak) from XLA's memory analysis,
 FLOPs per step (analytic and XLA's count), and the step time implied at a given MFU on H100 and
@@ -18,6 +20,7 @@ import time
 
 GiB = 2 ** 30
 TARGETS = {"H100": 989e12, "TPU v5p": 459e12}
+HOISTING_PASSES = ("while-loop-invariant-code-motion", "while-loop-expensive-invariant-code-motion")
 
 
 def load_config(spec: str):
@@ -52,7 +55,7 @@ def train_step_setup(cfg, mesh_shape: dict[str, int], micro_batch_per_device: in
     from infllava_jax import sharding
     from infllava_jax.data.tokenizer import load_tokenizer
     from infllava_jax.training import partition, step as step_lib
-    from infllava_jax.training.loop import model_config
+    from infllava_jax.training.loop import model_config, trainable_parts
 
     mesh = sharding.make_mesh(mesh_shape)
     mc = model_config(cfg, len(load_tokenizer(cfg.tokenizer or None)))
@@ -69,7 +72,7 @@ def train_step_setup(cfg, mesh_shape: dict[str, int], micro_batch_per_device: in
     batch = {"input_ids": ids, "labels": ids, "attention_mask": ids,
              "pixel_values": jax.ShapeDtypeStruct((accum, micro_global, H, W, 3), jnp.float32)}
     tx, schedule = step_lib.make_optimizer(cfg.optimizer.lr, cfg.total_steps)
-    parts = step_lib.trainable_parts(cfg.stage, cfg.also_train)
+    parts = trainable_parts(cfg, mc)
     abstract_state, state_sh = partition.state_shardings(mc, parts, tx, mesh)
     batch_sh = partition.batch_shardings(batch, mesh)
     step = jax.jit(step_lib.make_train_step(mc, tx, schedule, cfg.loss_chunk),
@@ -118,11 +121,17 @@ def main(argv=None) -> int:
     ap.add_argument("--micro-batch", type=int, default=None, help="sequences per device per micro-step")
     ap.add_argument("--mfu", type=float, default=0.4, help="assumed MFU for the implied step time")
     ap.add_argument("--set", action="append", default=[], help="config override key=value (e.g. runtime.remat_policy=dots)")
+    ap.add_argument("--no-hoist", action="store_true",
+                    help="disable XLA's while-loop invariant code motion: the CPU backend has no bf16 dot, so it "
+                         "upcasts bf16 weights to f32 and hoists those copies out of the layer scan, all layers at "
+                         "once (GPUs and TPUs multiply bf16 natively); use it for a frozen bf16 base (LoRA)")
     args = ap.parse_args(argv)
     from infllava_jax import sharding
     mesh_shape = sharding.parse_mesh(args.mesh)
     n = math.prod(mesh_shape.values())
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"
+    if args.no_hoist:
+        os.environ["XLA_FLAGS"] += f" --xla_disable_hlo_passes={','.join(HOISTING_PASSES)}"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     cfg = apply_sets(load_config(args.config), args.set)
     mb = args.micro_batch or max(1, cfg.micro_batch // n)

@@ -30,6 +30,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("patch_height", None),
     ("patch_width", None),
     ("channels", None),
+    ("lora_rank", None),       # LoRA adapters: A (in, r) and B (r, out) shard like their base's in / out
     # activations
     ("act_batch", ("data", "fsdp")),
     ("act_length", None),

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infllava_jax import api, presets, sharding
+from infllava_jax import api, lora, presets, sharding
 from infllava_jax.api import InfLlava
 from infllava_jax.checkpoint import load_config
 from infllava_jax.config import InfLlavaConfig
@@ -60,7 +60,13 @@ def model_config(cfg, vocab_size: int) -> InfLlavaConfig:
         mc = getattr(presets, preset)(**kw)
     if vocab_size > mc.llm.vocab_size:
         raise ValueError(f"tokenizer has {vocab_size} tokens but the model's vocabulary is {mc.llm.vocab_size}")
+    mc = mc.replace(llm=mc.llm.replace(lora=lora.from_settings(cfg.get("lora"))))
     return mc.with_runtime(**cfg.runtime)
+
+
+def trainable_parts(cfg, mc: InfLlavaConfig) -> tuple[str, ...]:
+    """The run's trainable top-level parts (step.trainable_parts; LoRA: not the language model)."""
+    return step_lib.trainable_parts(cfg.stage, cfg.also_train, with_lora=mc.llm.lora is not None)
 
 
 def init_parts(cfg) -> dict[str, str]:
@@ -88,7 +94,10 @@ def init_or_restore(cfg, mc: InfLlavaConfig, mesh, parts, tx, ckpts: TrainCheckp
     if init_parts(cfg):
         params = api.load_parts(params, init_parts(cfg), mc, mesh)
         log.info("taken from checkpoints: %s", init_parts(cfg))
-    state = jax.jit(lambda p: step_lib.init_state(p, parts, tx), out_shardings=shardings)(params)
+    if mc.llm.lora is not None and cfg.init_checkpoint:    # a checkpoint has no adapters: fresh ones
+        params = lora.combine(params, api.init_adapters(mc, cfg.seed, mesh))
+        log.info("LoRA %s: fresh adapters (seed %d)", mc.llm.lora, cfg.seed)
+    state = jax.jit(lambda p: step_lib.init_state(p, parts, tx, mc), out_shardings=shardings)(params)
     return state, 0, None
 
 
@@ -157,7 +166,7 @@ class Trainer:
         self.tok = load_tokenizer(cfg.tokenizer or None)
         self.mc = model_config(cfg, len(self.tok))
         self.accum = accumulation_steps(cfg, self.mesh)
-        self.parts = step_lib.trainable_parts(cfg.stage, cfg.also_train)
+        self.parts = trainable_parts(cfg, self.mc)
         o = cfg.optimizer
         self.tx, schedule = step_lib.make_optimizer(o.lr, cfg.total_steps, o.warmup_ratio, o.weight_decay,
                                                     max_grad_norm=o.max_grad_norm or None)
@@ -293,7 +302,22 @@ class Trainer:
 
     # -- the end ------------------------------------------------------------------------------------
     def params(self) -> dict:
-        return {**self.state["frozen"], **self.state["params"]}
+        return lora.combine(self.state["frozen"], self.state["params"])
+
+    def export(self) -> None:
+        """WORKDIR/final: our checkpoint, LoRA adapters merged into the base (lora.merge); with
+        lora.export=adapters also WORKDIR/final_lora, PEFT / LLaVA files (convert/lora.py)."""
+        mc, params, final = self.mc, self.params(), self.workdir / "final"
+        if mc.llm.lora is not None:
+            mc = lora.merged_config(self.mc)
+            merge = jax.jit(lambda p: lora.merge(self.mc, p), out_shardings=api.param_shardings(mc, self.mesh))
+            params = merge(params)
+        InfLlava(mc, params).save_pretrained(final)   # all processes take part
+        log.info("wrote %s (InfLlava.from_pretrained)", final)
+        if self.mc.llm.lora is not None and self.cfg.lora.get("export", "merged") == "adapters":
+            from convert.lora import save_adapters
+            save_adapters(self.mc, self.params(), self.workdir / "final_lora", base=self.cfg.init_checkpoint)
+            log.info("wrote %s (PEFT adapters + non_lora_trainables.bin)", self.workdir / "final_lora")
 
     def finish(self) -> dict:
         self.arm("the last checkpoint and the export", compiling=True)
@@ -301,8 +325,7 @@ class Trainer:
         stats = sum_over_processes(self.data.stats())
         log.info("data: %s", json.dumps(stats))
         if self.cfg.export_final:
-            InfLlava(self.mc, self.params()).save_pretrained(self.workdir / "final")   # all processes take part
-            log.info("wrote %s (InfLlava.from_pretrained)", self.workdir / "final")
+            self.export()
         self.ckpts.close()
         self.writer.close()
         return {"steps": self.cfg.total_steps, "resumed_from": self.start,

@@ -20,7 +20,7 @@ def state_shardings(config: InfLlavaConfig, parts: Sequence[str], tx: optax.Grad
     """(abstract train state, matching tree of NamedShardings); `parts` train."""
     abstract_params = api.abstract_params(config)
     p_sh = api.param_shardings(config, mesh)
-    abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, parts, tx), abstract_params)
+    abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, parts, tx, config), abstract_params)
     train_sh, frozen_sh = step_lib.split_params(p_sh, parts)
     rep = sharding.replicated(mesh)
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_state["opt_state"], train_sh,

@@ -3,7 +3,9 @@
 State = {"step", "params" (trainable subtrees, fp32 master), "frozen" (never differentiated, no
 optimizer state), "opt_state"}. Which top-level parts train is a tuple of names: the stage's
 (SPEC section 7: stage 1 trains DEM + projector, stage 2 also the LLM, the vision tower never)
-plus any the config adds (`also_train`, e.g. the miniature study's random tiny model).
+plus any the config adds (`also_train`, e.g. the miniature study's random tiny model). With LoRA
+on the language model (lora.py) its base is frozen (kept in the compute dtype: no fp32 master,
+no optimizer state) and only its adapters (`lora_A`, `lora_B` leaves) train with the parts.
 The loss is the token-mean next-token cross-entropy over the whole global batch (all
 micro-batches), computed by `loss.cross_entropy_sum` without full fp32 logits.
 """
@@ -16,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from infllava_jax import api
+from infllava_jax import api, lora
 from infllava_jax.sharding import LOGICAL_RULES
 from infllava_jax.config import InfLlavaConfig
 from infllava_jax.model import InfLlavaModel
@@ -30,18 +32,21 @@ TRAINABLE = {
 }
 
 
-def trainable_parts(stage: str, also: Sequence[str] = ()) -> tuple[str, ...]:
-    """Top-level parts that train: those of `stage` ("stage1" | "stage2") and then `also`."""
+def trainable_parts(stage: str, also: Sequence[str] = (), with_lora: bool = False) -> tuple[str, ...]:
+    """Top-level parts that train: those of `stage` ("stage1" | "stage2") and then `also`; with
+    LoRA the language model is not one of them (its adapters train instead)."""
     if stage not in TRAINABLE or set(also) - set(PARTS):
         raise ValueError(f"{'+'.join((stage, *also))}: expected one of {sorted(TRAINABLE)} and parts "
                          f"of {PARTS}")
-    return TRAINABLE[stage] + tuple(p for p in also if p not in TRAINABLE[stage])
+    if with_lora and "language_model" in also:
+        raise ValueError("also_train names language_model, but LoRA keeps its base frozen (lora.rank=0 to train it)")
+    parts = TRAINABLE[stage] + tuple(p for p in also if p not in TRAINABLE[stage])
+    return tuple(p for p in parts if not (with_lora and p == "language_model"))
 
 
 def split_params(params: dict, parts: Sequence[str]) -> tuple[dict, dict]:
-    """(trainable, frozen) top-level subtrees: `parts` train."""
-    train = {k: v for k, v in params.items() if k in parts}
-    return train, {k: v for k, v in params.items() if k not in train}
+    """(trainable, frozen): the top-level subtrees `parts` and every LoRA adapter train."""
+    return lora.split(params, lambda path: path[0] in parts or lora.is_adapter(path))
 
 
 def make_optimizer(lr: float, total_steps: int, warmup_ratio: float = 0.03, weight_decay: float = 0.0,
@@ -55,8 +60,15 @@ def make_optimizer(lr: float, total_steps: int, warmup_ratio: float = 0.03, weig
     return tx, schedule
 
 
-def init_state(params: dict, parts: Sequence[str], tx: optax.GradientTransformation) -> dict:
+def init_state(params: dict, parts: Sequence[str], tx: optax.GradientTransformation,
+               config: InfLlavaConfig | None = None) -> dict:
+    """With LoRA in `config`, the frozen language model's matrices are stored in the compute
+    dtype (every forward casts them to it anyway: the same numbers, half the bytes in bf16)."""
     train, frozen = split_params(params, parts)
+    if config is not None and config.llm.lora is not None and "language_model" in frozen:
+        compute = jnp.dtype(config.llm.dtype)
+        frozen = {**frozen, "language_model": jax.tree.map(
+            lambda x: x.astype(compute) if x.ndim >= 2 else x, frozen["language_model"])}
     return {"step": jnp.zeros((), jnp.int32), "params": train, "frozen": frozen, "opt_state": tx.init(train)}
 
 
@@ -72,14 +84,15 @@ def make_loss_fn(config: InfLlavaConfig, loss_chunk: int = 512) -> Callable:
     model = InfLlavaModel(config)
     compute = jnp.dtype(config.llm.dtype)
 
-    def loss_sum(trainable, frozen, mb):
-        params = {**frozen, **trainable}
+    def loss_sum(trainable, frozen, mb, rng=None):
+        params = lora.combine(frozen, trainable)
         # mixed precision: matrices cast to the compute dtype while still sharded (gathers move
         # half the bytes); norms and biases stay fp32; gradients flow back to the fp32 master.
         cast = jax.tree.map(lambda x: x.astype(compute) if x.ndim >= 2 else x, params)
         with nn.logical_axis_rules(LOGICAL_RULES):
             hidden = model.apply({"params": api.rebox(config, cast)}, mb["input_ids"], mb["pixel_values"],
-                                 mb["attention_mask"], return_hidden=True)
+                                 mb["attention_mask"], return_hidden=True,
+                                 rngs=None if rng is None else {"dropout": rng})
         K = 1 if mb["pixel_values"].ndim == 4 else mb["pixel_values"].shape[1]
         labels = splice_labels(mb["labels"], splice_layout(mb["input_ids"], config.tokens_per_image, K))
         return cross_entropy_sum(hidden, head_kernel(params, config), shift_labels(labels), loss_chunk)
@@ -91,18 +104,22 @@ def make_grad_fn(config: InfLlavaConfig, loss_chunk: int = 512) -> Callable:
     """grads(state, batch) -> (mean loss, token count, mean grads); batch leaves are (A, b, ...):
     A micro-batches accumulated in a scan, normalised by the total supervised token count."""
     vg = jax.value_and_grad(make_loss_fn(config, loss_chunk), has_aux=True)
+    dropout = config.llm.lora is not None and config.llm.lora.dropout > 0
 
     def grads(state, batch):
-        def one(mb):
-            (s, c), g = vg(state["params"], state["frozen"], mb)
+        def one(mb, k):
+            # LoRA dropout: a key per (step, micro-batch)
+            rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), state["step"]), k) if dropout else None
+            (s, c), g = vg(state["params"], state["frozen"], mb, rng)
             return s, c, jax.tree.map(lambda x: x.astype(jnp.float32), g)
 
-        if jax.tree.leaves(batch)[0].shape[0] == 1:   # one micro-batch: no loop, no accumulators
-            s, c, g = one(jax.tree.map(lambda x: x[0], batch))
+        A = jax.tree.leaves(batch)[0].shape[0]
+        if A == 1:   # one micro-batch: no loop, no accumulators
+            s, c, g = one(jax.tree.map(lambda x: x[0], batch), 0)
         else:
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state["params"])
-            (s, c, g), _ = jax.lax.scan(lambda carry, mb: (jax.tree.map(jnp.add, carry, one(mb)), None),
-                                        (jnp.float32(0), jnp.int32(0), zeros), batch)
+            (s, c, g), _ = jax.lax.scan(lambda carry, xs: (jax.tree.map(jnp.add, carry, one(*xs)), None),
+                                        (jnp.float32(0), jnp.int32(0), zeros), (batch, jnp.arange(A)))
         denom = jnp.maximum(c, 1).astype(jnp.float32)
         return s / denom, c, jax.tree.map(lambda x: x / denom, g)
 
