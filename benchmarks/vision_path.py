@@ -22,6 +22,10 @@ and the memory of DEM's windowed attention vs the paper's naive whole-map cross-
    (jax.ShapeDtypeStruct: nothing big is allocated): the windowed DEM (full computation),
    its fast path, and a naive DEM whose two cross-attentions are dense over the whole
    (n*g)^2 map (every global position attends to every local position and vice versa).
+   XLA:CPU runs each attention (scores, exp, product with v) as one YNNPACK fusion whose working
+   memory it does not count, so the compiled temp memory of the naive DEM leaves out its score
+   matrices: the `scores` columns give their size (fp32, one direction), what a GPU/TPU
+   without a fused kernel would hold.
 
 The last line of the output is a JSON object.
 """
@@ -280,7 +284,8 @@ def main():
           + ", ".join(f"{k} {v:.1e}" for k, v in s["diffs"].items()))
 
     print()
-    print("one DEM application at D=1024 (8 x 128 heads, g=24), compile-only temp memory (MiB):")
+    print("one DEM application at D=1024 (8 x 128 heads, g=24), compile-only temp memory (MiB; XLA:CPU does not "
+          "count the fused attention's scores, see the scores columns):")
     print(f"{'px':>5} {'grid':>5} {'map tok':>8} {'windowed':>9} {'fast':>8} {'naive':>9} "
           f"{'naive scores':>13} {'window scores':>14}")
     mem = []
