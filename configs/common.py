@@ -34,6 +34,7 @@ def base_config() -> ConfigDict:
     c.data.image_cache_mb = 0       # > 0: decoded images stay in memory (the study's rows share them)
     c.data.allow_outside_paths = False   # True: image paths may be absolute or leave image_folder via ".."
     c.data.max_image_pixels = 1 << 26    # larger images are skipped and counted (too_many_pixels), not decoded
+    c.data.packing = False          # True: several conversations per row up to max_len (data/packing.py)
 
     c.loss_chunk = 512
     c.optimizer = ConfigDict({"lr": 2e-5, "warmup_ratio": 0.03, "weight_decay": 0.0, "max_grad_norm": 1.0})
