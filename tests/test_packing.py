@@ -181,3 +181,34 @@ def test_packed_resume_exactly(data_root, tok, num_threads):
     for got in (take(resumed, 5), take(at_step, 5)):
         for x, y in zip(got, straight[4:]):
             assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+
+
+def test_trainer_resumes_packed_run_on_another_mesh(tmp_path):
+    """train() with data.packing: a run resumed from its step-2 checkpoint on 2 devices instead of 4
+    logs the uninterrupted run's losses (the packed rows are a function of the step)."""
+    import shutil
+
+    from configs import tiny
+    from infllava_jax.training import loop
+    from tests.test_multihost import make_clean_dataset
+
+    data = make_clean_dataset(tmp_path / "data")
+    cfg = tiny.get_config()
+    cfg.data.synthetic, cfg.data.path, cfg.data.image_folder = False, str(data / "train.json"), str(data)
+    cfg.data.packing, cfg.data.max_len = True, 256          # two of these conversations a row
+    cfg.total_steps, cfg.log_every, cfg.checkpoint_every, cfg.global_batch, cfg.micro_batch = 4, 1, 2, 8, 4
+    cfg.export_final, cfg.compilation_cache_dir, cfg.mesh = False, str(tmp_path / "xla"), {"fsdp": 4}
+    loop.train(cfg, tmp_path / "ref")
+    (tmp_path / "w" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "ref" / "checkpoints" / "2", tmp_path / "w" / "checkpoints" / "2")
+    cfg.mesh = {"fsdp": 2}
+    summary = loop.train(cfg, tmp_path / "w")
+    assert summary["resumed_from"] == 2
+
+    def losses(w):
+        rows = [json.loads(x) for x in (w / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows}
+    want, got = losses(tmp_path / "ref"), losses(tmp_path / "w")
+    assert sorted(got) == [3, 4]
+    np.testing.assert_allclose([got[3], got[4]], [want[3], want[4]], rtol=2e-6)
+    assert summary["data"]["good"] > 4 * 8        # counters carried over: more conversations than the 32 rows
