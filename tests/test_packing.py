@@ -38,6 +38,18 @@ def test_plan_rows_places_every_sample_once_within_max_len():
     assert fill[1] < fill[8] < fill[64] and fill[64] > 0.9, fill   # next fit 0.74, first fit over 64 rows 0.92
 
 
+def test_plan_rows_groups_rows_by_image_count():
+    """With image counts, each window of open_rows rows is sorted by its rows' images (the same rows)."""
+    rng = np.random.default_rng(2)
+    lengths, images = rng.integers(20, 120, 400), rng.integers(0, 3, 400)
+    plain, grouped = plan_rows(lengths, 300), plan_rows(lengths, 300, images=images)
+    assert sorted(map(tuple, grouped)) == sorted(map(tuple, plain))
+    counts = [int(images[r].sum()) for r in grouped]
+    for w in range(0, len(grouped), 64):
+        assert counts[w:w + 64] == sorted(counts[w:w + 64])
+    assert counts != sorted(counts) or len(grouped) <= 64
+
+
 def test_segment_positions_and_labels_never_cross_a_boundary():
     seg = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0]])
     np.testing.assert_array_equal(segment_positions(seg), [[0, 1, 2, 0, 1, 0, 0, 1]])

@@ -145,11 +145,15 @@ class JsonRecordProcessor:
     def spliced_length(self, record) -> int:
         """Positions the sample takes after splicing (data/packing.py plans rows with it); 1 for a
         sample that will turn out bad (it keeps a one-position slot)."""
+        return self.plan_size(record)[0]
+
+    def plan_size(self, record) -> tuple[int, int]:
+        """(spliced length, number of images) of a record; (1, 0) for a bad one."""
         try:
             ids, _, rels, _ = self.tokens(record)
         except TemplateError:
-            return 1
-        return len(ids) + len(rels) * (self.spec.tokens_per_image - 1)
+            return 1, 0
+        return len(ids) + len(rels) * (self.spec.tokens_per_image - 1), len(rels)
 
     def __call__(self, item) -> dict:
         index, record = item

@@ -2,7 +2,7 @@
 
     the shuffled global stream of samples (pipeline.py)
       -> PackedRows: the stream cut into rows of <= max_len *spliced* positions (a plan made from
-         each sample's spliced length, epoch by epoch, before any image is decoded)
+         each sample's spliced length and image count, epoch by epoch, before any image is decoded)
       -> ProcessRows / map / batches as unpacked rows, one packed row per slot
       -> collate_packed: ids, labels, images concatenated per row; spliced segment ids
 
@@ -29,10 +29,22 @@ from infllava_jax.splice import IGNORE_INDEX
 OPEN_ROWS = 64   # first fit over the last 64 rows still open (a deterministic, local packer)
 
 
-def plan_rows(lengths, max_len: int, open_rows: int = OPEN_ROWS) -> list[list[int]]:
+def plan_rows(lengths, max_len: int, open_rows: int = OPEN_ROWS, images=None) -> list[list[int]]:
     """Offsets 0..n-1 (in stream order, lengths[i] spliced positions each) -> rows of offsets whose
     lengths sum to <= max_len: each sample goes to the first of the last `open_rows` rows with room,
-    else starts a new row. Rows come out in the order they were opened."""
+    else starts a new row. Rows come out in the order they were opened; with `images` (per
+    sample), each window of `open_rows` rows is then stably sorted by its rows' image counts, so
+    that a batch's rows hold alike numbers of images and few image slots are padding (as LLaVA-1.5
+    groups batches by modality)."""
+    rows = _first_fit(lengths, max_len, open_rows)
+    if images is None:
+        return rows
+    images = np.asarray(images)
+    count = lambda r: int(images[r].sum())  # noqa: E731
+    return [r for w in range(0, len(rows), open_rows) for r in sorted(rows[w:w + open_rows], key=count)]
+
+
+def _first_fit(lengths, max_len: int, open_rows: int) -> list[list[int]]:
     rows, room, first_open = [], [], 0
     for i, n in enumerate(lengths):
         n = min(int(n), max_len)
@@ -52,12 +64,14 @@ class PackedRows(grain.MapDataset):
     """Packed row j of the stream -> [(record index, record), ...] (the parent's items).
 
     `parent`: the shuffled (and repeated) stream of (index, record), `epoch_len` samples an epoch;
-    `lengths[index]`: spliced length of each record. Rows never cross an epoch; epochs are planned
-    lazily, in order (thread-safe), so an infinite stream works."""
+    `lengths[index]`, `images[index]`: spliced length and image count of each record. Rows never
+    cross an epoch; epochs are planned lazily, in order (thread-safe), so an infinite stream works."""
 
-    def __init__(self, parent: grain.MapDataset, epoch_len: int, lengths, max_len: int, num_epochs: int | None):
+    def __init__(self, parent: grain.MapDataset, epoch_len: int, lengths, max_len: int, num_epochs: int | None,
+                 images=None):
         super().__init__(parent)
         self.epoch_len, self.lengths, self.max_len = epoch_len, np.asarray(lengths), max_len
+        self.images = None if images is None else np.asarray(images)
         self._epochs, self._ends, self._lock = [], [], threading.Lock()   # plans, cumulative row counts
         self._length = sys.maxsize if num_epochs is None else sum(
             len(self._plan(e)) for e in range(num_epochs))
@@ -68,13 +82,20 @@ class PackedRows(grain.MapDataset):
                 k = len(self._epochs)
                 base = k * self.epoch_len
                 order = [self._parent[base + i][0] for i in range(self.epoch_len)]
-                rows = [[base + i for i in row] for row in plan_rows(self.lengths[order], self.max_len)]
+                images = None if self.images is None else self.images[order]
+                rows = [[base + i for i in row] for row in plan_rows(self.lengths[order], self.max_len, images=images)]
                 self._epochs.append(rows)
                 self._ends.append((self._ends[-1] if self._ends else 0) + len(rows))
             return self._epochs[e]
 
     def __len__(self) -> int:
         return self._length
+
+    def __getstate__(self):                 # worker processes (mp_prefetch) get their own lock
+        return {**self.__dict__, "_lock": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _lock=threading.Lock())
 
     def __getitem__(self, j):
         if isinstance(j, slice):

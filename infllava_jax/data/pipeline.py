@@ -37,6 +37,7 @@ import os
 import sys
 
 import grain
+import numpy as np
 
 from infllava_jax.data.batching import collate, default_buckets
 from infllava_jax.data.examples import BAD_REASONS, JsonRecordProcessor, SampleSpec, example
@@ -162,8 +163,8 @@ def _packed(cfg: DataConfig, ds, records, processor):
     if not isinstance(processor, JsonRecordProcessor):
         raise NotImplementedError(f"{cfg.data_path}: packing plans rows from the records' lengths; it reads "
                                   "LLaVA JSON/JSONL (not the ArrayRecord build)")
-    lengths = [processor.spliced_length(r) for r in records]
-    return PackedRows(ds, len(records), lengths, cfg.max_len, cfg.num_epochs), PackedProcessor(processor)
+    lengths, images = np.array([processor.plan_size(r) for r in records], np.int64).reshape(-1, 2).T
+    return PackedRows(ds, len(records), lengths, cfg.max_len, cfg.num_epochs, images), PackedProcessor(processor)
 
 
 class ProcessRows(grain.MapDataset):
