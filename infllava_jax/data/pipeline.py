@@ -2,8 +2,8 @@
 
     source (LLaVA JSON/JSONL list, or ArrayRecord dir)       MapDataset, random access
       -> shuffle(seed) -> repeat(num_epochs)                  ONE global stream, reshuffled each epoch
-      -> this process's rows                                  [p*b, (p+1)*b) of every block of P*b
       [-> PackedRows (packing=True)                           several conversations a row: packing.py]
+      -> this process's rows                                  [p*b, (p+1)*b) of every block of P*b
       -> from global micro-batch `start` on                   resume = the step's position
       -> map(record -> example | bad)                         tokenise, truncate, decode images
       -> to_iter_dataset(threads) [-> mp_prefetch(workers)]
@@ -16,10 +16,11 @@ positions [p*b, (p+1)*b) of every block, so global micro-batch k (the P local ba
 `next()`, in process order) is exactly positions [k*G, (k+1)*G) of the stream, whatever P is.
 A bad sample keeps its slot: its row is empty (one attended pad token, nothing supervised, no
 image; `index` -1), so it shifts nothing. With packing the positions are packed rows (a fixed
-plan of the stream, packing.py); a bad sample leaves a hole in its row. Resuming at micro-batch k on any mesh or process count
-is `make_dataset(..., start=k)`; only the counters (good / truncated / bad samples by reason)
-come from the checkpoint. Each process maps, tokenises and decodes only its own rows. A finite
-stream (num_epochs) drops `len % P` positions and splits its last, partial block equally.
+plan of the stream, packing.py); a bad sample leaves a hole in its row. Resuming at micro-batch
+k on any mesh or process count is `make_dataset(..., start=k)`; only the counters (good /
+truncated / bad samples by reason) come from the checkpoint. Each process maps, tokenises and
+decodes only its own rows. A finite stream (num_epochs) drops `len % P` positions and splits its
+last, partial block equally.
 
 The iterator also has grain's get_state/set_state (exact resume of one iterator, with or
 without prefetch threads or worker processes). Pass every local batch through
