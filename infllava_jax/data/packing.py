@@ -12,7 +12,8 @@ without packing. The model keeps segments apart (SPEC 6 splice, then): attention
 inside a segment (segment ids -> mask / splash SegmentIds), RoPE positions restart at each
 segment (llama.segment_positions), and a segment's last token predicts nothing
 (loss.shift_labels). Every row has `max_len` ids and `max_len` spliced positions, and
-K image slots (a power of two >= the row with most images); padding images are never spliced.
+K image slots (the most images of a row, rounded up to a power of two within max_len // T:
+few shapes); padding images are never spliced.
 The plan needs every record's length: the JSON records are tokenised once per process when the
 dataset is made (no image is decoded).
 """
