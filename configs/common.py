@@ -35,6 +35,7 @@ def base_config() -> ConfigDict:
     c.data.image_cache_mb = 0       # > 0: decoded images stay in memory (the study's rows share them)
     c.data.allow_outside_paths = False   # True: image paths may be absolute or leave image_folder via ".."
     c.data.max_image_pixels = 1 << 26    # larger images are skipped and counted (too_many_pixels), not decoded
+    c.data.packing = False          # True: several conversations per row up to max_len (data/packing.py)
 
     # LoRA on the language model (infllava_jax/lora.py): rank 0 = off (the stage trains the LLM in
     # full); rank > 0 freezes the LLM base and trains adapters on `targets`. WORKDIR/final is

@@ -9,9 +9,11 @@ impl = "xla"      plain einsums + fp32 softmax (any backend; the CPU path)
        "auto"     cudnn on GPU, splash on TPU, chunked elsewhere (logged once)
 
 What a call masks: `causal` (query t attends keys s <= t; T == S), `kv_mask` (B, S) False at padding
-keys, or a general bool `mask` broadcastable to (B, T, S) (the KV-cache path). The fused kernels
-take `causal` and `kv_mask` natively; a general mask, or a dtype or head size the kernel refuses
-under "auto", runs as "chunked" instead (logged once per case).
+keys, `segment_ids` (B, T) of packed rows (T == S: query t attends only keys of its own segment;
+0 = padding), or a general bool `mask` broadcastable to (B, T, S) (the KV-cache path). The fused
+kernels take `causal` and `kv_mask` natively, splash also `segment_ids`; a general mask, segment
+ids under cudnn, or a dtype or head size the kernel refuses under "auto", runs as "chunked"
+instead (logged once per case).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ log = logging.getLogger("infllava_jax")
 _LOGGED: set = set()
 
 
-def dot_product_attention(q, k, v, *, mask=None, causal: bool = False, kv_mask=None,
+def dot_product_attention(q, k, v, *, mask=None, causal: bool = False, kv_mask=None, segment_ids=None,
                           scale: float | None = None, impl: str = "xla"):
     """softmax(q k^T * scale + mask) v with grouped-query heads.
 
@@ -43,11 +45,15 @@ def dot_product_attention(q, k, v, *, mask=None, causal: bool = False, kv_mask=N
     if causal and T != S:
         raise ValueError(f"causal attention needs as many queries as keys, got {T} and {S}")
     scale = H ** -0.5 if scale is None else scale
-    impl = resolve(impl, q, general_mask=mask is not None)
+    if segment_ids is not None and (T != S or kv_mask is not None):
+        raise ValueError("segment_ids are for self-attention over packed rows (T == S, no kv_mask)")
+    impl = resolve(impl, q, general_mask=mask is not None, segments=segment_ids is not None)
     if impl == "cudnn":
         return attention_cudnn.attend(q, k, v, causal=causal, kv_mask=kv_mask, scale=scale)
     if impl == "splash":
-        return attention_splash.attend(q, k, v, causal=causal, kv_mask=kv_mask, scale=scale)
+        return attention_splash.attend(q, k, v, causal=causal, kv_mask=kv_mask, segment_ids=segment_ids, scale=scale)
+    if segment_ids is not None:
+        mask = segment_ids[:, :, None] == segment_ids[:, None, :] if mask is None else mask
     mask = dense_mask(B, T, S, mask, causal, kv_mask)
     if impl == "jax":
         m = None if mask is None else jnp.broadcast_to(mask, (B, T, S))[:, None]
@@ -57,9 +63,10 @@ def dot_product_attention(q, k, v, *, mask=None, causal: bool = False, kv_mask=N
     return _xla(q, k, v, mask, scale)
 
 
-def resolve(impl: str, q, general_mask: bool = False) -> str:
+def resolve(impl: str, q, general_mask: bool = False, segments: bool = False) -> str:
     """The implementation a call runs: "auto" by backend; a fused one that cannot take the call
-    ("auto" only for dtype / head size; a general mask for both) becomes "chunked"."""
+    ("auto" only for dtype / head size; a general mask for both; segment ids for cudnn) becomes
+    "chunked"."""
     if impl not in IMPLS:
         raise ValueError(f"attention impl={impl!r}; expected one of {IMPLS}")
     requested, why = impl, ""
@@ -71,6 +78,8 @@ def resolve(impl: str, q, general_mask: bool = False) -> str:
         impl = "chunked" if why and impl in FUSED else impl
     if impl in FUSED and general_mask:
         impl, why = "chunked", "a general mask (the KV-cache path)"
+    if impl == "cudnn" and segments:
+        impl, why = "chunked", "segment ids of packed rows (cuDNN takes no segments)"
     if requested in ("auto", *FUSED) and (requested, impl, why) not in _LOGGED:
         _LOGGED.add((requested, impl, why))
         log.info("attention %s -> %s on %s%s", requested, impl, jax.default_backend(), f" ({why})" if why else "")

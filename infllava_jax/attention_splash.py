@@ -3,6 +3,9 @@ padding as `SegmentIds`, grouped-query heads as kv heads, `vmap` over the batch 
 over the ambient mesh (batch over `act_batch`'s axes, heads over `act_heads`'s) with the kernel's
 `manual_sharding_spec`. Off TPU the kernel runs in Pallas interpret mode (slow: for tests).
 
+Packed rows pass their `segment_ids` (B, T) (0: padding) as the kernel's SegmentIds instead of
+the padding mask: causal inside each segment, no token sees another segment.
+
 Lengths are padded to a multiple of 128 (the kernel's smallest block) with segment id 0 for the
 added keys, so any length works (the ViT's 577 tokens run as 640). Queries: segment id = their
 key's (causal self-attention: a padding query sees padding keys, never an empty row) or 1 (no
@@ -29,16 +32,19 @@ def unsupported(q) -> str:
     return "" if q.dtype in DTYPES else f"splash attention takes float32 or bfloat16, not {q.dtype}"
 
 
-def attend(q, k, v, *, causal: bool, kv_mask=None, scale: float, interpret: bool | None = None):
-    """q: (B, T, N, H), k, v: (B, S, K, H); kv_mask (B, S) bool or None -> (B, T, N, H)."""
+def attend(q, k, v, *, causal: bool, kv_mask=None, scale: float, interpret: bool | None = None,
+           segment_ids=None):
+    """q: (B, T, N, H), k, v: (B, S, K, H); kv_mask (B, S) bool or None, or segment_ids (B, T)
+    of packed rows (T == S) -> (B, T, N, H)."""
     if unsupported(q):
         raise ValueError(f"attention impl='splash': {unsupported(q)}")
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     Tp, Sp = -(-T // LANES) * LANES, -(-S // LANES) * LANES
     kv_real = jnp.ones((B, S), jnp.int32) if kv_mask is None else kv_mask.astype(jnp.int32)
+    kv_real = kv_real if segment_ids is None else segment_ids.astype(jnp.int32)
     kv_seg = jnp.pad(kv_real, ((0, 0), (0, Sp - S)))
-    q_seg = kv_seg if causal else jnp.ones((B, Tp), jnp.int32)
+    q_seg = kv_seg if causal or segment_ids is not None else jnp.ones((B, Tp), jnp.int32)
     heads_first = lambda x, L: jnp.pad(x, ((0, 0), (0, L - x.shape[1]), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
     qp = heads_first((q * jnp.asarray(scale, q.dtype)).astype(q.dtype), Tp)
     kp, vp = heads_first(k, Sp), heads_first(v, Sp)

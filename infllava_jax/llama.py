@@ -220,6 +220,13 @@ def rope_cos_sin(positions: jax.Array, config: LlamaConfig) -> tuple[jax.Array, 
     return jnp.cos(emb), jnp.sin(emb)
 
 
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """(B, T) segment ids of packed rows -> RoPE positions restarting at 0 where a segment starts."""
+    t = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)[None]
+    new = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    return t - jax.lax.cummax(jnp.where(new, t, 0), axis=1)
+
+
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """x: (B, T, heads, H); rotation in fp32, result in x.dtype."""
     xf = x.astype(jnp.float32)
@@ -258,7 +265,7 @@ class LlamaAttention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, kv, cos, sin, mask, index):
+    def __call__(self, x, kv, cos, sin, mask, index, segment_ids=None):
         cfg = self.config
         B, T, _ = x.shape
         N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -272,8 +279,10 @@ class LlamaAttention(nn.Module):
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
             kv = (k, v)
-        # no cache: causal, `mask` (B, T) marks padding keys; a cache: a general (B, T, S) mask
-        masking = dict(mask=mask) if kv is not None else dict(causal=True, kv_mask=mask)
+        # no cache: causal, `mask` (B, T) marks padding keys (packed rows: causal inside each
+        # segment); a cache: a general (B, T, S) mask
+        masking = (dict(mask=mask) if kv is not None else dict(causal=True, kv_mask=mask) if segment_ids is None
+                   else dict(causal=True, segment_ids=segment_ids))
         out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), impl=cfg.attention_impl, **masking)
         out = _dense(cfg, cfg.hidden_size, ("heads", "embed"), "o_proj", bias)(out.reshape(B, T, N * H))
         return out, kv
@@ -291,15 +300,16 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    """Block with the layer_stack signature: (x, kv_i, (cos, sin, mask, index)) -> (x, kv_i)."""
+    """Block with the layer_stack signature: (x, kv_i, (cos, sin, mask, index, segment_ids)) -> (x, kv_i)."""
     config: LlamaConfig
 
     @nn.compact
     def __call__(self, x, kv, bcast):
         cfg = self.config
-        cos, sin, mask, index = bcast
+        cos, sin, mask, index, segment_ids = bcast
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype, name=name)
-        h, kv = LlamaAttention(cfg, name="self_attn")(norm("input_layernorm")(x), kv, cos, sin, mask, index)
+        h, kv = LlamaAttention(cfg, name="self_attn")(norm("input_layernorm")(x), kv, cos, sin, mask, index,
+                                                      segment_ids)
         x = x + h
         x = x + LlamaMLP(cfg, name="mlp")(norm("post_attention_layernorm")(x))
         x = nn.with_logical_constraint(x, ACT_AXES)
@@ -336,11 +346,17 @@ class LlamaModel(nn.Module):
         """Tied head: hidden @ embedding.T."""
         return self.embed_tokens.attend(hidden)
 
-    def __call__(self, inputs_embeds, attention_mask=None, positions=None, cache=None):
+    def __call__(self, inputs_embeds, attention_mask=None, positions=None, cache=None, segment_ids=None):
+        """`segment_ids` (B, T) (packed rows, no cache): token t attends to s <= t of its own segment
+        (0: padding); pass the positions then (restarting at each segment)."""
         B, T, _ = inputs_embeds.shape
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids (packed training rows) cannot be used with a KV cache")
         x = nn.with_logical_constraint(inputs_embeds.astype(self.config.jnp_dtype), ACT_AXES)
         mask = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
         base = jnp.zeros((B,), jnp.int32) if cache is None else cache["pos"]
+        if positions is None and segment_ids is not None:
+            positions = segment_positions(segment_ids)
         if positions is None:
             positions = jnp.maximum(base[:, None] + jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
         positions = positions.astype(jnp.int32)
@@ -354,7 +370,7 @@ class LlamaModel(nn.Module):
             q_slot = index + jnp.arange(T, dtype=jnp.int32)
             attn_mask = (jnp.arange(S, dtype=jnp.int32)[None, :] <= q_slot[:, None])[None] & valid[:, None, :]
             xs = (cache["k"], cache["v"])
-        x, kv = self.layers(x, xs, (cos, sin, attn_mask, index))
+        x, kv = self.layers(x, xs, (cos, sin, attn_mask, index, segment_ids))
         x = self.norm(x)
         new_cache = None
         if cache is not None:
@@ -368,7 +384,7 @@ class LlamaForCausalLM(nn.Module):
     """HF `LlamaForCausalLM`.
 
     `__call__(input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None,
-    cache=None, return_hidden=False) -> (out, new_cache)`: out = fp32 logits (B, T, vocab), or
+    cache=None, segment_ids=None, return_hidden=False) -> (out, new_cache)`: out = fp32 logits (B, T, vocab), or
     with `return_hidden=True` the final normed hidden states (B, T, D) (apply `logits` later,
     e.g. in chunks). new_cache is None when no cache was passed.
     `embed(input_ids)` -> (B, T, D) token embeddings; `logits(hidden)` -> fp32 logits.
@@ -392,12 +408,12 @@ class LlamaForCausalLM(nn.Module):
         return out.astype(jnp.float32)
 
     def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None,
-                 cache=None, return_hidden: bool = False):
+                 cache=None, segment_ids=None, return_hidden: bool = False):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids)
-        hidden, new_cache = self.model(inputs_embeds, attention_mask, positions, cache)
+        hidden, new_cache = self.model(inputs_embeds, attention_mask, positions, cache, segment_ids)
         if return_hidden:
             return hidden, new_cache
         return self.logits(hidden), new_cache

@@ -69,9 +69,11 @@ class InfLlavaModel(nn.Module):
         """(B, H, W, 3) -> (B, T, D_llm): visual tokens in the LLM's embedding space."""
         return self.mm_projector(self.vision_tokens(pixel_values))
 
-    def embed_inputs(self, input_ids, pixel_values, attention_mask=None, labels=None):
+    def embed_inputs(self, input_ids, pixel_values, attention_mask=None, labels=None, segment_ids=None):
         """Splice: ids (B, L) with up to K sentinels (-200, every model) per row, pixels (B, K, H, W, 3) or (B, H, W, 3)
-        -> dict(inputs_embeds (B, L + K(T-1), D), attention_mask, labels)."""
+        -> dict(inputs_embeds (B, L + K(T-1), D), attention_mask, labels). A packed batch
+        (data/packing.py) passes its spliced segment ids (B, L_out): the output has L_out positions
+        and the attention mask is segment_ids > 0."""
         c = self.config
         if pixel_values.ndim == 4:
             pixel_values = pixel_values[:, None]
@@ -79,20 +81,24 @@ class InfLlavaModel(nn.Module):
         images = self.encode_images(pixel_values.reshape(B * K, *pixel_values.shape[2:]))
         images = images.reshape(B, K, *images.shape[1:])
         text = self.language_model.embed(jnp.where(input_ids == IMAGE_TOKEN_INDEX, 0, input_ids))
-        layout = splice_layout(input_ids, c.tokens_per_image, K)
+        out_len = None if segment_ids is None else segment_ids.shape[1]
+        layout = splice_layout(input_ids, c.tokens_per_image, K, out_len=out_len)
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-        out = dict(inputs_embeds=splice_embeddings(text, images, layout),
-                   attention_mask=splice_attention_mask(attention_mask, layout))
+        mask = splice_attention_mask(attention_mask, layout) if segment_ids is None else (segment_ids > 0)
+        out = dict(inputs_embeds=splice_embeddings(text, images, layout), attention_mask=mask.astype(jnp.int32))
         if labels is not None:
             out["labels"] = splice_labels(labels, layout)
         return out
 
-    def __call__(self, input_ids, pixel_values, attention_mask=None, *, return_hidden: bool = False):
-        """Logits (B, L + K(T-1), V) in fp32 (or final hidden states with return_hidden)."""
-        x = self.embed_inputs(input_ids, pixel_values, attention_mask)
+    def __call__(self, input_ids, pixel_values, attention_mask=None, *, segment_ids=None, positions=None,
+                 return_hidden: bool = False):
+        """Logits (B, L + K(T-1), V) in fp32 (or final hidden states with return_hidden). Packed
+        rows: `segment_ids` and `positions` (B, L_out) in spliced positions (data/packing.py):
+        attention stays inside a segment, RoPE positions restart at each segment."""
+        x = self.embed_inputs(input_ids, pixel_values, attention_mask, segment_ids=segment_ids)
         out, _ = self.language_model(inputs_embeds=x["inputs_embeds"], attention_mask=x["attention_mask"],
-                                     return_hidden=return_hidden)
+                                     positions=positions, segment_ids=segment_ids, return_hidden=return_hidden)
         return out
 
 

@@ -1,6 +1,9 @@
 """Sequence assembly (SPEC section 6): each image sentinel (-200) becomes T visual embeddings.
 
-Static shapes inside jit: a row of L ids holding K sentinels becomes L + K*(T-1) positions.
+Static shapes inside jit: a row of L ids holding K sentinels becomes L + K*(T-1) positions, or
+`out_len` positions when given (packed rows, data/packing.py: each row's real positions fit).
+The k-th sentinel of a row takes the row's k-th image; images no sentinel points to (padding
+images) are never gathered.
 Every output position is *gathered* from its source (a text token or an image token); the
 layout comes from a cumsum of token widths, never from a data-dependent scatter.
 """
@@ -14,7 +17,7 @@ IGNORE_INDEX = -100
 
 
 def splice_layout(input_ids, tokens_per_image: int, num_images: int,
-                  image_token: int = IMAGE_TOKEN_INDEX):
+                  image_token: int = IMAGE_TOKEN_INDEX, out_len: int | None = None):
     """Where each output position comes from. input_ids (B, L) -> dict of (B, L_out) arrays.
 
     text_src: index of the source id; image_src: index into the (K*T) image tokens of the row;
@@ -22,7 +25,7 @@ def splice_layout(input_ids, tokens_per_image: int, num_images: int,
     `num_images` sentinels end early and their tail is marked invalid).
     """
     T = tokens_per_image
-    out_len = input_ids.shape[1] + num_images * (T - 1)
+    out_len = input_ids.shape[1] + num_images * (T - 1) if out_len is None else out_len
 
     def row(ids):
         is_img = ids == image_token

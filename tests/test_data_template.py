@@ -120,7 +120,7 @@ def test_load_tokenizer_from_directory(tok, tmp_path):
 # ----------------------------------------------------------------------------- llama3
 
 def test_llama3_text_is_spec_template():
-    pairs = normalize_turns(_conv("<image>\nWhat is this?", "A cat."), has_image=True)
+    pairs = normalize_turns(_conv("<image>\nWhat is this?", "A cat."), num_images=1)
     assert llama3_text(pairs) == SPEC_TEMPLATE.format(question="What is this?", answer="A cat.")
     assert build_prompt("What is this?") == SPEC_TEMPLATE.format(question="What is this?", answer="").removesuffix(EOT)
 

@@ -4,7 +4,8 @@
     template.py    `llama3` and `plain` templates -> (input_ids, labels); generation prompts
     images.py      file -> uint8 at the training size -> CLIP-normalised float32
     examples.py    one LLaVA record -> example or a counted bad sample; truncation
-    batching.py    right padding to a few length buckets (static shapes)
+    batching.py    right padding to a few length buckets (static shapes); K image slots per row
+    packing.py     several conversations per row (segment ids), planned from the stream
     pipeline.py    DataConfig, make_dataset: sharded, shuffled, checkpointable grain pipeline
     arrayrecord.py tfds ArrayRecord builder (pre-tokenised, pre-resized) and its reader (no TF)
 """

@@ -57,9 +57,13 @@ class _Encoder:
     def __call__(self, item):
         index, record = item
         try:
-            ids, labels, rel = tokenize_record(record, self.tokenizer, self.cfg.template, self.cfg.double_bos)
+            ids, labels, rels = tokenize_record(record, self.tokenizer, self.cfg.template, self.cfg.double_bos)
+            if len(rels) > 1:
+                raise TemplateError("bad_fields", f"{len(rels)} images: the ArrayRecord build stores one "
+                                                  "image per sample (multi-image data: use the JSON path)")
         except TemplateError as e:
             return bad(e.reason, index, str(e))
+        rel = rels[0] if rels else None
         data = b""
         if rel is not None:
             try:

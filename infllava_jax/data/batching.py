@@ -2,7 +2,13 @@
 
 Buckets are *spliced* lengths (what the language model sees): a batch in bucket b holds
 b - (T - 1) ids per row, since each row has exactly one image slot whose sentinel becomes T
-positions. Text-only rows have no sentinel; `splice` marks their tail invalid. A batch takes the
+positions. Text-only rows have no sentinel; `splice` marks their tail invalid. A batch whose
+rows hold up to K > 1 images (multi-image samples) has K image slots per row, pixel_values
+(B, K, S, S, 3) (a row's missing images are zeros that no sentinel points to: never spliced) and
+b - K (T - 1) ids per row; when no bucket leaves room for its longest row beside K images
+(a long text-only row next to a many-image row) the row gets the largest bucket's one-image ids
+length, so it may splice to up to max_len + (K - 1)(T - 1) positions (the tail is padding).
+Packed batches (several conversations per row) are packing.py's. A batch takes the
 smallest bucket that fits its longest row (no reordering, so the iterator state stays a plain
 position in the shuffled stream). In multi-process training call `agree_across_processes` on
 each local batch so every process pads to the same bucket before forming the global array, and
@@ -21,62 +27,95 @@ def default_buckets(max_len: int, tokens_per_image: int) -> tuple[int, ...]:
     return tuple(b for b in cands if b == max_len or ids_length(b, tokens_per_image) >= 32)
 
 
-def ids_length(bucket: int, tokens_per_image: int) -> int:
-    return bucket - (tokens_per_image - 1)
+def ids_length(bucket: int, tokens_per_image: int, images: int = 1) -> int:
+    return bucket - images * (tokens_per_image - 1)
 
 
-def pick_bucket(n_ids: int, buckets, tokens_per_image: int) -> int:
+def pick_bucket(n_ids: int, buckets, tokens_per_image: int, images: int = 1) -> int:
     for b in sorted(buckets):
-        if ids_length(b, tokens_per_image) >= n_ids:
+        if ids_length(b, tokens_per_image, images) >= n_ids:
             return b
     raise ValueError(f"{n_ids} ids do not fit the largest bucket {max(buckets)} "
-                     f"(with {tokens_per_image} image tokens)")
+                     f"(with {images} x {tokens_per_image} image tokens)")
+
+
+def batch_ids_length(n_ids: int, buckets, tokens_per_image: int, images: int = 1) -> int:
+    """Ids per row of a batch whose longest row has n_ids ids and up to `images` images."""
+    try:
+        return ids_length(pick_bucket(n_ids, buckets, tokens_per_image, images), tokens_per_image, images)
+    except ValueError:
+        if images == 1:
+            raise
+        return max(n_ids, ids_length(max(buckets), tokens_per_image))
+
+
+def stack_images(examples, image_size: int, K: int) -> np.ndarray:
+    """(B, S, S, 3) for K = 1, else (B, K, S, S, 3); missing images (text-only rows, rows with
+    fewer than K) are zeros (released: a zero image too), which no sentinel points to."""
+    pixel_values = np.zeros((len(examples), K, image_size, image_size, 3), np.float32)
+    for r, e in enumerate(examples):
+        if e["has_image"]:
+            px = e["pixels"].reshape(-1, image_size, image_size, 3)
+            pixel_values[r, :len(px)] = px
+    return pixel_values[:, 0] if K == 1 else pixel_values
 
 
 def collate(examples, *, buckets, tokens_per_image: int, image_size: int, pad_id: int) -> dict:
     """List of examples (examples.py) -> numpy batch dict (right padding)."""
+    K = max(1, max(e.get("num_images", int(e["has_image"])) for e in examples))
     n = max(len(e["input_ids"]) for e in examples)
-    L = ids_length(pick_bucket(n, buckets, tokens_per_image), tokens_per_image)
+    L = batch_ids_length(n, buckets, tokens_per_image, K)
     B = len(examples)
     input_ids = np.full((B, L), pad_id, np.int32)
     labels = np.full((B, L), IGNORE_INDEX, np.int32)
     attention_mask = np.zeros((B, L), np.int32)
-    pixel_values = np.zeros((B, image_size, image_size, 3), np.float32)  # text-only rows stay zero
-    for r, e in enumerate(examples):  # (released: a zero image too); they have no sentinel: never spliced
+    for r, e in enumerate(examples):
         k = len(e["input_ids"])
         input_ids[r, :k], labels[r, :k], attention_mask[r, :k] = e["input_ids"], e["labels"], 1
-        if e["has_image"]:
-            pixel_values[r] = e["pixels"]
     has_image = np.array([e["has_image"] for e in examples], bool)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            "pixel_values": pixel_values, "has_image": has_image,
+            "pixel_values": stack_images(examples, image_size, K), "has_image": has_image,
+            "num_images": np.array([e.get("num_images", int(e["has_image"])) for e in examples], np.int32),
             "num_supervised_tokens": (labels != IGNORE_INDEX).sum(1).astype(np.int32),
             "index": np.array([e["index"] for e in examples], np.int32)}
 
 
-def pad_batch(batch: dict, length: int, pad_id: int) -> dict:
-    """Right-pad the (B, L) fields of a batch to `length` ids (>= L)."""
+def image_slots(batch: dict) -> int:
+    """K: images per row of a batch ((B, S, S, 3) pixels: 1)."""
+    return 1 if batch["pixel_values"].ndim == 4 else batch["pixel_values"].shape[1]
+
+
+def pad_batch(batch: dict, length: int, pad_id: int, images: int = 1) -> dict:
+    """Right-pad the (B, L) fields of a batch to `length` ids (>= L), and its image slots to
+    `images` (zero images no sentinel points to). A packed batch (packing.py: L = spliced length)
+    pads its segment ids and positions too (segment 0: padding)."""
     L = batch["input_ids"].shape[1]
     if length < L:
         raise ValueError(f"cannot pad a batch of {L} ids to {length}")
-    if length == L:
-        return batch
-    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "attention_mask": 0}
     out = dict(batch)
+    K = image_slots(batch)
+    if images > K:
+        px = batch["pixel_values"].reshape(len(batch["input_ids"]), K, *batch["pixel_values"].shape[-3:])
+        out["pixel_values"] = np.pad(px, ((0, 0), (0, images - K), (0, 0), (0, 0), (0, 0)))
+    if length == L:
+        return out
+    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "attention_mask": 0, "segment_ids": 0, "positions": 0}
     for k, v in fill.items():
-        out[k] = np.pad(batch[k], ((0, 0), (0, length - L)), constant_values=v)
+        if k in batch:
+            out[k] = np.pad(batch[k], ((0, 0), (0, length - L)), constant_values=v)
     return out
 
 
 def agree_across_processes(batch: dict, pad_id: int) -> dict:
-    """Pad every process's local batch to the longest ids length among processes (one tiny
-    all-gather per step). A no-op with one process."""
+    """Pad every process's local batch to the longest ids length and the most image slots among
+    processes (one tiny all-gather per step). A no-op with one process."""
     import jax
     if jax.process_count() == 1:
         return batch
     from jax.experimental import multihost_utils
-    lengths = multihost_utils.process_allgather(np.int32(batch["input_ids"].shape[1]))
-    return pad_batch(batch, int(np.max(lengths)), pad_id)
+    sizes = multihost_utils.process_allgather(np.array([batch["input_ids"].shape[1], image_slots(batch)], np.int32))
+    L, K = np.asarray(sizes).reshape(-1, 2).max(0)
+    return pad_batch(batch, int(L), pad_id, int(K))
 
 
 def sum_over_processes(stats: dict) -> dict:

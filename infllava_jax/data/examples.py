@@ -1,8 +1,8 @@
 """One LLaVA record -> one training example, or a counted bad sample (never an exception).
 
 An example is a dict of numpy values: input_ids, labels (int32, unspliced), pixels (float32
-(S, S, 3) CLIP-normalised, or None for a text-only sample), has_image, index (the record's position in the
-source), truncated. A bad sample is {"bad": reason, "index": i, "detail": str}; pipeline.py counts and drops
+CLIP-normalised: (S, S, 3) for one image, (k, S, S, 3) for k > 1 in `<image>` order, None for a
+text-only sample), num_images, has_image, index (the record's position in the source), truncated. A bad sample is {"bad": reason, "index": i, "detail": str}; pipeline.py counts and drops
 it. LLaVA JSON records: SPEC section 7; template and loss mask: section 6; pixels: section 2.
 """
 from __future__ import annotations
@@ -73,7 +73,11 @@ class SampleSpec:
     @property
     def ids_budget(self) -> int:
         """Max ids per row: every row has one image slot, so L - 1 + T <= max_len (text-only too)."""
-        return self.max_len - (self.tokens_per_image - 1)
+        return self.budget(1)
+
+    def budget(self, num_images: int) -> int:
+        """Max ids of a sample with `num_images` images: L + max(k, 1) (T - 1) <= max_len."""
+        return self.max_len - max(num_images, 1) * (self.tokens_per_image - 1)
 
 
 def bad(reason: str, index: int, detail: str = "") -> dict:
@@ -93,31 +97,31 @@ def truncate(ids: np.ndarray, labels: np.ndarray, budget: int):
     return ids, labels
 
 
-def image_path(record: dict, image_folder: str) -> str | None:
-    """The record's image file, or None (text-only). LLaVA-1.5 JSON: one relative path."""
+def image_paths(record: dict, image_folder: str) -> list[str]:
+    """The record's image files ([] for text-only). LLaVA-1.5 JSON: one relative path; multi-image
+    records: a list of paths, the k-th for the k-th `<image>` of the text."""
     img = record.get("image")
     if img is None:
-        return None
-    if isinstance(img, list) and len(img) == 1:  # some LLaVA-style files wrap it in a list
-        img = img[0]
-    if not isinstance(img, str) or not img:
-        raise TemplateError("bad_fields", f"'image' must be one path, got {str(img)[:80]!r}")
-    return os.path.join(image_folder, img)
+        return []
+    imgs = img if isinstance(img, list) else [img]
+    if not imgs or not all(isinstance(i, str) and i for i in imgs):
+        raise TemplateError("bad_fields", f"'image' must be a path or a list of paths, got {str(img)[:80]!r}")
+    return [os.path.join(image_folder, i) for i in imgs]
 
 
 def tokenize_record(record, tokenizer, template: str, double_bos: bool):
-    """-> (input_ids, labels, relative image path or None), untruncated. Raises TemplateError."""
+    """-> (input_ids, labels, relative image paths), untruncated. Raises TemplateError."""
     if not isinstance(record, dict):
         raise TemplateError("bad_fields", "record is not a JSON object")
-    path = image_path(record, "")
+    paths = image_paths(record, "")
     try:
-        ids, labels = encode_conversation(record.get("conversations"), tokenizer, has_image=path is not None,
+        ids, labels = encode_conversation(record.get("conversations"), tokenizer, num_images=len(paths),
                                           template=template, double_bos=double_bos)
     except TemplateError:
         raise
     except (TypeError, ValueError, AttributeError, KeyError) as e:   # a field shape nobody foresaw
         raise TemplateError("bad_fields", f"{type(e).__name__}: {e}") from None
-    return ids, labels, path
+    return ids, labels, paths
 
 
 class JsonRecordProcessor:
@@ -128,21 +132,43 @@ class JsonRecordProcessor:
         self.tokenizer, self.spec = tokenizer, spec
         self.images = ImagePolicy(image_folder, allow_outside_paths, max_image_pixels, image_cache_mb << 20)
 
+    def tokens(self, record):
+        """-> (input_ids, labels, relative image paths, untruncated length), truncated to the
+        budget of its image count. Raises TemplateError."""
+        ids, labels, rels = tokenize_record(record, self.tokenizer, self.spec.template, self.spec.double_bos)
+        budget = self.spec.budget(len(rels))
+        if budget < 2:
+            raise TemplateError("too_long", f"{len(rels)} images of {self.spec.tokens_per_image} tokens "
+                                            f"do not fit max_len={self.spec.max_len}")
+        return (*truncate(ids, labels, budget), rels, len(ids))  # cheap checks before decoding
+
+    def spliced_length(self, record) -> int:
+        """Positions the sample takes after splicing (data/packing.py plans rows with it); 1 for a
+        sample that will turn out bad (it keeps a one-position slot)."""
+        return self.plan_size(record)[0]
+
+    def plan_size(self, record) -> tuple[int, int]:
+        """(spliced length, number of images) of a record; (1, 0) for a bad one."""
+        try:
+            ids, _, rels, _ = self.tokens(record)
+        except TemplateError:
+            return 1, 0
+        return len(ids) + len(rels) * (self.spec.tokens_per_image - 1), len(rels)
+
     def __call__(self, item) -> dict:
         index, record = item
         try:
-            ids, labels, rel = tokenize_record(record, self.tokenizer, self.spec.template,
-                                               self.spec.double_bos)
-            n = len(ids)
-            ids, labels = truncate(ids, labels, self.spec.ids_budget)  # cheap checks before decoding
-            pixels = None if rel is None else normalize(self.images.load(rel, self.spec.image_size,
-                                                                         self.spec.image_mode))
+            ids, labels, rels, n = self.tokens(record)
+            size, mode = self.spec.image_size, self.spec.image_mode
+            images = [normalize(self.images.load(rel, size, mode)) for rel in rels]
         except TemplateError as e:
             return bad(e.reason, index, str(e))
+        pixels = None if not images else images[0] if len(images) == 1 else np.stack(images)
         return example(ids, labels, pixels, index, truncated=n > len(ids))
 
 
 def example(ids, labels, pixels, index, truncated: bool = False) -> dict:
+    k = 0 if pixels is None else 1 if pixels.ndim == 3 else len(pixels)
     return {"input_ids": np.asarray(ids, np.int32), "labels": np.asarray(labels, np.int32),
-            "pixels": pixels, "has_image": pixels is not None, "index": int(index),
+            "pixels": pixels, "num_images": k, "has_image": k > 0, "index": int(index),
             "truncated": bool(truncated)}

@@ -2,9 +2,10 @@
 
     source (LLaVA JSON/JSONL list, or ArrayRecord dir)       MapDataset, random access
       -> shuffle(seed) -> repeat(num_epochs)                  ONE global stream, reshuffled each epoch
+      [-> PackedRows (packing=True)                           several conversations a row: packing.py]
       -> this process's rows                                  [p*b, (p+1)*b) of every block of P*b
       -> from global micro-batch `start` on                   resume = the step's position
-      -> map(record -> example | bad)                         tokenise, truncate, decode image
+      -> map(record -> example | bad)                         tokenise, truncate, decode images
       -> to_iter_dataset(threads) [-> mp_prefetch(workers)]
       -> LlavaBatches: count bad samples, collate to a length bucket
 
@@ -14,10 +15,12 @@ P; it is cut into blocks of G = P*b positions (b = batch_size, per process) and 
 positions [p*b, (p+1)*b) of every block, so global micro-batch k (the P local batches of the k-th
 `next()`, in process order) is exactly positions [k*G, (k+1)*G) of the stream, whatever P is.
 A bad sample keeps its slot: its row is empty (one attended pad token, nothing supervised, no
-image; `index` -1), so it shifts nothing. Resuming at micro-batch k on any mesh or process count
-is `make_dataset(..., start=k)`; only the counters (good / truncated / bad samples by reason)
-come from the checkpoint. Each process maps, tokenises and decodes only its own rows. A finite
-stream (num_epochs) drops `len % P` positions and splits its last, partial block equally.
+image; `index` -1), so it shifts nothing. With packing the positions are packed rows (a fixed
+plan of the stream, packing.py); a bad sample leaves a hole in its row. Resuming at micro-batch
+k on any mesh or process count is `make_dataset(..., start=k)`; only the counters (good /
+truncated / bad samples by reason) come from the checkpoint. Each process maps, tokenises and
+decodes only its own rows. A finite stream (num_epochs) drops `len % P` positions and splits its
+last, partial block equally.
 
 The iterator also has grain's get_state/set_state (exact resume of one iterator, with or
 without prefetch threads or worker processes). Pass every local batch through
@@ -35,10 +38,12 @@ import os
 import sys
 
 import grain
+import numpy as np
 
 from infllava_jax.data.batching import collate, default_buckets
 from infllava_jax.data.examples import BAD_REASONS, JsonRecordProcessor, SampleSpec, example
 from infllava_jax.data.images import MAX_IMAGE_PIXELS
+from infllava_jax.data.packing import PackedProcessor, PackedRows, collate_packed
 from infllava_jax.errors import InputError
 from infllava_jax.splice import IGNORE_INDEX
 
@@ -70,6 +75,7 @@ class DataConfig:
     image_cache_mb: int = 0               # >0: keep decoded images in memory (images.ImageCache)
     allow_outside_paths: bool = False     # image paths may be absolute or leave image_folder with ".."
     max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images are skipped (too_many_pixels), never decoded
+    packing: bool = False                 # True: several conversations per row up to max_len (packing.py)
 
     def __post_init__(self):
         if self.buckets is not None and max(self.buckets) != self.max_len:
@@ -153,6 +159,15 @@ def open_source(cfg: DataConfig, tokenizer):
         max_image_pixels=cfg.max_image_pixels)
 
 
+def _packed(cfg: DataConfig, ds, records, processor):
+    """The stream as packed rows, and the map function of a row (packing.py)."""
+    if not isinstance(processor, JsonRecordProcessor):
+        raise NotImplementedError(f"{cfg.data_path}: packing plans rows from the records' lengths; it reads "
+                                  "LLaVA JSON/JSONL (not the ArrayRecord build)")
+    lengths, images = np.array([processor.plan_size(r) for r in records], np.int64).reshape(-1, 2).T
+    return PackedRows(ds, len(records), lengths, cfg.max_len, cfg.num_epochs, images), PackedProcessor(processor)
+
+
 class ProcessRows(grain.MapDataset):
     """Process p's rows of the global stream: positions [p*b, (p+1)*b) of every block of P*b.
 
@@ -206,6 +221,8 @@ def make_dataset(cfg: DataConfig, tokenizer, *, start: int = 0, process_index: i
         ds = ds.shuffle(seed=cfg.seed)
     if cfg.num_epochs != 1 and len(ds):
         ds = ds.repeat(cfg.num_epochs)
+    if cfg.packing:
+        ds, processor = _packed(cfg, ds, records, processor)
     rows = ProcessRows(ds, process_index, process_count, cfg.batch_size)
     if len(rows) == 0:
         raise DataFileError(f"{cfg.data_path}: no records for process {process_index} of {process_count}")
@@ -262,15 +279,25 @@ class LlavaBatchIterator(grain.DatasetIterator):
                     break
                 raise
             self._position += 1
-            if "bad" in e:
-                self._count_bad(e)
-                e = example([self.pad_id], [IGNORE_INDEX], None, index=-1)   # keeps the slot, trains nothing
+            if self.cfg.packing:     # a packed row: its bad samples are counted and left out
+                rows.append([x for x in map(self._count, e) if x["index"] >= 0])
             else:
-                self._good += 1
-                self._truncated += e["truncated"]
-            rows.append(e)
-        return collate(rows, buckets=self._buckets, tokens_per_image=self.cfg.tokens_per_image,
-                       image_size=self.cfg.image_size, pad_id=self.pad_id)
+                rows.append(self._count(e))
+        c = self.cfg
+        if c.packing:
+            return collate_packed(rows, max_len=c.max_len, tokens_per_image=c.tokens_per_image,
+                                  image_size=c.image_size, pad_id=self.pad_id)
+        return collate(rows, buckets=self._buckets, tokens_per_image=c.tokens_per_image,
+                       image_size=c.image_size, pad_id=self.pad_id)
+
+    def _count(self, e: dict) -> dict:
+        """Count a sample (good, truncated, bad by reason); a bad one becomes an empty row."""
+        if "bad" in e:
+            self._count_bad(e)
+            return example([self.pad_id], [IGNORE_INDEX], None, index=-1)   # keeps the slot, trains nothing
+        self._good += 1
+        self._truncated += e["truncated"]
+        return e
 
     def _count_bad(self, e):
         self._bad[e["bad"]] += 1

@@ -57,13 +57,14 @@ def system_text(system: str = SYSTEM) -> str:
 
 # ----------------------------------------------------------------------------- turns
 
-def normalize_turns(conversations, has_image: bool) -> list[tuple[str, str]]:
+def normalize_turns(conversations, num_images: int) -> list[tuple[str, str]]:
     """LLaVA `conversations` -> [(user, assistant), ...] pairs, validated.
 
-    As released: a leading non-human turn is dropped; in an image sample the `<image>` is
+    As released: a leading non-human turn is dropped; in a one-image sample the `<image>` is
     moved to the front of its turn as "<image>\\n" + rest.strip() (`preprocess_multimodal`).
-    Ours: exactly one `<image>` per image sample and none in a text-only one; a trailing
-    unanswered question is dropped (released: its mismatch check zeroed the whole sample).
+    Ours: exactly one `<image>` per image (none in a text-only sample); with several images the
+    tags stay where the text puts them (the k-th tag is the k-th image); a trailing unanswered
+    question is dropped (released: its mismatch check zeroed the whole sample).
     """
     if not isinstance(conversations, list) or not conversations:
         raise TemplateError("bad_fields", "'conversations' must be a non-empty list")
@@ -74,16 +75,16 @@ def normalize_turns(conversations, has_image: bool) -> list[tuple[str, str]]:
             raise TemplateError("bad_fields", f"bad turn {str(t)[:80]!r}")
         turns.append((_ROLES[t["from"]], t["value"]))
     n_img = sum(v.count(IMAGE_TOKEN) for _, v in turns)
-    if n_img != (1 if has_image else 0):
+    if n_img != num_images:
         raise TemplateError("image_token_mismatch",
-                            f"{n_img} '{IMAGE_TOKEN}' in a sample with {int(has_image)} image")
+                            f"{n_img} '{IMAGE_TOKEN}' in a sample with {num_images} image(s)")
     if turns[0][0] != USER:
         turns = turns[1:]
-    if has_image:
+    if num_images == 1:
         turns = [(r, (IMAGE_TOKEN + "\n" + v.replace(IMAGE_TOKEN, "").strip()).strip()
                   if IMAGE_TOKEN in v else v) for r, v in turns]
-        if not any(IMAGE_TOKEN in v for _, v in turns):
-            raise TemplateError("image_token_mismatch", f"'{IMAGE_TOKEN}' only in a dropped turn")
+    if sum(v.count(IMAGE_TOKEN) for _, v in turns) != num_images:
+        raise TemplateError("image_token_mismatch", f"'{IMAGE_TOKEN}' in a dropped turn")
     if len(turns) % 2:
         turns = turns[:-1]
     if not turns:
@@ -122,18 +123,21 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def encode_conversation(conversations, tokenizer, *, has_image: bool, template: str = "llama3",
-                        double_bos: bool = False, system: str = SYSTEM):
+def encode_conversation(conversations, tokenizer, *, has_image: bool | None = None, num_images: int | None = None,
+                        template: str = "llama3", double_bos: bool = False, system: str = SYSTEM):
     """LLaVA `conversations` -> (input_ids, labels), int32 arrays of equal length (unshifted:
     labels[i] is the target of position i's token, as in HF; the loss shifts).
+    `num_images` (or `has_image`: 1 or 0) `<image>` tags must be in the text.
 
     Raises TemplateError (with a bad-sample `reason`) for conversations that cannot be encoded.
     """
+    if num_images is None:
+        num_images = int(bool(has_image))
     if template == "plain":
-        return _encode_plain(conversations, tokenizer, has_image)
+        return _encode_plain(conversations, tokenizer, num_images)
     if template != "llama3":
         raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
-    pairs = normalize_turns(conversations, has_image)
+    pairs = normalize_turns(conversations, num_images)
     # (text, supervised) pieces; boundaries sit at special tokens, so ids are exact (see top)
     pieces = [(system_text(system), False)]
     for q, a in pairs:
@@ -148,10 +152,10 @@ def encode_conversation(conversations, tokenizer, *, has_image: bool, template: 
     return np.asarray(ids, np.int32), np.asarray(labels, np.int32)
 
 
-def _encode_plain(conversations, tokenizer, has_image: bool):
+def _encode_plain(conversations, tokenizer, num_images: int):
     """Stage 1: [BOS, IMAGE] + caption + "\\n"; BOS and image masked (released preprocess_plain)."""
-    if not has_image:
-        raise TemplateError("image_token_mismatch", "the plain template needs an image")
+    if num_images != 1:
+        raise TemplateError("image_token_mismatch", f"the plain template needs one image, not {num_images}")
     if not (isinstance(conversations, list) and len(conversations) == 2
             and all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in conversations)):
         raise TemplateError("bad_fields", "the plain template needs exactly two turns")

@@ -27,7 +27,7 @@ from infllava_jax import api, lora, presets, sharding
 from infllava_jax.api import InfLlava
 from infllava_jax.checkpoint import load_config
 from infllava_jax.config import InfLlavaConfig
-from infllava_jax.data.batching import agree_across_processes, pad_batch, sum_over_processes
+from infllava_jax.data.batching import agree_across_processes, image_slots, pad_batch, sum_over_processes
 from infllava_jax.data.images import MAX_IMAGE_PIXELS
 from infllava_jax.data.pipeline import DataConfig, make_dataset
 from infllava_jax.data.tokenizer import load_tokenizer
@@ -36,7 +36,7 @@ from infllava_jax.training.checkpoints import TrainCheckpoints
 from infllava_jax.training.metrics import MetricsWriter, ThroughputMeter
 
 log = logging.getLogger("infllava_jax")
-BATCH_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values")
+BATCH_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "segment_ids")   # segment_ids: packing
 
 
 def train(cfg, workdir, deadlines=None) -> dict:
@@ -120,7 +120,8 @@ def data_config(cfg, mc: InfLlavaConfig, workdir: Path, per_process_batch: int) 
                                 buckets=tuple(d.buckets) or None, batch_size=per_process_batch, seed=cfg.seed,
                                 num_threads=d.num_threads, image_cache_mb=d.image_cache_mb,
                                 allow_outside_paths=d.get("allow_outside_paths", False),
-                                max_image_pixels=d.get("max_image_pixels", MAX_IMAGE_PIXELS))
+                                max_image_pixels=d.get("max_image_pixels", MAX_IMAGE_PIXELS),
+                                packing=d.get("packing", False))
 
 
 def accumulation_steps(cfg, mesh) -> int:
@@ -218,13 +219,13 @@ class Trainer:
         (accumulation steps, batch, ...) with the batch axis over (data, fsdp)."""
         pad = self.tok.pad_token_id
         micro = [next(self.data) for _ in range(self.accum)]
-        L = max(m["input_ids"].shape[1] for m in micro)
+        L, K = (max(f(m) for m in micro) for f in (lambda m: m["input_ids"].shape[1], image_slots))
         # the step's one intended host->device copy (with several processes, the length agreement
         # and make_array_from_process_local_data count as implicit transfers)
         with jax.transfer_guard("allow"):
-            micro = [agree_across_processes(pad_batch(m, L, pad), pad) for m in micro]
-            L = max(m["input_ids"].shape[1] for m in micro)
-            local = {k: np.stack([pad_batch(m, L, pad)[k] for m in micro]) for k in BATCH_KEYS}
+            micro = [agree_across_processes(pad_batch(m, L, pad, K), pad) for m in micro]
+            L, K = (max(f(m) for m in micro) for f in (lambda m: m["input_ids"].shape[1], image_slots))
+            local = {k: np.stack([pad_batch(m, L, pad, K)[k] for m in micro]) for k in BATCH_KEYS if k in micro[0]}
             return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(self.mesh, v.ndim, 1), v)
                     for k, v in local.items()}
 
@@ -241,7 +242,9 @@ class Trainer:
                      time.perf_counter() - t, self.cache)
             self.meter.restart()
         A, b, L = shape
-        seq = L + self.mc.tokens_per_image - 1                 # spliced length
+        K = 1 if batch["pixel_values"].ndim == 5 else batch["pixel_values"].shape[2]   # (A, b[, K], S, S, 3)
+        # spliced length (packed rows: L ids are L positions)
+        seq = L if "segment_ids" in batch else L + K * (self.mc.tokens_per_image - 1)
         self.meter.add(A * b * seq, flops.train_step_flops(self.mc, A * b, seq, self.parts))
         self.state, metrics = self.compiled[shape](self.state, batch)
         self.skipped = self._count(self.skipped, metrics["skipped"])

@@ -12,10 +12,15 @@ import jax.numpy as jnp
 from infllava_jax.splice import IGNORE_INDEX
 
 
-def shift_labels(labels):
-    """Position t predicts token t+1: targets (B, L) with the last position IGNORE."""
+def shift_labels(labels, segment_ids=None):
+    """Position t predicts token t+1: targets (B, L) with the last position IGNORE. Packed rows
+    (`segment_ids`): the last token of a segment predicts nothing (never the next segment's first)."""
     pad = jnp.full((labels.shape[0], 1), IGNORE_INDEX, labels.dtype)
-    return jnp.concatenate([labels[:, 1:], pad], axis=1)
+    targets = jnp.concatenate([labels[:, 1:], pad], axis=1)
+    if segment_ids is None:
+        return targets
+    same = jnp.concatenate([segment_ids[:, 1:] == segment_ids[:, :-1], jnp.zeros(pad.shape, bool)], axis=1)
+    return jnp.where(same, targets, IGNORE_INDEX)
 
 
 def cross_entropy_sum(hidden, head_kernel, targets, chunk: int = 512):

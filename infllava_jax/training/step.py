@@ -89,13 +89,15 @@ def make_loss_fn(config: InfLlavaConfig, loss_chunk: int = 512) -> Callable:
         # mixed precision: matrices cast to the compute dtype while still sharded (gathers move
         # half the bytes); norms and biases stay fp32; gradients flow back to the fp32 master.
         cast = jax.tree.map(lambda x: x.astype(compute) if x.ndim >= 2 else x, params)
+        seg = mb.get("segment_ids")          # packed rows (data/packing.py), else None
         with nn.logical_axis_rules(LOGICAL_RULES):
             hidden = model.apply({"params": api.rebox(config, cast)}, mb["input_ids"], mb["pixel_values"],
-                                 mb["attention_mask"], return_hidden=True,
+                                 mb["attention_mask"], segment_ids=seg, return_hidden=True,
                                  rngs=None if rng is None else {"dropout": rng})
         K = 1 if mb["pixel_values"].ndim == 4 else mb["pixel_values"].shape[1]
-        labels = splice_labels(mb["labels"], splice_layout(mb["input_ids"], config.tokens_per_image, K))
-        return cross_entropy_sum(hidden, head_kernel(params, config), shift_labels(labels), loss_chunk)
+        layout = splice_layout(mb["input_ids"], config.tokens_per_image, K, out_len=None if seg is None else seg.shape[1])
+        labels = splice_labels(mb["labels"], layout)
+        return cross_entropy_sum(hidden, head_kernel(params, config), shift_labels(labels, seg), loss_chunk)
 
     return loss_sum
 
