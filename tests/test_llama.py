@@ -361,15 +361,27 @@ def test_scan_equals_unscanned_and_remat_equals_none():
         model = LlamaForCausalLM(c)
         return lambda p: jnp.sum(model.apply({"params": p}, ids, attention_mask=mask)[0] * w)
 
-    for scan in (True, False):
+    # stacked layers as a scan and unrolled (layer_loop; "auto" unrolls on CPU): the same loss and
+    # gradients, with and without remat; the unscanned layout too
+    stacked = {}
+    for scan, loop in ((True, "scan"), (True, "unroll"), (False, "auto")):
         p = params if scan else p_u
-        base = cfg.replace(scan_layers=scan)
+        base = cfg.replace(scan_layers=scan, layer_loop=loop)
         l0, g0 = jax.jit(jax.value_and_grad(loss_fn(base)))(p)
         l1, g1 = jax.jit(jax.value_and_grad(loss_fn(base.replace(remat_policy="full"))))(p)
         np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5)
         for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * np.abs(b).max())
         assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g0)) > 0
+        if scan:
+            stacked[loop] = (l0, g0)
+    (ls, gs), (lu, gu) = stacked["scan"], stacked["unroll"]
+    np.testing.assert_allclose(float(lu), float(ls), rtol=1e-5)
+    assert jax.tree.structure(gu) == jax.tree.structure(gs)
+    for a, b in zip(jax.tree.leaves(gu), jax.tree.leaves(gs)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * np.abs(b).max())
+    with pytest.raises(ValueError, match="layer_loop"):
+        jit_forward(cfg.replace(layer_loop="while"))(params, ids, mask)
 
 
 def test_logical_names_complete():
