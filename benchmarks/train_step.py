@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -25,7 +23,7 @@ import numpy as np
 import torch
 
 from convert.torch_reference import InfLlavaTorch
-from benchmarks.timing import timed
+from benchmarks.timing import interleaved, timed
 from configs.common import base_config
 from infllava_jax import api, presets
 from infllava_jax.dem import DEMConfig
@@ -82,20 +80,6 @@ def torch_reference(cfg, params):
         return loss.item()
 
     return step
-
-
-def interleaved(fns, n: int) -> list[float]:
-    """Median seconds of each of `fns` over n rounds that call each once, in turn (after one
-    warm-up call each): background load then hits every side alike."""
-    for f in fns:
-        f()
-    ts = [[] for _ in fns]
-    for _ in range(n):
-        for f, t in zip(fns, ts):
-            t0 = time.perf_counter()
-            f()
-            t.append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in ts]
 
 
 def run(name, cfg, B, L, steps):
