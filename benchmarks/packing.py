@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from infllava_jax import api, presets
-from infllava_jax.data.batching import collate, default_buckets
+from infllava_jax.data.batching import collate, default_buckets, image_slots
 from infllava_jax.data.examples import example
 from infllava_jax.data.packing import collate_packed, plan_rows
 from infllava_jax.splice import IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -117,13 +117,11 @@ def report(name, batches, seconds, T, first_pass_s):
     useful = sum(useful_tokens(b, T) for b in batches)
     computed = sum(b["segment_ids"].size if "segment_ids" in b else
                    b["input_ids"].shape[0] * (b["input_ids"].shape[1] + T - 1) for b in batches)
-    shapes = sorted({(b["input_ids"].shape[1], b["pixel_values"].shape[1] if b["pixel_values"].ndim == 5 else 1)
-                     for b in batches})
+    shapes = sorted({(b["input_ids"].shape[1], image_slots(b)) for b in batches})
     return {"mode": name, "steps": len(batches), "rows": sum(len(b["input_ids"]) for b in batches),
             "useful_tokens": useful, "fill": useful / computed, "seconds": seconds,
             "useful_tokens_per_s": useful / seconds, "rows_per_s": sum(len(b["input_ids"]) for b in batches) / seconds,
-            "image_slots": sum(b["pixel_values"].shape[0] * (b["pixel_values"].shape[1] if b["pixel_values"].ndim == 5
-                                                             else 1) for b in batches),
+            "image_slots": sum(len(b["pixel_values"]) * image_slots(b) for b in batches),
             "shapes": shapes, "first_pass_s": first_pass_s}
 
 

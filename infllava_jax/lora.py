@@ -139,10 +139,11 @@ def merge(config, params: dict) -> dict:
 
 # ----------------------------------------------------------------------------- PEFT names
 
-def adapter_rows(llm_rows, lc: LoraConfig, prefix: str = "base_model.model.") -> list[keymap.Row]:
+def adapter_rows(llm_rows, lc: LoraConfig, prefix: str) -> list[keymap.Row]:
     """Rows of the adapters from the language model's rows (`llama.key_map`, in the key layout of
-    the checkpoint, e.g. released `model.layers.{i}.self_attn.q_proj.weight`): PEFT's
-    `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` [r, in] <- our lora_A^T."""
+    the checkpoint, e.g. released `model.layers.{i}.self_attn.q_proj.weight`), keys behind PEFT's
+    `prefix` (convert/lora.PEFT_PREFIX): `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`
+    [r, in] <- our lora_A^T."""
     out = []
     for r in llm_rows:
         module = r.path.rsplit("/", 2)[-2] if r.path.endswith("/kernel") else None

@@ -160,7 +160,7 @@ def test_packed_pipeline_holds_every_sample_once(data_root, tok):
         assert b["input_ids"].shape == b["segment_ids"].shape == (len(b["index"]), MAX_LEN)
         for r, row in enumerate(_rows(b)):
             widths = np.bincount(b["segment_ids"][r], minlength=len(row) + 1)[1:]
-            np.testing.assert_array_equal(widths, [proc.spliced_length(recs[i]) for i in row])
+            np.testing.assert_array_equal(widths, [proc.plan_size(recs[i])[0] for i in row])
             assert b["num_images"][r] == sum(len(recs[i].get("image", [])) if isinstance(recs[i].get("image"), list)
                                              else int("image" in recs[i]) for i in row)
     assert it.stats()["good"] == len(seen) and it.stats()["truncated"] == 1

@@ -88,7 +88,7 @@ def image_slots(batch: dict) -> int:
 def pad_batch(batch: dict, length: int, pad_id: int, images: int = 1) -> dict:
     """Right-pad the (B, L) fields of a batch to `length` ids (>= L), and its image slots to
     `images` (zero images no sentinel points to). A packed batch (packing.py: L = spliced length)
-    pads its segment ids and positions too (segment 0: padding)."""
+    pads its segment ids too (segment 0: padding)."""
     L = batch["input_ids"].shape[1]
     if length < L:
         raise ValueError(f"cannot pad a batch of {L} ids to {length}")
@@ -99,7 +99,7 @@ def pad_batch(batch: dict, length: int, pad_id: int, images: int = 1) -> dict:
         out["pixel_values"] = np.pad(px, ((0, 0), (0, images - K), (0, 0), (0, 0), (0, 0)))
     if length == L:
         return out
-    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "attention_mask": 0, "segment_ids": 0, "positions": 0}
+    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "attention_mask": 0, "segment_ids": 0}
     for k, v in fill.items():
         if k in batch:
             out[k] = np.pad(batch[k], ((0, 0), (0, length - L)), constant_values=v)

@@ -142,13 +142,9 @@ class JsonRecordProcessor:
                                             f"do not fit max_len={self.spec.max_len}")
         return (*truncate(ids, labels, budget), rels, len(ids))  # cheap checks before decoding
 
-    def spliced_length(self, record) -> int:
-        """Positions the sample takes after splicing (data/packing.py plans rows with it); 1 for a
-        sample that will turn out bad (it keeps a one-position slot)."""
-        return self.plan_size(record)[0]
-
     def plan_size(self, record) -> tuple[int, int]:
-        """(spliced length, number of images) of a record; (1, 0) for a bad one."""
+        """(spliced length, number of images) of a record, what data/packing.py plans rows with;
+        (1, 0) for a sample that will turn out bad (it keeps a one-position slot)."""
         try:
             ids, _, rels, _ = self.tokens(record)
         except TemplateError:

@@ -122,7 +122,7 @@ class PackedProcessor:
         return [self.processor(item) for item in row]
 
 
-def image_slots(max_images: int, cap: int) -> int:
+def rounded_slots(max_images: int, cap: int) -> int:
     """K for a batch whose fullest row has `max_images` images: a power of two (few shapes),
     at most max(cap, max_images)."""
     k = 1
@@ -136,7 +136,7 @@ def collate_packed(rows, *, max_len: int, tokens_per_image: int, image_size: int
     in ids, segment_ids (B, max_len) in spliced positions (1, 2, ... per conversation, 0 padding),
     pixel_values (B, K, S, S, 3) (the row's images in order), index (B, most segments; -1 fill)."""
     B, T = len(rows), tokens_per_image
-    K = image_slots(max((sum(e["num_images"] for e in row) for row in rows), default=1), max(1, max_len // T))
+    K = rounded_slots(max((sum(e["num_images"] for e in row) for row in rows), default=1), max(1, max_len // T))
     ids = np.full((B, max_len), pad_id, np.int32)
     labels = np.full((B, max_len), IGNORE_INDEX, np.int32)
     seg, mask = np.zeros((B, max_len), np.int32), np.zeros((B, max_len), np.int32)

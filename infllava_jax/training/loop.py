@@ -69,6 +69,11 @@ def trainable_parts(cfg, mc: InfLlavaConfig) -> tuple[str, ...]:
     return step_lib.trainable_parts(cfg.stage, cfg.also_train, with_lora=mc.llm.lora is not None)
 
 
+def _sizes(micro) -> tuple[int, int]:
+    """(longest ids length, most image slots) over local micro-batches."""
+    return max(m["input_ids"].shape[1] for m in micro), max(image_slots(m) for m in micro)
+
+
 def init_parts(cfg) -> dict[str, str]:
     """{top-level part: checkpoint it is taken from} after initialisation."""
     return {"vision_tower": cfg.init_vision_tower} if cfg.init_vision_tower else {}
@@ -219,12 +224,12 @@ class Trainer:
         (accumulation steps, batch, ...) with the batch axis over (data, fsdp)."""
         pad = self.tok.pad_token_id
         micro = [next(self.data) for _ in range(self.accum)]
-        L, K = (max(f(m) for m in micro) for f in (lambda m: m["input_ids"].shape[1], image_slots))
+        L, K = _sizes(micro)
         # the step's one intended host->device copy (with several processes, the length agreement
         # and make_array_from_process_local_data count as implicit transfers)
         with jax.transfer_guard("allow"):
             micro = [agree_across_processes(pad_batch(m, L, pad, K), pad) for m in micro]
-            L, K = (max(f(m) for m in micro) for f in (lambda m: m["input_ids"].shape[1], image_slots))
+            L, K = _sizes(micro)
             local = {k: np.stack([pad_batch(m, L, pad, K)[k] for m in micro]) for k in BATCH_KEYS if k in micro[0]}
             return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(self.mesh, v.ndim, 1), v)
                     for k, v in local.items()}
@@ -310,7 +315,8 @@ class Trainer:
     def export(self) -> None:
         """WORKDIR/final: our checkpoint, LoRA adapters merged into the base (lora.merge); with
         lora.export=adapters also WORKDIR/final_lora, PEFT / LLaVA files (convert/lora.py)."""
-        mc, params, final = self.mc, self.params(), self.workdir / "final"
+        mc, trained, final = self.mc, self.params(), self.workdir / "final"
+        params = trained
         if mc.llm.lora is not None:
             mc = lora.merged_config(self.mc)
             merge = jax.jit(lambda p: lora.merge(self.mc, p), out_shardings=api.param_shardings(mc, self.mesh))
@@ -319,7 +325,7 @@ class Trainer:
         log.info("wrote %s (InfLlava.from_pretrained)", final)
         if self.mc.llm.lora is not None and self.cfg.lora.get("export", "merged") == "adapters":
             from convert.lora import save_adapters
-            save_adapters(self.mc, self.params(), self.workdir / "final_lora", base=self.cfg.init_checkpoint)
+            save_adapters(self.mc, trained, self.workdir / "final_lora", base=self.cfg.init_checkpoint)
             log.info("wrote %s (PEFT adapters + non_lora_trainables.bin)", self.workdir / "final_lora")
 
     def finish(self) -> dict:
