@@ -61,5 +61,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.buckets = (BUCKET[stage],)
     c.data.image_cache_mb = 2048                # every row reads the same 4000 images: decode them once
     c.data.feature_bank = True                  # the tower is frozen: its features of each image, computed once
+    c.data.image_mode = "pad"                   # the scenes are square (pad = square): stage 2 reuses stage 1's bank
     c.loss_chunk = max(BUCKET.values())         # the whole (short) sequence in one chunk: no loss loop
     return c

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from infllava_jax.training import loop
+from infllava_jax.data.pipeline import open_source
+from infllava_jax.training import feature_bank, loop
 from tests.test_multihost import make_clean_dataset
 
 STEPS = 3
@@ -44,6 +45,9 @@ def test_bank_trains_exactly_as_pixels(tmp_path, variant):
     # gradients may round either way: parameters agree to 1e-5, a tenth of one step's move
     for a, b in zip(jax.tree.leaves(got.params()), jax.tree.leaves(ref.params())):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    # the trained tower is the initial one, so a next run on the same images (a stage 2) reuses the bank
+    records, processor = open_source(loop.data_config(got.cfg, got.mc, got.workdir, 4), got.tok)
+    assert feature_bank.build(got.mc, got.params(), records, processor, got.mesh) is got.bank
 
 
 def test_bank_needs_a_frozen_tower(tmp_path):

@@ -14,8 +14,10 @@ Costs: host memory N images x V x T x D x 4 bytes (the study's 1008 row: 4000 x 
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import numpy as np
@@ -49,14 +51,23 @@ class FeatureBank:
         return self.features[self.rows[rel]]
 
 
+_LAST: dict = {}    # the last bank built in this process, by what it was built from (stage 2 after stage 1)
+
+
 def build(config, params, records, processor: JsonRecordProcessor, mesh, batch: int = 64) -> FeatureBank:
     """Features of every distinct image of `records`, loaded as `processor` loads them (same
     size, mode, normalisation), through `config`'s tower with `params` cast as the train step
-    casts them (training/step.compute_params)."""
+    casts them (training/step.compute_params). The process keeps the last bank: a run with the
+    same tower weights, views and images (the study's stage 2 after its stage 1) reuses it."""
     from infllava_jax.training.step import compute_params
     rels = list(dict.fromkeys(r for rec in records for r in _paths(rec)))
-    model, t0 = InfLlavaModel(config), time.perf_counter()
     tower = {"vision_tower": api.rebox(config, compute_params(config, params))["vision_tower"]}
+    key = (_fingerprint(tower), config.vision, config.dem, config.select_layer, processor.spec.image_size,
+           processor.spec.image_mode, processor.images, tuple(sorted(rels)))
+    if key in _LAST:
+        log.info("feature bank: reusing this process's last bank (same tower weights, views and images)")
+        return _LAST[key]
+    model, t0 = InfLlavaModel(config), time.perf_counter()
 
     @jax.jit
     def encode(p, px):
@@ -65,30 +76,51 @@ def build(config, params, records, processor: JsonRecordProcessor, mesh, batch: 
 
     rows = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
     batch = -(-batch // rows) * rows           # the batch splits over the mesh's batch axes
+    chunks = [rels[i:i + batch] for i in range(0, len(rels), batch)]
     out, index, errors, last = [], {}, {}, t0
-    for i in range(0, len(rels), batch):
-        pixels = []
-        for rel in rels[i:i + batch]:
-            try:
-                pixels.append(processor.image(rel))
-                index[rel] = len(index)
-            except TemplateError as e:
-                errors[rel] = e
-        if not pixels:
-            continue
-        px = np.zeros((batch, *pixels[0].shape), np.float32)
-        px[:len(pixels)] = pixels
-        px = jax.device_put(px, batch_sharding(mesh, px.ndim))
-        out.append(np.asarray(encode(tower, px))[:len(pixels)])
-        if time.perf_counter() - last > 10 or i + batch >= len(rels):
-            done, last = min(i + batch, len(rels)), time.perf_counter()
-            rate = done / (last - t0)
-            log.info("feature bank: %d/%d images, %.0f images/s, ETA %.0f s", done, len(rels), rate,
-                     (len(rels) - done) / rate)
+
+    def load(rel):
+        try:
+            return processor.image(rel)
+        except TemplateError as e:
+            return e
+
+    with ThreadPoolExecutor(4) as pool:        # PIL decodes without the GIL
+        pending = pool.map(load, chunks[0]) if chunks else None
+        for j, chunk in enumerate(chunks):
+            loaded = list(pending)
+            if j + 1 < len(chunks):            # the next chunk loads while this one is encoded
+                pending = pool.map(load, chunks[j + 1])
+            pixels = []
+            for rel, px in zip(chunk, loaded):
+                if isinstance(px, TemplateError):
+                    errors[rel] = px
+                else:
+                    index[rel] = len(index)
+                    pixels.append(px)
+            if pixels:
+                px = np.zeros((batch, *pixels[0].shape), np.float32)
+                px[:len(pixels)] = pixels
+                out.append(np.asarray(encode(tower, jax.device_put(px, batch_sharding(mesh, px.ndim))))[:len(pixels)])
+            done = sum(map(len, chunks[:j + 1]))
+            if time.perf_counter() - last > 10 or done == len(rels):
+                last = time.perf_counter()
+                rate = done / (last - t0)
+                log.info("feature bank: %d/%d images, %.0f images/s, ETA %.0f s", done, len(rels), rate,
+                         (len(rels) - done) / rate)
     features = np.concatenate(out) if out else np.zeros((0, 1, 1, 1), np.float32)
     log.info("feature bank: %d images x %s features (%.0f MB) in %.1f s; %d unreadable", len(index),
              features.shape[1:], features.nbytes / 2**20, time.perf_counter() - t0, len(errors))
-    return FeatureBank(features, index, errors)
+    _LAST.clear()
+    _LAST[key] = FeatureBank(features, index, errors)
+    return _LAST[key]
+
+
+def _fingerprint(tree) -> str:
+    h = hashlib.sha256()
+    for x in jax.tree.leaves(tree):
+        h.update(np.asarray(jax.device_get(x)).tobytes())
+    return h.hexdigest()
 
 
 def _paths(record) -> list[str]:

@@ -127,7 +127,8 @@ def data_config(cfg, mc: InfLlavaConfig, workdir: Path, per_process_batch: int) 
                                 num_threads=d.num_threads, image_cache_mb=d.image_cache_mb,
                                 allow_outside_paths=d.get("allow_outside_paths", False),
                                 max_image_pixels=d.get("max_image_pixels", MAX_IMAGE_PIXELS),
-                                packing=d.get("packing", False))
+                                packing=d.get("packing", False),
+                                **({"image_mode": d.image_mode} if d.get("image_mode") else {}))
 
 
 def accumulation_steps(cfg, mesh) -> int:
