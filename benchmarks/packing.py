@@ -79,7 +79,7 @@ def conversations(n: int, T: int, max_len: int, vocab: int, seed: int = 0) -> li
 
 def bucketed_batches(ex, B, T, max_len, pad_id):
     buckets = default_buckets(max_len, T)
-    return [collate(ex[i:i + B], buckets=buckets, tokens_per_image=T, image_size=252, pad_id=pad_id)
+    return [collate(ex[i:i + B], buckets=buckets, tokens_per_image=T, image_shape=(252, 252, 3), pad_id=pad_id)
             for i in range(0, len(ex) - B + 1, B)]
 
 
@@ -87,7 +87,7 @@ def packed_batches(ex, B, T, max_len, pad_id):
     sizes = [len(e["input_ids"]) + e["num_images"] * (T - 1) for e in ex]
     rows = [[ex[i] for i in r] for r in plan_rows(sizes, max_len, images=[e["num_images"] for e in ex])]
     rows += [[]] * (-len(rows) % B)                                         # the last batch: empty rows
-    return [collate_packed(rows[i:i + B], max_len=max_len, tokens_per_image=T, image_size=252, pad_id=pad_id)
+    return [collate_packed(rows[i:i + B], max_len=max_len, tokens_per_image=T, image_shape=(252, 252, 3), pad_id=pad_id)
             for i in range(0, len(rows), B)]
 
 

@@ -32,10 +32,13 @@ def base_config() -> ConfigDict:
     c.data.max_len = 2048           # after splicing (SPEC 6)
     c.data.buckets = ()             # spliced lengths to pad to; () = max_len / 4, / 2, 3/4, 1
     c.data.num_threads = 16
+    c.data.image_mode = ""          # "pad" | "square"; "" = the stage's (SPEC 2: stage 1 square, stage 2 pad)
     c.data.image_cache_mb = 0       # > 0: decoded images stay in memory (the study's rows share them)
     c.data.allow_outside_paths = False   # True: image paths may be absolute or leave image_folder via ".."
     c.data.max_image_pixels = 1 << 26    # larger images are skipped and counted (too_many_pixels), not decoded
     c.data.packing = False          # True: several conversations per row up to max_len (data/packing.py)
+    c.data.feature_bank = False     # True (frozen tower only): its features of every image computed once
+                                    # and fed instead of pixels (training/feature_bank.py; small image sets)
 
     # LoRA on the language model (infllava_jax/lora.py): rank 0 = off (the stage trains the LLM in
     # full); rank > 0 freezes the LLM base and trains adapters on `targets`. WORKDIR/final is

@@ -100,10 +100,10 @@ def _examples(root, tok):
 def batches(data_root, tok):
     ex = _examples(data_root, tok)
     assert all("bad" not in e for e in ex)
-    unpacked = collate(ex, buckets=(MAX_LEN,), tokens_per_image=T, image_size=IMAGE_SIZE, pad_id=tok.pad_token_id)
+    unpacked = collate(ex, buckets=(MAX_LEN,), tokens_per_image=T, image_shape=(IMAGE_SIZE, IMAGE_SIZE, 3), pad_id=tok.pad_token_id)
     widths = [len(e["input_ids"]) + e["num_images"] * (T - 1) for e in ex]
     rows = [[ex[i] for i in r] for r in plan_rows(widths, MAX_LEN)]
-    packed = collate_packed(rows, max_len=MAX_LEN, tokens_per_image=T, image_size=IMAGE_SIZE,
+    packed = collate_packed(rows, max_len=MAX_LEN, tokens_per_image=T, image_shape=(IMAGE_SIZE, IMAGE_SIZE, 3),
                             pad_id=tok.pad_token_id)
     assert len(rows) < len(ex) and max(len(r) for r in rows) >= 2
     return unpacked, packed

@@ -49,18 +49,19 @@ def batch_ids_length(n_ids: int, buckets, tokens_per_image: int, images: int = 1
         return max(n_ids, ids_length(max(buckets), tokens_per_image))
 
 
-def stack_images(examples, image_size: int, K: int) -> np.ndarray:
-    """(B, S, S, 3) for K = 1, else (B, K, S, S, 3); missing images (text-only rows, rows with
-    fewer than K) are zeros (released: a zero image too), which no sentinel points to."""
-    pixel_values = np.zeros((len(examples), K, image_size, image_size, 3), np.float32)
+def stack_images(examples, image_shape: tuple[int, ...], K: int) -> np.ndarray:
+    """(B, *image_shape) for K = 1, else (B, K, *image_shape); image_shape: (S, S, 3) pixels, or
+    (V, T, D) frozen tower features (training/feature_bank.py). Missing images (text-only rows,
+    rows with fewer than K) are zeros (released: a zero image too), which no sentinel points to."""
+    pixel_values = np.zeros((len(examples), K, *image_shape), np.float32)
     for r, e in enumerate(examples):
         if e["has_image"]:
-            px = e["pixels"].reshape(-1, image_size, image_size, 3)
+            px = e["pixels"].reshape(-1, *image_shape)
             pixel_values[r, :len(px)] = px
     return pixel_values[:, 0] if K == 1 else pixel_values
 
 
-def collate(examples, *, buckets, tokens_per_image: int, image_size: int, pad_id: int) -> dict:
+def collate(examples, *, buckets, tokens_per_image: int, image_shape: tuple[int, ...], pad_id: int) -> dict:
     """List of examples (examples.py) -> numpy batch dict (right padding)."""
     K = max(1, max(e.get("num_images", int(e["has_image"])) for e in examples))
     n = max(len(e["input_ids"]) for e in examples)
@@ -74,7 +75,7 @@ def collate(examples, *, buckets, tokens_per_image: int, image_size: int, pad_id
         input_ids[r, :k], labels[r, :k], attention_mask[r, :k] = e["input_ids"], e["labels"], 1
     has_image = np.array([e["has_image"] for e in examples], bool)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            "pixel_values": stack_images(examples, image_size, K), "has_image": has_image,
+            "pixel_values": stack_images(examples, image_shape, K), "has_image": has_image,
             "num_images": np.array([e.get("num_images", int(e["has_image"])) for e in examples], np.int32),
             "num_supervised_tokens": (labels != IGNORE_INDEX).sum(1).astype(np.int32),
             "index": np.array([e["index"] for e in examples], np.int32)}

@@ -128,9 +128,17 @@ class JsonRecordProcessor:
     """grain map function: (index, LLaVA record) -> example or bad. Picklable (mp workers)."""
 
     def __init__(self, tokenizer, spec: SampleSpec, image_folder: str, image_cache_mb: int = 0,
-                 allow_outside_paths: bool = False, max_image_pixels: int = MAX_IMAGE_PIXELS):
+                 allow_outside_paths: bool = False, max_image_pixels: int = MAX_IMAGE_PIXELS, features=None):
         self.tokenizer, self.spec = tokenizer, spec
         self.images = ImagePolicy(image_folder, allow_outside_paths, max_image_pixels, image_cache_mb << 20)
+        self.features = features    # training/feature_bank.FeatureBank: the frozen tower's features instead
+
+    def image(self, rel: str) -> np.ndarray:
+        """One image's model input: float32 CLIP-normalised pixels (S, S, 3), or with a feature bank
+        its frozen tower features (V, T, D). Raises TemplateError."""
+        if self.features is not None:
+            return self.features.get(rel)
+        return normalize(self.images.load(rel, self.spec.image_size, self.spec.image_mode))
 
     def tokens(self, record):
         """-> (input_ids, labels, relative image paths, untruncated length), truncated to the
@@ -155,8 +163,7 @@ class JsonRecordProcessor:
         index, record = item
         try:
             ids, labels, rels, n = self.tokens(record)
-            size, mode = self.spec.image_size, self.spec.image_mode
-            images = [normalize(self.images.load(rel, size, mode)) for rel in rels]
+            images = [self.image(rel) for rel in rels]
         except TemplateError as e:
             return bad(e.reason, index, str(e))
         pixels = None if not images else images[0] if len(images) == 1 else np.stack(images)

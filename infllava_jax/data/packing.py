@@ -131,16 +131,17 @@ def rounded_slots(max_images: int, cap: int) -> int:
     return max(max_images, min(k, cap))
 
 
-def collate_packed(rows, *, max_len: int, tokens_per_image: int, image_size: int, pad_id: int) -> dict:
+def collate_packed(rows, *, max_len: int, tokens_per_image: int, image_shape: tuple[int, ...],
+                   pad_id: int) -> dict:
     """Rows (lists of good examples) -> numpy batch: input_ids, labels, attention_mask (B, max_len)
     in ids, segment_ids (B, max_len) in spliced positions (1, 2, ... per conversation, 0 padding),
-    pixel_values (B, K, S, S, 3) (the row's images in order), index (B, most segments; -1 fill)."""
+    pixel_values (B, K, *image_shape) (the row's images in order), index (B, most segments; -1 fill)."""
     B, T = len(rows), tokens_per_image
     K = rounded_slots(max((sum(e["num_images"] for e in row) for row in rows), default=1), max(1, max_len // T))
     ids = np.full((B, max_len), pad_id, np.int32)
     labels = np.full((B, max_len), IGNORE_INDEX, np.int32)
     seg, mask = np.zeros((B, max_len), np.int32), np.zeros((B, max_len), np.int32)
-    pixels = np.zeros((B, K, image_size, image_size, 3), np.float32)
+    pixels = np.zeros((B, K, *image_shape), np.float32)
     index = np.full((B, max(1, max(len(r) for r in rows))), -1, np.int32)
     for b, row in enumerate(rows):
         n = p = k = 0                                       # ids, spliced positions, images so far
@@ -152,7 +153,7 @@ def collate_packed(rows, *, max_len: int, tokens_per_image: int, image_size: int
             ids[b, n:n + m], labels[b, n:n + m], mask[b, n:n + m] = e["input_ids"], e["labels"], 1
             seg[b, p:p + width] = s + 1
             if ki:
-                pixels[b, k:k + ki] = e["pixels"].reshape(ki, image_size, image_size, 3)
+                pixels[b, k:k + ki] = e["pixels"].reshape(ki, *image_shape)
             n, p, k, index[b, s] = n + m, p + width, k + ki, e["index"]
     return {"input_ids": ids, "labels": labels, "attention_mask": mask,
             "segment_ids": seg, "pixel_values": pixels, "index": index,

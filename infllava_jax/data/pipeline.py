@@ -149,14 +149,18 @@ def _jsonl_record(path: str, n: int, line: str):
         raise DataFileError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
 
 
-def open_source(cfg: DataConfig, tokenizer):
-    """-> (random-access records, map function record -> example | bad)."""
+def open_source(cfg: DataConfig, tokenizer, features=None):
+    """-> (random-access records, map function record -> example | bad). `features`: a
+    training/feature_bank.FeatureBank whose features replace the images' pixels."""
     if os.path.isdir(cfg.data_path):
+        if features is not None:
+            raise NotImplementedError(f"{cfg.data_path}: a feature bank reads LLaVA JSON/JSONL (not the ArrayRecord "
+                                      "build, whose records hold encoded images)")
         from infllava_jax.data.arrayrecord import open_array_record  # tfds only on this path
         return open_array_record(cfg.data_path, cfg.spec)
     return read_llava_json(cfg.data_path), JsonRecordProcessor(
         tokenizer, cfg.spec, cfg.image_folder, cfg.image_cache_mb, allow_outside_paths=cfg.allow_outside_paths,
-        max_image_pixels=cfg.max_image_pixels)
+        max_image_pixels=cfg.max_image_pixels, features=features)
 
 
 def _packed(cfg: DataConfig, ds, records, processor):
@@ -209,13 +213,15 @@ class ProcessRows(grain.MapDataset):
 
 
 def make_dataset(cfg: DataConfig, tokenizer, *, start: int = 0, process_index: int | None = None,
-                 process_count: int | None = None) -> "LlavaBatches":
+                 process_count: int | None = None, features=None) -> "LlavaBatches":
     """The batched grain IterDataset of this process, from global micro-batch `start` on.
-    `iter()` it; the iterator has `stats()` / `set_stats()` and grain's get_state/set_state."""
+    `iter()` it; the iterator has `stats()` / `set_stats()` and grain's get_state/set_state.
+    `features` (training/feature_bank.FeatureBank): batches carry each image's frozen tower
+    features (V, T, D) in `pixel_values` instead of its pixels."""
     if process_index is None or process_count is None:
         import jax
         process_index, process_count = jax.process_index(), jax.process_count()
-    records, processor = open_source(cfg, tokenizer)
+    records, processor = open_source(cfg, tokenizer, features)
     ds = grain.MapDataset.source(_Indexed(records))
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)
@@ -234,7 +240,8 @@ def make_dataset(cfg: DataConfig, tokenizer, *, start: int = 0, process_index: i
         if not flags.FLAGS.is_parsed():  # never parse them: use the defaults
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
-    return LlavaBatches(it, cfg, pad_id=tokenizer.pad_token_id, start=start)
+    shape = (cfg.image_size, cfg.image_size, 3) if features is None else features.shape
+    return LlavaBatches(it, cfg, pad_id=tokenizer.pad_token_id, start=start, image_shape=shape)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -243,12 +250,14 @@ class LlavaBatches(grain.IterDataset):
     """Counts bad samples (an empty row keeps each one's slot), then collates `batch_size`
     rows (batching.py)."""
 
-    def __init__(self, parent: grain.IterDataset, cfg: DataConfig, pad_id: int, start: int = 0):
+    def __init__(self, parent: grain.IterDataset, cfg: DataConfig, pad_id: int, start: int = 0,
+                 image_shape: tuple[int, ...] = ()):
         super().__init__(parent)
         self.cfg, self.pad_id, self.start = cfg, int(pad_id), start
+        self.image_shape = image_shape or (cfg.image_size, cfg.image_size, 3)
 
     def __iter__(self) -> "LlavaBatchIterator":
-        return LlavaBatchIterator(self._parent.__iter__(), self.cfg, self.pad_id, self.start)
+        return LlavaBatchIterator(self._parent.__iter__(), self.cfg, self.pad_id, self.start, self.image_shape)
 
     def __str__(self):
         return f"LlavaBatches(batch_size={self.cfg.batch_size}, buckets={self.cfg.bucket_lengths})"
@@ -260,9 +269,11 @@ class TooManyBadSamples(InputError):
 
 class LlavaBatchIterator(grain.DatasetIterator):
 
-    def __init__(self, parent: grain.DatasetIterator, cfg: DataConfig, pad_id: int, start: int = 0):
+    def __init__(self, parent: grain.DatasetIterator, cfg: DataConfig, pad_id: int, start: int = 0,
+                 image_shape: tuple[int, ...] = ()):
         super().__init__(parent)
         self.cfg, self.pad_id = cfg, pad_id
+        self.image_shape = image_shape or (cfg.image_size, cfg.image_size, 3)
         self._buckets = cfg.bucket_lengths
         self._good = self._truncated = 0
         self._bad = {r: 0 for r in BAD_REASONS}
@@ -286,9 +297,9 @@ class LlavaBatchIterator(grain.DatasetIterator):
         c = self.cfg
         if c.packing:
             return collate_packed(rows, max_len=c.max_len, tokens_per_image=c.tokens_per_image,
-                                  image_size=c.image_size, pad_id=self.pad_id)
+                                  image_shape=self.image_shape, pad_id=self.pad_id)
         return collate(rows, buckets=self._buckets, tokens_per_image=c.tokens_per_image,
-                       image_size=c.image_size, pad_id=self.pad_id)
+                       image_shape=self.image_shape, pad_id=self.pad_id)
 
     def _count(self, e: dict) -> dict:
         """Count a sample (good, truncated, bad by reason); a bad one becomes an empty row."""

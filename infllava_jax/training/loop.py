@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -29,9 +30,9 @@ from infllava_jax.checkpoint import load_config
 from infllava_jax.config import InfLlavaConfig
 from infllava_jax.data.batching import agree_across_processes, image_slots, pad_batch, sum_over_processes
 from infllava_jax.data.images import MAX_IMAGE_PIXELS
-from infllava_jax.data.pipeline import DataConfig, make_dataset
+from infllava_jax.data.pipeline import DataConfig, make_dataset, open_source
 from infllava_jax.data.tokenizer import load_tokenizer
-from infllava_jax.training import flops, partition, step as step_lib
+from infllava_jax.training import feature_bank, flops, partition, step as step_lib
 from infllava_jax.training.checkpoints import TrainCheckpoints
 from infllava_jax.training.metrics import MetricsWriter, ThroughputMeter
 
@@ -126,7 +127,8 @@ def data_config(cfg, mc: InfLlavaConfig, workdir: Path, per_process_batch: int) 
                                 num_threads=d.num_threads, image_cache_mb=d.image_cache_mb,
                                 allow_outside_paths=d.get("allow_outside_paths", False),
                                 max_image_pixels=d.get("max_image_pixels", MAX_IMAGE_PIXELS),
-                                packing=d.get("packing", False))
+                                packing=d.get("packing", False),
+                                **({"image_mode": d.image_mode} if d.get("image_mode") else {}))
 
 
 def accumulation_steps(cfg, mesh) -> int:
@@ -178,9 +180,11 @@ class Trainer:
                                                     max_grad_norm=o.max_grad_norm or None)
         self.ckpts = TrainCheckpoints(self.workdir, keep=cfg.keep_checkpoints)
         self.state, self.start, counts = init_or_restore(cfg, self.mc, self.mesh, self.parts, self.tx, self.ckpts)
+        self.bank = self._feature_bank()
         self.data = self._data(counts)
         _, state_sh = partition.state_shardings(self.mc, self.parts, self.tx, self.mesh)
-        self.step_fn = jax.jit(step_lib.make_train_step(self.mc, self.tx, schedule, cfg.loss_chunk),
+        self.step_fn = jax.jit(step_lib.make_train_step(self.mc, self.tx, schedule, cfg.loss_chunk,
+                                                        features=self.bank is not None),
                                in_shardings=(state_sh, None), out_shardings=(state_sh, None), donate_argnums=0)
         self.compiled, self.compile_seconds, self.final_loss = {}, 0.0, None
         # skipped steps: counted on the device, read at log steps (`skipped_logged`: the last read)
@@ -202,7 +206,7 @@ class Trainer:
         """This process's batch iterator from the start step's micro-batch on (data/pipeline.py)."""
         cfg, b, P, p = self.cfg, self.cfg.micro_batch, jax.process_count(), jax.process_index()
         k = self.start * self.accum
-        it = iter(make_dataset(data_config(cfg, self.mc, self.workdir, b), self.tok, start=k))
+        it = iter(make_dataset(data_config(cfg, self.mc, self.workdir, b), self.tok, start=k, features=self.bank))
         if counts and p == 0:                     # the totals so far; the other processes count anew
             it.set_stats(counts)
         log.info("mesh %s; model grid %s, %d tokens/image; %s; %d accumulation steps of %d per process",
@@ -214,6 +218,21 @@ class Trainer:
             log.info("data: from global micro-batch %d (stream position %d): process %d of %d starts at its row %d",
                      k, k * P * b, p, P, k * b)
         return it
+
+    def _feature_bank(self):
+        """data.feature_bank: the frozen tower's features of every image (feature_bank.py), or None."""
+        if not self.cfg.data.get("feature_bank", False):
+            return None
+        if "vision_tower" in self.parts:
+            raise ValueError(f"config.data.feature_bank=True needs a frozen vision tower, but this run trains "
+                             f"{'+'.join(self.parts)}")
+        dc = data_config(self.cfg, self.mc, self.workdir, self.cfg.micro_batch)
+        if os.path.isdir(dc.data_path):
+            raise NotImplementedError(f"config.data.feature_bank=True reads LLaVA JSON/JSONL records, not the "
+                                      f"ArrayRecord build {dc.data_path}")
+        records, processor = open_source(dc, self.tok)
+        with jax.transfer_guard("allow"):
+            return feature_bank.build(self.mc, self.params(), records, processor, self.mesh)
 
     def arm(self, what: str, compiling: bool = False) -> None:
         if self.deadlines:

@@ -79,21 +79,26 @@ def head_kernel(params: dict, config: InfLlavaConfig):
     return lm["lm_head"]["kernel"]
 
 
-def make_loss_fn(config: InfLlavaConfig, loss_chunk: int = 512) -> Callable:
-    """loss_sum(trainable, frozen, micro_batch) -> (sum of token NLL, supervised token count)."""
-    model = InfLlavaModel(config)
+def compute_params(config: InfLlavaConfig, params):
+    """Mixed precision: matrices cast to the compute dtype while still sharded (gathers move half
+    the bytes); norms and biases stay fp32; gradients flow back to the fp32 master."""
     compute = jnp.dtype(config.llm.dtype)
+    return jax.tree.map(lambda x: x.astype(compute) if x.ndim >= 2 else x, params)
+
+
+def make_loss_fn(config: InfLlavaConfig, loss_chunk: int = 512, features: bool = False) -> Callable:
+    """loss_sum(trainable, frozen, micro_batch) -> (sum of token NLL, supervised token count).
+    features=True: micro_batch["pixel_values"] holds the frozen tower's features of each image
+    (training/feature_bank.py)."""
+    model = InfLlavaModel(config)
 
     def loss_sum(trainable, frozen, mb, rng=None):
         params = lora.combine(frozen, trainable)
-        # mixed precision: matrices cast to the compute dtype while still sharded (gathers move
-        # half the bytes); norms and biases stay fp32; gradients flow back to the fp32 master.
-        cast = jax.tree.map(lambda x: x.astype(compute) if x.ndim >= 2 else x, params)
         seg = mb.get("segment_ids")          # packed rows (data/packing.py), else None
         with nn.logical_axis_rules(LOGICAL_RULES):
-            hidden = model.apply({"params": api.rebox(config, cast)}, mb["input_ids"], mb["pixel_values"],
-                                 mb["attention_mask"], segment_ids=seg, return_hidden=True,
-                                 rngs=None if rng is None else {"dropout": rng})
+            hidden = model.apply({"params": api.rebox(config, compute_params(config, params))}, mb["input_ids"],
+                                 mb["pixel_values"], mb["attention_mask"], segment_ids=seg, return_hidden=True,
+                                 features=features, rngs=None if rng is None else {"dropout": rng})
         K = 1 if mb["pixel_values"].ndim == 4 else mb["pixel_values"].shape[1]
         layout = splice_layout(mb["input_ids"], config.tokens_per_image, K, out_len=None if seg is None else seg.shape[1])
         labels = splice_labels(mb["labels"], layout)
@@ -102,10 +107,10 @@ def make_loss_fn(config: InfLlavaConfig, loss_chunk: int = 512) -> Callable:
     return loss_sum
 
 
-def make_grad_fn(config: InfLlavaConfig, loss_chunk: int = 512) -> Callable:
+def make_grad_fn(config: InfLlavaConfig, loss_chunk: int = 512, features: bool = False) -> Callable:
     """grads(state, batch) -> (mean loss, token count, mean grads); batch leaves are (A, b, ...):
     A micro-batches accumulated in a scan, normalised by the total supervised token count."""
-    vg = jax.value_and_grad(make_loss_fn(config, loss_chunk), has_aux=True)
+    vg = jax.value_and_grad(make_loss_fn(config, loss_chunk, features), has_aux=True)
     dropout = config.llm.lora is not None and config.llm.lora.dropout > 0
 
     def grads(state, batch):
@@ -129,11 +134,11 @@ def make_grad_fn(config: InfLlavaConfig, loss_chunk: int = 512) -> Callable:
 
 
 def make_train_step(config: InfLlavaConfig, tx: optax.GradientTransformation, schedule: Callable,
-                    loss_chunk: int = 512) -> Callable:
+                    loss_chunk: int = 512, features: bool = False) -> Callable:
     """step(state, batch) -> (state, metrics). A batch with no supervised token, or a non-finite
     loss or gradient, leaves the state unchanged (but for the step counter) and is flagged in
     metrics["skipped"], never trained on silently."""
-    grads_fn = make_grad_fn(config, loss_chunk)
+    grads_fn = make_grad_fn(config, loss_chunk, features)
 
     def step(state: dict[str, Any], batch):
         loss, count, grads = grads_fn(state, batch)
