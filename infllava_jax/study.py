@@ -36,9 +36,8 @@ def _recipe(row: str, a, seed: int) -> dict:
     from configs import study as study_cfg
     grid, views, variant, res = study_cfg.ROWS[row]
     return {"row": row, "grid": grid, "views": views, "variant": variant, "res": res, "seed": seed, "n_train": a.n_train,
-            "n_test": a.n_test, "stage0": _stage0_recipe(a),
+            "n_test": a.n_test, "stage0": _stage0_recipe(a), "batch": study_cfg.BATCH,
             **{f"stage{k}_lr": v for k, v in study_cfg.LR.items()},
-            **{f"stage{k}_batch": v for k, v in study_cfg.BATCH.items()},
             **{f"stage{k}_steps": getattr(a, f"stage{k}_steps") or round(a.scale * study_cfg.STEPS[k])
                for k in (1, 2)}}
 
