@@ -2,7 +2,7 @@
 
 An example is a dict of numpy values: input_ids, labels (int32, unspliced), pixels (float32
 CLIP-normalised: (S, S, 3) for one image, (k, S, S, 3) for k > 1 in `<image>` order, None for a
-text-only sample), num_images, has_image, index (the record's position in the source), truncated. A bad sample is {"bad": reason, "index": i, "detail": str}; pipeline.py counts and drops
+text-only sample; with a feature bank the frozen tower's features (V, T, D) per image instead), num_images, has_image, index (the record's position in the source), truncated. A bad sample is {"bad": reason, "index": i, "detail": str}; pipeline.py counts and drops
 it. LLaVA JSON records: SPEC section 7; template and loss mask: section 6; pixels: section 2.
 """
 from __future__ import annotations

@@ -10,7 +10,8 @@ pixels, same function: the loss and gradients are the pixel path's (tests/test_f
 
 Costs: host memory N images x V x T x D x 4 bytes (the study's 1008 row: 4000 x 19 x 36 x 64 x 4 B
 = 0.7 GB), so this is for small image sets read for many epochs (the miniature study), not for
-665k images at 1008 px (19 x 576 x 1024 features each). Every process computes the whole bank.
+665k images at 1008 px (19 x 576 x 1024 features each). Every process computes the whole bank
+(and grain worker processes, data.num_workers > 0, would each get a pickled copy).
 """
 from __future__ import annotations
 
