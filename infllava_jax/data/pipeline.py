@@ -250,11 +250,10 @@ class LlavaBatches(grain.IterDataset):
     """Counts bad samples (an empty row keeps each one's slot), then collates `batch_size`
     rows (batching.py)."""
 
-    def __init__(self, parent: grain.IterDataset, cfg: DataConfig, pad_id: int, start: int = 0,
-                 image_shape: tuple[int, ...] = ()):
+    def __init__(self, parent: grain.IterDataset, cfg: DataConfig, pad_id: int, start: int,
+                 image_shape: tuple[int, ...]):
         super().__init__(parent)
-        self.cfg, self.pad_id, self.start = cfg, int(pad_id), start
-        self.image_shape = image_shape or (cfg.image_size, cfg.image_size, 3)
+        self.cfg, self.pad_id, self.start, self.image_shape = cfg, int(pad_id), start, image_shape
 
     def __iter__(self) -> "LlavaBatchIterator":
         return LlavaBatchIterator(self._parent.__iter__(), self.cfg, self.pad_id, self.start, self.image_shape)
@@ -269,11 +268,10 @@ class TooManyBadSamples(InputError):
 
 class LlavaBatchIterator(grain.DatasetIterator):
 
-    def __init__(self, parent: grain.DatasetIterator, cfg: DataConfig, pad_id: int, start: int = 0,
-                 image_shape: tuple[int, ...] = ()):
+    def __init__(self, parent: grain.DatasetIterator, cfg: DataConfig, pad_id: int, start: int,
+                 image_shape: tuple[int, ...]):
         super().__init__(parent)
-        self.cfg, self.pad_id = cfg, pad_id
-        self.image_shape = image_shape or (cfg.image_size, cfg.image_size, 3)
+        self.cfg, self.pad_id, self.image_shape = cfg, pad_id, image_shape   # per image: pixels or features
         self._buckets = cfg.bucket_lengths
         self._good = self._truncated = 0
         self._bad = {r: 0 for r in BAD_REASONS}
