@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import jax
@@ -170,18 +171,23 @@ def plan_result(p: subprocess.Popen) -> dict:
 
 
 def table(r: dict) -> str:
+    p = r["parity"]
     lines = [f"backend {r['backend']} ({r['device_kind']}, {r['devices']} devices), mode {r['mode']}, "
-             f"{r['seconds']:.0f} s",
-             f"parity  fp32 max rel err {r['parity']['fp32_max_rel_err']:.2e}   bf16 KL mean "
-             f"{r['parity']['bf16_kl_mean']:.2e} max {r['parity']['bf16_kl_max']:.2e} ({r['parity']['tokens']} tokens)",
+             f"jax {r['jax']}, {r['seconds']:.0f} s",
+             f"parity  failed: {p['error']}" if "error" in p else
+             f"parity  fp32 max rel err {p['fp32_max_rel_err']:.2e}   bf16 KL mean "
+             f"{p['bf16_kl_mean']:.2e} max {p['bf16_kl_max']:.2e} ({p['tokens']} tokens)",
              f"{'attention':<10}{'runs':>9}{'out err':>10}{'grad err':>10}{'ms':>9}"]
-    for impl, a in r["attention"].items():
+    for impl, a in ({"all": r["attention"]} if "traceback" in r["attention"] else r["attention"]).items():
         if "ms" in a:
             lines.append(f"{impl:<10}{a['runs']:>9}{a['out_rel_err']:>10.2e}{a['grad_rel_err']:>10.2e}{a['ms']:>9.2f}")
         else:
             lines.append(f"{impl:<10}  {a.get('skipped') or a.get('error')}")
     t, m = r["train_step"], r["memory"]
-    lines.append(f"train step {t['config']} ({t['params'] / 1e6:,.2f} M params), {t['sequences']} x {t['seq_len']} tokens, "
+    if "error" in t:
+        lines.append(f"train step failed: {t['error']}")
+    else:
+        lines.append(f"train step {t['config']} ({t['params'] / 1e6:,.2f} M params), {t['sequences']} x {t['seq_len']} tokens, "
                  f"attention {t['attention']}: {t['step_s']:.3f} s, {t['tokens_per_s']:.0f} tok/s, "
                  f"MFU {100 * t['mfu']:.1f}% (compile {t['compile_s']:.0f} s)")
     used = "n/a (no memory_stats)" if m["peak_gib_used"] is None else f"{m['peak_gib_used']:.2f} GiB"
@@ -199,16 +205,27 @@ def main(argv=None) -> dict:
     plan_proc = start_plan(mode)
     r = {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
          "devices": jax.device_count(), "mode": "cpu-smoke" if args.cpu_smoke else "full", "jax": jax.__version__}
-    r["parity"] = parity()
-    r["attention"] = attention_impls(mode["attention"], args.cpu_smoke)
-    r["train_step"] = train_step(mode)
+    r["parity"] = section(parity)
+    r["attention"] = section(attention_impls, mode["attention"], args.cpu_smoke)
+    r["train_step"] = section(train_step, mode)
     planned = plan_result(plan_proc)
-    r["memory"] = {"peak_gib_used": r["train_step"]["peak_gib_used_per_device"],
+    r["memory"] = {"peak_gib_used": r["train_step"].get("peak_gib_used_per_device"),
                    "plan_peak_gib": planned.get("peak_gib_per_device"), "plan_error": planned.get("error")}
     r["seconds"] = time.perf_counter() - t0
     print(table(r))
     print(json.dumps(r))
     return r
+
+
+def section(fn, *args) -> dict:
+    """One check's result, or {"error": ...} with the traceback's end (printed at once), so that
+    one failing check on a fresh host still leaves the others' numbers."""
+    try:
+        return fn(*args)
+    except Exception as e:                          # reported, never hidden
+        tb = traceback.format_exc()
+        print(f"{fn.__name__} failed:\n{tb}", file=sys.stderr, flush=True)
+        return {"error": f"{type(e).__name__}: {str(e)[:300]}", "traceback": tb[-2000:]}
 
 
 if __name__ == "__main__":
