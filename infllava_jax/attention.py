@@ -27,6 +27,7 @@ from infllava_jax import attention_cudnn, attention_splash
 IMPLS = ("xla", "chunked", "jax", "cudnn", "splash", "auto")
 FUSED = ("cudnn", "splash")
 QUERY_CHUNK = 512
+CPU_BLOCK_BYTES = 4 * 2 ** 20   # fp32 scores per block of heads on CPU: one core's L2 here
 log = logging.getLogger("infllava_jax")
 _LOGGED: set = set()
 
@@ -102,23 +103,50 @@ def dense_mask(B: int, T: int, S: int, mask, causal: bool, kv_mask):
 
 def _xla(q, k, v, mask, scale):
     """Heads-major: the G = N/K query heads of a kv head are folded into the query axis,
-    (B, K, G*T, H) x (B, K, S, H), so both products are batched GEMMs in their natural layout
+    (B*K, G*T, H) x (B*K, S, H), so both products are batched GEMMs in their natural layout
     (with (B, T, K, G, H) operands XLA:CPU transposes the scores in the backward pass: a small
     Llama's attention forward + backward took 2x as long). The scale goes on q, and the softmax
     is normalised after the product with v ((T, H) divisions instead of (T, S)): one pass less
-    over the scores, forward and backward."""
+    over the scores, forward and backward. On CPU the B*K heads run in blocks (`_cpu_blocks`)."""
     B, T, N, H = q.shape
     K, S = k.shape[2], k.shape[1]
-    G = N // K
-    qh = (q * jnp.asarray(scale, q.dtype)).reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
-    logits = jnp.einsum("bkqh,bksh->bkqs", qh, k.transpose(0, 2, 1, 3)).astype(jnp.float32)
-    if mask is not None:
-        m = jnp.broadcast_to(jnp.broadcast_to(mask, (B, T, S))[:, None, None], (B, 1, G, T, S))
-        logits = jnp.where(m.reshape(B, 1, G * T, S), logits, jnp.finfo(jnp.float32).min)
-    e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))   # softmax numerator
-    out = jnp.einsum("bkqs,bksh->bkqh", e.astype(v.dtype), v.transpose(0, 2, 1, 3))
-    out = (out / e.sum(-1, keepdims=True)).astype(v.dtype)
+    G, X = N // K, B * K
+    qh = (q * jnp.asarray(scale, q.dtype)).reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(X, G * T, H)
+    kh, vh = (a.transpose(0, 2, 1, 3).reshape(X, S, H) for a in (k, v))
+    m = None if mask is None else jnp.broadcast_to(
+        jnp.broadcast_to(mask, (B, T, S))[:, None, None], (B, K, G, T, S)).reshape(X, G * T, S)
+    n = _cpu_blocks(X, G * T * S * 4)
+    if n == 1:
+        out = _softmax_av(qh, kh, vh, m)
+    else:
+        split = lambda a: None if a is None else a.reshape(n, X // n, *a.shape[1:])
+        body = jax.checkpoint(lambda a: _softmax_av(*a))
+        out = jax.lax.map(body, (split(qh), split(kh), split(vh), split(m))).reshape(X, G * T, H)
     return out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
+def _softmax_av(qh, kh, vh, m):
+    """softmax(qh kh^T, masked by m) vh over (X, ., H) heads, in fp32."""
+    logits = jnp.einsum("xqh,xsh->xqs", qh, kh).astype(jnp.float32)
+    if m is not None:
+        logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
+    e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))   # softmax numerator
+    out = jnp.einsum("xqs,xsh->xqh", e.astype(vh.dtype), vh)
+    return (out / e.sum(-1, keepdims=True)).astype(vh.dtype)
+
+
+def _cpu_blocks(heads: int, score_bytes: int) -> int:
+    """How many sequential blocks the `heads` (each with `score_bytes` of fp32 scores) run in:
+    on CPU the fewest that keep one block's scores within CPU_BLOCK_BYTES (a divisor of `heads`;
+    one head per block when a head alone is larger), each block rematerialised in the backward
+    pass; elsewhere 1. XLA:CPU otherwise writes the whole score tensor to memory and reads it back:
+    the ViT's 10 views x 4 heads x 577^2 scores (53 MB) took 70 ms per layer forward, 34 ms in
+    blocks of 4 heads (forward + backward 191 -> 118 ms), bit-identical
+    (`benchmarks/vision_path.py`)."""
+    if jax.default_backend() != "cpu" or heads * score_bytes <= CPU_BLOCK_BYTES:
+        return 1
+    return next((n for n in range(2, heads + 1) if heads % n == 0 and heads // n * score_bytes <= CPU_BLOCK_BYTES),
+                heads)
 
 
 def _query_chunked(q, k, v, mask, scale):

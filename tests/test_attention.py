@@ -161,3 +161,32 @@ def test_tiny_model_with_splash_everywhere_equals_xla():
     T = cfg.tokens_per_image
     real = np.stack([np.repeat(m, np.where(i == IMAGE_TOKEN_INDEX, T, 1)) for i, m in zip(ids, mask)]) == 1
     np.testing.assert_allclose(got[real], want[real], rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_cpu_blocks_of_heads_equal_one_block(monkeypatch):
+    """On CPU the B*K heads run in sequential, rematerialised blocks when their scores exceed
+    CPU_BLOCK_BYTES (attention._cpu_blocks): the same outputs and gradients as one block, with
+    GQA, causal masking and padding."""
+    B, T, N, K, H = 3, 40, 4, 2, 16
+    q, k, v = qkv(B, T, T, N, K, H)
+    pad = padding(B, T, left=(0, 9, 3), right=(0, 0, 0))
+    per_head = (N // K) * T * T * 4
+    fn = lambda *a: dot_product_attention(*a, causal=True, kv_mask=pad, impl="xla")
+    monkeypatch.setattr(attention, "CPU_BLOCK_BYTES", 10 ** 12)
+    ref = jax.jit(jax.value_and_grad(lambda *a: jnp.sum(jnp.where(pad[..., None, None], fn(*a), 0) ** 2),
+                                     argnums=(0, 1, 2)))(q, k, v)
+    assert attention._cpu_blocks(B * K, per_head) == 1
+    monkeypatch.setattr(attention, "CPU_BLOCK_BYTES", 2 * per_head)     # 3 blocks of 2 heads
+    assert attention._cpu_blocks(B * K, per_head) == 3
+    got = jax.jit(jax.value_and_grad(lambda *a: jnp.sum(jnp.where(pad[..., None, None], fn(*a), 0) ** 2),
+                                     argnums=(0, 1, 2)))(q, k, v)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6 * float(jnp.abs(b).max()))
+
+
+def test_cpu_block_count():
+    mib = 2 ** 20
+    assert attention._cpu_blocks(40, int(1.33 * mib)) == 20       # the ViT's 10 views x 4 heads at 577 tokens
+    assert attention._cpu_blocks(4, 16 * mib) == 4                 # a head over the budget runs alone
+    assert attention._cpu_blocks(7, mib) == 7                      # no divisor fits: one head per block
+    assert attention._cpu_blocks(4, mib) == 1                      # within the budget: one block
