@@ -20,3 +20,28 @@ def interleaved(fns, n: int) -> list[float]:
 def timed(fn, n: int) -> float:
     """Median seconds of `n` calls of fn(), after one warm-up call."""
     return interleaved([fn], n)[0]
+
+
+def gemm_rates(shapes, n: int = 20) -> list[dict]:
+    """f32 GEMM rate of JAX (jit, default precision) and of PyTorch (its threads as set by the
+    caller) on the same (m, k, n) products, timed in alternation: the ceiling on any speed-up at
+    equal work of code that is mostly these products."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    rng, dot, rows = np.random.default_rng(0), jax.jit(jnp.dot), []
+    for m, k, n_ in shapes:
+        a, b = rng.normal(size=(m, k)).astype(np.float32), rng.normal(size=(k, n_)).astype(np.float32)
+        ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
+        t_jax, t_torch = interleaved([lambda: dot(ja, jb).block_until_ready(), lambda: ta @ tb], n)
+        flop = 2 * m * k * n_
+        rows.append({"shape": [m, k, n_], "jax_flops_per_s": flop / t_jax, "torch_flops_per_s": flop / t_torch,
+                     "jax_over_torch": t_torch / t_jax})
+    return rows
+
+
+def gemm_table(rows: list[dict]) -> str:
+    return "\n".join(["f32 GEMM (m x k x n)     JAX GFLOP/s  torch GFLOP/s  JAX/torch"] + [
+        f"{'x'.join(map(str, r['shape'])):<24}{r['jax_flops_per_s'] / 1e9:>12.0f}{r['torch_flops_per_s'] / 1e9:>15.0f}"
+        f"{r['jax_over_torch']:>10.2f}" for r in rows])

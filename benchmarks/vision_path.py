@@ -26,6 +26,9 @@ and the memory of DEM's windowed attention vs the paper's naive whole-map cross-
    memory it does not count, so the compiled temp memory of the naive DEM leaves out its score
    matrices: the `scores` columns give their size (fp32, one direction), what a GPU/TPU
    without a fused kernel would hold.
+4. The f32 GEMM rate of JAX and of PyTorch on the products this forward is made of (ViT
+   projections and MLP at 10 x 577 tokens, the Llama's MLP), timed in alternation: no speed-up at
+   equal work can exceed what these allow.
 
 The last line of the output is a JSON object.
 """
@@ -44,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks.timing import gemm_rates, gemm_table
 from convert.mapping import released_to_params
 from convert.torch_reference import InfLlavaTorch, randomize_
 from infllava_jax.config import InfLlavaConfig
@@ -295,6 +299,11 @@ def main():
         fast = "n/a" if r["fast_MiB"] is None else f"{r['fast_MiB']:.1f}"   # g=24 not divisible by 5
         print(f"{r['px']:>5} {r['grid']:>4}x {r['map_tokens']:>8} {r['windowed_MiB']:>9.1f} {fast:>8} "
               f"{r['naive_MiB']:>9.1f} {r['naive_scores_MiB']:>13.1f} {r['windowed_scores_MiB']:>14.1f}")
+    V, T, W = d.vit_passes(True), (VISION["image_size"] // VISION["patch_size"]) ** 2 + 1, VISION["hidden_size"]
+    gemms = gemm_rates([(V * T, W, W), (V * T, W, VISION["intermediate_size"]), (V * T, VISION["intermediate_size"], W),
+                        (PROMPT + 575, LLM["hidden_size"], LLM["intermediate_size"])])
+    print("\nthe products this forward is made of, JAX against PyTorch (an upper bound on any speed-up at equal work):")
+    print(gemm_table(gemms))
     n_runs = ROUNDS * len(s["times"])
     print(f"\n{s['busy']} of {n_runs} timed runs started while other processes used > {1 - MIN_IDLE:.0%} of "
           f"the {os.cpu_count()} CPUs (after waiting up to {IDLE_TIMEOUT:.0f} s)"
@@ -314,7 +323,7 @@ def main():
                                       "forward": med["torch_forward"] / med["jax_forward"]},
         "speedup_full_vs_torch": med["torch"] / med["jax_full"],
         "speedup_fast_vs_full": med["jax_full"] / med["jax_fast"],
-        "max_rel_diff": s["diffs"],
+        "max_rel_diff": s["diffs"], "gemm": gemms,
         "dem_memory_MiB": mem,
         "busy_runs": s["busy"], "timed_runs": n_runs,
     }
