@@ -17,6 +17,7 @@ instead (logged once per case).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import jax
@@ -133,6 +134,19 @@ def _softmax_av(qh, kh, vh, m):
     e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))   # softmax numerator
     out = jnp.einsum("xqs,xsh->xqh", e.astype(vh.dtype), vh)
     return (out / e.sum(-1, keepdims=True)).astype(vh.dtype)
+
+
+@contextlib.contextmanager
+def unblocked():
+    """Compile attention as it runs on GPU/TPU, in one block, also on CPU: for what the
+    compiled program is measured on, not run (the plan's memory, XLA's FLOP count, which sees a
+    loop body once)."""
+    global CPU_BLOCK_BYTES
+    saved, CPU_BLOCK_BYTES = CPU_BLOCK_BYTES, float("inf")
+    try:
+        yield
+    finally:
+        CPU_BLOCK_BYTES = saved
 
 
 def _cpu_blocks(heads: int, score_bytes: int) -> int:

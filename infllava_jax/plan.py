@@ -84,12 +84,13 @@ def train_step_setup(cfg, mesh_shape: dict[str, int], micro_batch_per_device: in
 def plan(cfg, mesh_shape: dict[str, int], micro_batch_per_device: int, mfu: float) -> dict:
     import jax
 
+    from infllava_jax import attention
     from infllava_jax.training import flops
 
     s = train_step_setup(cfg, mesh_shape, micro_batch_per_device)
     mesh, mc, n_dev = s["mesh"], s["mc"], s["mesh"].devices.size
     t = time.perf_counter()
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), attention.unblocked():     # attention as the accelerator compiles it
         compiled = s["step"].lower(s["state"], s["batch"]).compile()
     compile_s = time.perf_counter() - t
     mem = compiled.memory_analysis()
