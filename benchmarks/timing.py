@@ -24,8 +24,8 @@ def timed(fn, n: int) -> float:
 
 def gemm_rates(shapes, n: int = 20) -> list[dict]:
     """f32 GEMM rate of JAX (jit, default precision) and of PyTorch (its threads as set by the
-    caller) on the same (m, k, n) products, timed in alternation: the ceiling on any speed-up at
-    equal work of code that is mostly these products."""
+    caller) on the same (m, k, n) products, timed in alternation: what code made mostly of these
+    products can gain or lose at equal work from the GEMM library alone."""
     import jax
     import jax.numpy as jnp
     import numpy as np
