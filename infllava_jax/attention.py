@@ -155,7 +155,7 @@ def _cpu_blocks(heads: int, score_bytes: int) -> int:
     one head per block when a head alone is larger), each block rematerialised in the backward
     pass; elsewhere 1. XLA:CPU otherwise writes the whole score tensor to memory and reads it back:
     the ViT's 10 views x 4 heads x 577^2 scores (53 MB) took 70 ms per layer forward, 34 ms in
-    blocks of 4 heads (forward + backward 191 -> 118 ms), bit-identical
+    20 blocks of 2 heads (forward + backward 191 -> 118 ms), bit-identical
     (`benchmarks/vision_path.py`)."""
     if jax.default_backend() != "cpu" or heads * score_bytes <= CPU_BLOCK_BYTES:
         return 1
