@@ -8,8 +8,7 @@ is the torchvision backend (tensor resize, not PIL's), so it is not what we matc
 Resizes work on channels-last arrays (..., H, W, C) with any leading batch dims. They are a
 separable pair of small dense matrices, W_h (out_h, in_h) and W_w (out_w, in_w), built in
 numpy from static shapes with PyTorch's own fp32 index/weight arithmetic and applied with
-two einsums (precision HIGHEST, no gathers), so they run well on TPU/GPU; on CPU the bicubic
-resize sums each output's 4 taps instead (the same weights, far fewer FLOPs). The weights are
+two einsums (precision HIGHEST, no gathers), so they run well on TPU/GPU. The weights are
 bit-identical to those of `torch.nn.functional.interpolate(..., align_corners=False)` on the
 CPU build; outputs differ only by summation order (~1e-6 on normalised pixels).
 """
@@ -45,9 +44,8 @@ def _source_index(in_size: int, out_size: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
-def bicubic_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(out, 4) source rows and their fp32 weights in torch's upsample_bicubic2d (a=-0.75):
-    taps idx-1 .. idx+2, clamped to the edge."""
+def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out, in) fp32 matrix of torch's upsample_bicubic2d (a=-0.75, edge-clamped taps)."""
     a = _F32(-0.75)
     src = _source_index(in_size, out_size)  # cubic: no clamp at 0
     idx = np.minimum(np.floor(src).astype(np.int64), in_size - 1)  # guard_index_and_lambda
@@ -62,22 +60,11 @@ def bicubic_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
 
     one = _F32(1)
     coeffs = (conv2(t + one), conv1(t), conv1(one - t), conv2(one - t + one))
-    taps = np.stack([np.clip(idx - 1 + k, 0, in_size - 1) for k in range(4)], 1)  # edge-clamped
-    weights = np.stack(coeffs, 1).astype(_F32)
-    for a in (taps, weights):
-        a.flags.writeable = False  # cached: shared between callers
-    return taps, weights
-
-
-@functools.lru_cache(maxsize=64)
-def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """(out, in) fp32 matrix of torch's upsample_bicubic2d (a=-0.75, edge-clamped taps)."""
-    taps, weights = bicubic_taps(in_size, out_size)
     m = np.zeros((out_size, in_size), _F32)
     rows = np.arange(out_size)
-    for k in range(4):  # taps idx-1 .. idx+2; clamped taps' weights add up
-        np.add.at(m, (rows, taps[:, k]), weights[:, k])
-    m.flags.writeable = False
+    for k, w in enumerate(coeffs):  # taps idx-1 .. idx+2, clamped to the edge (weights add up)
+        np.add.at(m, (rows, np.clip(idx - 1 + k, 0, in_size - 1)), w.astype(_F32))
+    m.flags.writeable = False  # cached: shared between callers
     return m
 
 
@@ -122,28 +109,10 @@ def _separable(x: jax.Array, wh: np.ndarray, ww: np.ndarray) -> jax.Array:
 def resize_bicubic(x: jax.Array, out_h: int, out_w: int) -> jax.Array:
     """Resize (..., H, W, C) like torch interpolate(mode="bicubic", align_corners=False).
 
-    No antialias; scale = in/out. Computed in fp32; float inputs keep their dtype. On CPU each
-    output row / column is its 4 taps' weighted sum, width first, as torch's CPU kernel sums them
-    (the 1008 -> 336 low-res view: ~30 ms as dense matrices, most of them multiplying zeros);
-    elsewhere the dense matrices (`_separable`: GEMMs, no gathers).
+    No antialias; scale = in/out. Computed in fp32; float inputs keep their dtype.
     """
     h, w = x.shape[-3], x.shape[-2]
-    if jax.default_backend() != "cpu":
-        return _separable(x, bicubic_matrix(h, out_h), bicubic_matrix(w, out_w))
-    xf = jnp.asarray(x).astype(jnp.promote_types(x.dtype, jnp.float32))
-    y = _tap_sum(_tap_sum(xf, *bicubic_taps(w, out_w), axis=-2), *bicubic_taps(h, out_h), axis=-3)
-    return y.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else y
-
-
-def _tap_sum(x: jax.Array, taps: np.ndarray, weights: np.ndarray, axis: int) -> jax.Array:
-    """y[.., o, ..] = sum_k weights[o, k] x[.., taps[o, k], ..] along `axis`, k in order."""
-    shape = [1] * x.ndim
-    shape[axis] = -1
-    y = None
-    for k in range(taps.shape[1]):
-        term = jnp.take(x, taps[:, k], axis=axis) * jnp.asarray(weights[:, k], x.dtype).reshape(shape)
-        y = term if y is None else y + term
-    return y
+    return _separable(x, bicubic_matrix(h, out_h), bicubic_matrix(w, out_w))
 
 
 # ----------------------------------------------------------------------------- host preprocessing
