@@ -29,6 +29,7 @@ IMPLS = ("xla", "chunked", "jax", "cudnn", "splash", "auto")
 FUSED = ("cudnn", "splash")
 QUERY_CHUNK = 512
 CPU_BLOCK_BYTES = 4 * 2 ** 20   # fp32 scores per block of heads on CPU: one core's L2 here
+CPU_MIN_HEAD_BYTES = 2 ** 20    # heads with fewer score bytes (short sequences) run in one block
 log = logging.getLogger("infllava_jax")
 _LOGGED: set = set()
 
@@ -151,13 +152,15 @@ def unblocked():
 
 def _cpu_blocks(heads: int, score_bytes: int) -> int:
     """How many sequential blocks the `heads` (each with `score_bytes` of fp32 scores) run in:
-    on CPU the fewest that keep one block's scores within CPU_BLOCK_BYTES (a divisor of `heads`;
-    one head per block when a head alone is larger), each block rematerialised in the backward
-    pass; elsewhere 1. XLA:CPU otherwise writes the whole score tensor to memory and reads it back:
+    on CPU, for heads of at least CPU_MIN_HEAD_BYTES, the fewest that keep one block's scores
+    within CPU_BLOCK_BYTES (a divisor of `heads`; one head per block when a head alone is larger),
+    each block rematerialised in the backward pass; elsewhere 1. Short sequences stay in one
+    block: nothing measured gained there, and the small models (the study, the tests) keep the
+    numerics they were measured with (the study's digit and side scores move with 1e-7 changes). XLA:CPU otherwise writes the whole score tensor to memory and reads it back:
     the ViT's 10 views x 4 heads x 577^2 scores (53 MB) took 70 ms per layer forward, 34 ms in
     20 blocks of 2 heads (forward + backward 191 -> 118 ms), bit-identical
     (`benchmarks/vision_path.py`)."""
-    if jax.default_backend() != "cpu" or heads * score_bytes <= CPU_BLOCK_BYTES:
+    if jax.default_backend() != "cpu" or heads * score_bytes <= CPU_BLOCK_BYTES or score_bytes < CPU_MIN_HEAD_BYTES:
         return 1
     return next((n for n in range(2, heads + 1) if heads % n == 0 and heads // n * score_bytes <= CPU_BLOCK_BYTES),
                 heads)

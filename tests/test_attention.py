@@ -172,6 +172,7 @@ def test_cpu_blocks_of_heads_equal_one_block(monkeypatch):
     pad = padding(B, T, left=(0, 9, 3), right=(0, 0, 0))
     per_head = (N // K) * T * T * 4
     fn = lambda *a: dot_product_attention(*a, causal=True, kv_mask=pad, impl="xla")
+    monkeypatch.setattr(attention, "CPU_MIN_HEAD_BYTES", 0)
     monkeypatch.setattr(attention, "CPU_BLOCK_BYTES", 10 ** 12)
     ref = jax.jit(jax.value_and_grad(lambda *a: jnp.sum(jnp.where(pad[..., None, None], fn(*a), 0) ** 2),
                                      argnums=(0, 1, 2)))(q, k, v)
@@ -190,3 +191,4 @@ def test_cpu_block_count():
     assert attention._cpu_blocks(4, 16 * mib) == 4                 # a head over the budget runs alone
     assert attention._cpu_blocks(7, mib) == 7                      # no divisor fits: one head per block
     assert attention._cpu_blocks(4, mib) == 1                      # within the budget: one block
+    assert attention._cpu_blocks(4000, 8 * 2 ** 10) == 1            # short sequences: one block
