@@ -123,8 +123,9 @@ def main(argv=None):
     torch.set_num_threads(os.cpu_count() or 1)
     rows = [run("tiny", presets.tiny(), 4, 128, args.steps), run("small", small(), 2, 192, args.steps)]
     rate = matmul_rate()
-    B, L = 2, 255          # the small config's step: its LLM's and its vision tower's products
-    gemms = gemm_rates([(B * L, 512, 1536), (B * L, 1536, 512), (B * L, 512, 4096), (2470, 256, 1024), (1024, 1024, 1024)])
+    tokens = rows[1]["batch"] * rows[1]["seq_len"]       # the small step's LLM and vision tower products
+    gemms = gemm_rates([(tokens, 512, 1536), (tokens, 1536, 512), (tokens, 512, 4096), (2470, 256, 1024),
+                        (1024, 1024, 1024)])
     for r in rows:
         r["achieved_flops_per_s"] = r["flops_analytic"] / r["step_s"]
     print(f"{'config':<8}{'batch':>6}{'seq':>6}{'ours s/step':>13}{'torch s/step':>14}{'speedup':>9}"

@@ -156,10 +156,10 @@ def _cpu_blocks(heads: int, score_bytes: int) -> int:
     within CPU_BLOCK_BYTES (a divisor of `heads`; one head per block when a head alone is larger),
     each block rematerialised in the backward pass; elsewhere 1. Short sequences stay in one
     block: nothing measured gained there, and the small models (the study, the tests) keep the
-    numerics they were measured with (the study's digit and side scores move with 1e-7 changes). XLA:CPU otherwise writes the whole score tensor to memory and reads it back:
-    the ViT's 10 views x 4 heads x 577^2 scores (53 MB) took 70 ms per layer forward, 34 ms in
-    20 blocks of 2 heads (forward + backward 191 -> 118 ms), bit-identical
-    (`benchmarks/vision_path.py`)."""
+    numerics they were measured with (the study's digit and side scores move with 1e-7 changes).
+    XLA:CPU otherwise writes the whole score tensor to memory and reads it back: the ViT's 10
+    views x 4 heads x 577^2 scores (53 MB) took 70 ms per layer forward, 34 ms in 20 blocks of
+    2 heads (forward + backward 191 -> 118 ms), bit-identical (`benchmarks/vision_path.py`)."""
     if jax.default_backend() != "cpu" or heads * score_bytes <= CPU_BLOCK_BYTES or score_bytes < CPU_MIN_HEAD_BYTES:
         return 1
     return next((n for n in range(2, heads + 1) if heads % n == 0 and heads // n * score_bytes <= CPU_BLOCK_BYTES),
