@@ -178,18 +178,21 @@ def table(r: dict) -> str:
              f"parity  fp32 max rel err {p['fp32_max_rel_err']:.2e}   bf16 KL mean "
              f"{p['bf16_kl_mean']:.2e} max {p['bf16_kl_max']:.2e} ({p['tokens']} tokens)",
              f"{'attention':<10}{'runs':>9}{'out err':>10}{'grad err':>10}{'ms':>9}"]
-    for impl, a in ({"all": r["attention"]} if "traceback" in r["attention"] else r["attention"]).items():
-        if "ms" in a:
-            lines.append(f"{impl:<10}{a['runs']:>9}{a['out_rel_err']:>10.2e}{a['grad_rel_err']:>10.2e}{a['ms']:>9.2f}")
-        else:
-            lines.append(f"{impl:<10}  {a.get('skipped') or a.get('error')}")
+    if "traceback" in r["attention"]:                  # the section failed as a whole (section())
+        lines.append(f"attention failed: {r['attention']['error']}")
+    else:
+        for impl, a in r["attention"].items():
+            if "ms" in a:
+                lines.append(f"{impl:<10}{a['runs']:>9}{a['out_rel_err']:>10.2e}{a['grad_rel_err']:>10.2e}{a['ms']:>9.2f}")
+            else:
+                lines.append(f"{impl:<10}  {a.get('skipped') or a.get('error')}")
     t, m = r["train_step"], r["memory"]
     if "error" in t:
         lines.append(f"train step failed: {t['error']}")
     else:
-        lines.append(f"train step {t['config']} ({t['params'] / 1e6:,.2f} M params), {t['sequences']} x {t['seq_len']} tokens, "
-                 f"attention {t['attention']}: {t['step_s']:.3f} s, {t['tokens_per_s']:.0f} tok/s, "
-                 f"MFU {100 * t['mfu']:.1f}% (compile {t['compile_s']:.0f} s)")
+        lines.append(f"train step {t['config']} ({t['params'] / 1e6:,.2f} M params), {t['sequences']} x {t['seq_len']} "
+                     f"tokens, attention {t['attention']}: {t['step_s']:.3f} s, {t['tokens_per_s']:.0f} tok/s, "
+                     f"MFU {100 * t['mfu']:.1f}% (compile {t['compile_s']:.0f} s)")
     used = "n/a (no memory_stats)" if m["peak_gib_used"] is None else f"{m['peak_gib_used']:.2f} GiB"
     planned = m["plan_error"] or f"{m['plan_peak_gib']:.2f} GiB"
     lines.append(f"peak memory per device: used {used}; infllava_jax.plan (CPU compiler, chunked attention) {planned}")
