@@ -172,15 +172,17 @@ def test_cpu_blocks_of_heads_equal_one_block(monkeypatch):
     pad = padding(B, T, left=(0, 9, 3), right=(0, 0, 0))
     per_head = (N // K) * T * T * 4
     fn = lambda *a: dot_product_attention(*a, causal=True, kv_mask=pad, impl="xla")
+
+    def loss_and_grads():   # a new function each call, so traced anew with the blocks set now
+        return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(jnp.where(pad[..., None, None], fn(*a), 0) ** 2),
+                                          argnums=(0, 1, 2)))(q, k, v)
     monkeypatch.setattr(attention, "CPU_MIN_HEAD_BYTES", 0)
     monkeypatch.setattr(attention, "CPU_BLOCK_BYTES", 10 ** 12)
-    ref = jax.jit(jax.value_and_grad(lambda *a: jnp.sum(jnp.where(pad[..., None, None], fn(*a), 0) ** 2),
-                                     argnums=(0, 1, 2)))(q, k, v)
+    ref = loss_and_grads()
     assert attention._cpu_blocks(B * K, per_head) == 1
     monkeypatch.setattr(attention, "CPU_BLOCK_BYTES", 2 * per_head)     # 3 blocks of 2 heads
     assert attention._cpu_blocks(B * K, per_head) == 3
-    got = jax.jit(jax.value_and_grad(lambda *a: jnp.sum(jnp.where(pad[..., None, None], fn(*a), 0) ** 2),
-                                     argnums=(0, 1, 2)))(q, k, v)
+    got = loss_and_grads()
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6 * float(jnp.abs(b).max()))
 
