@@ -10,6 +10,7 @@ atomically (`atomic_directory`): into a temporary sibling, then renamed.
 from __future__ import annotations
 
 import abc
+import logging
 import os
 import shutil
 import sys
@@ -76,7 +77,8 @@ def restore_params(params_dir: Path, target, *, partial: bool = False):
 def saved_metadata(params_dir: Path) -> dict:
     """{name: array metadata} of an Orbax parameter checkpoint; CheckpointError if unreadable."""
     meta = read_orbax(params_dir, lambda c: c.metadata(params_dir).item_metadata)
-    if meta is None:
+    if meta is None:   # orbax logged why and returned None: its reads failed all the same
+        _FAILED_READS.add(str(params_dir))
         raise CheckpointError(f"{params_dir}: no readable parameter metadata (a half-written or damaged checkpoint)")
     return dict(meta)
 
@@ -86,6 +88,7 @@ def read_orbax(params_dir: Path, read: Callable, checkpointer=None):
     outlives a failure), Orbax's and tensorstore's errors about a half-written or damaged
     checkpoint (pages of tensorstore spec, a bare Exception) as one CheckpointError line naming it.
     `checkpointer=None`: StandardCheckpointer; read() without arguments if `checkpointer` is False."""
+    _quiet_orbax_leftovers()
     try:
         if checkpointer is False:
             return read()
@@ -94,7 +97,7 @@ def read_orbax(params_dir: Path, read: Callable, checkpointer=None):
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - orbax raises bare Exception for unreadable arrays
-        _quiet_closed_loop_callbacks()
+        _FAILED_READS.add(str(params_dir))
         if type(e) is Exception and isinstance(e.__cause__ or e.__context__, Exception):
             e = e.__cause__ or e.__context__   # orbax's wrapper: tensorstore's error says what is wrong
         raise CheckpointError(f"{params_dir}: incomplete or damaged checkpoint ({type(e).__name__}: "
@@ -267,10 +270,16 @@ def _commit(tmp: Path, path: Path) -> None:
         tmp.rename(path)
 
 
-def _quiet_closed_loop_callbacks() -> None:
-    """After a failed Orbax read, tensorstore callbacks still in flight call into the event loop
-    Orbax has closed, and Python prints each as an ignored "Event loop is closed" traceback after
-    our one-line error: drop those (only those) from then on."""
+_FAILED_READS: set[str] = set()   # parameter directories whose read failed (and was reported)
+
+
+def _quiet_orbax_leftovers() -> None:
+    """When one of Orbax's reads fails, the others still in flight finish later on the event loop
+    Orbax has closed: tensorstore's callbacks raise "Event loop is closed" (printed as unraisable
+    tracebacks, some before the failure reaches us), and the asyncio tasks that failed too are
+    logged as "Task exception was never retrieved" when collected, maybe in the middle of a later
+    job. Both repeat an error reported in one line: drop those, from the first read on (only those:
+    the latter only when they name a directory in _FAILED_READS)."""
     old = sys.unraisablehook
     if getattr(old, "drops_closed_loop", False):
         return
@@ -280,3 +289,9 @@ def _quiet_closed_loop_callbacks() -> None:
             old(u)
     hook.drops_closed_loop = True
     sys.unraisablehook = hook
+
+    def keep(record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (str(record.msg).startswith("Task exception was never retrieved") and exc is not None
+                    and any(d in str(exc) for d in _FAILED_READS))
+    logging.getLogger("asyncio").addFilter(keep)

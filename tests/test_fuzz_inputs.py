@@ -191,6 +191,23 @@ def test_broken_checkpoints_export_and_load_cleanly(ckpt, tmp_path, seed):
         assert str(d) in str(e) and "\n" not in str(e), (what, str(e))
 
 
+def test_a_damaged_checkpoint_prints_one_line_even_at_exit(ckpt, tmp_path):
+    """Orbax's reads still in flight when the first one fails finish later, on a closed event loop;
+    what they raise must not reach stderr when the process exits (or when they are collected in the
+    middle of a later job): the one line names the checkpoint, and that is all."""
+    import subprocess
+    import sys
+    d = shutil.copytree(ckpt, tmp_path / "ckpt")
+    for f in sorted((d / "params" / "d").iterdir()):   # every array's data: all reads fail
+        f.write_bytes(flip(f.read_bytes(), np.random.default_rng(0), n=16))
+    code = ("from infllava_jax.api import InfLlava\n"
+            "try:\n    InfLlava.from_pretrained(%r)\nexcept ValueError as e:\n    print('refused:', e)\n" % str(d))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).parents[1])
+    assert r.returncode == 0 and f"refused: {d}" in r.stdout, (r.stdout, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr and "never retrieved" not in r.stderr, r.stderr[-2000:]
+
+
 # ----------------------------------------------------------------------------- data pipeline
 
 QUESTION = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}]
