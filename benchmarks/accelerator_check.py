@@ -141,7 +141,7 @@ def train_step(mode: dict) -> dict:
             state, m = compiled(state, batch)
         loss = float(jax.device_get(m["loss"]))
         step_s = (time.perf_counter() - t) / mode["steps"]
-    peak, note = flops.device_peak_flops()
+    peak, note = flops.peak_flops()
     step_flops = flops.train_step_flops(s["mc"], s["sequences"], s["seq"], s["parts"])
     stats = [d.memory_stats() or {} for d in jax.local_devices()]
     used = max((st.get("peak_bytes_in_use", 0) for st in stats), default=0)
@@ -149,8 +149,8 @@ def train_step(mode: dict) -> dict:
     return {"config": cfg.model.preset, "params": int(n_params), "devices": n, "sequences": s["sequences"],
             "seq_len": s["seq"], "attention": attention.resolve(s["mc"].llm.attention_impl, jnp.zeros(
                 (1, 1, 1, s["mc"].llm.head_dim), s["mc"].llm.dtype)), "compile_s": compile_s, "step_s": step_s,
-            "tokens_per_s": s["sequences"] * s["seq"] / step_s, "mfu": step_flops / step_s / (n * peak),
-            "peak_flops_per_device": peak, "peak_flops_from": note, "loss": loss,
+            "tokens_per_s": s["sequences"] * s["seq"] / step_s, "mfu": step_flops / step_s / peak,
+            "peak_flops": peak, "peak_flops_from": note, "loss": loss,
             "peak_gib_used_per_device": used / GiB if used else None}
 
 

@@ -67,14 +67,15 @@ def train_step_flops(c: InfLlavaConfig, batch_size: int, seq_len: int, parts: Se
     return batch_size * (vision + adapter + llm)
 
 
-def device_peak_flops(device=None) -> tuple[float, str]:
-    """(peak FLOP/s per device, where the figure comes from)."""
-    device = device or jax.devices()[0]
+def peak_flops() -> tuple[float, str]:
+    """(peak FLOP/s of all the job's devices together, where the figure comes from): the published
+    peak per chip x devices; where there is none (CPU), a large fp32 matmul measured once, which
+    uses the whole host (its devices, real or faked by XLA_FLAGS, share its cores) x processes."""
+    device = jax.devices()[0]
     kind = getattr(device, "device_kind", "")
     for name, peak in PEAK_FLOPS.items():
         if name.lower() in kind.lower():
-            return peak, f"{kind}: dense bf16 peak {peak / 1e12:.0f} TFLOP/s"
-    # No published peak (e.g. CPU): measure a large fp32 matmul once and use that.
+            return peak * jax.device_count(), f"{kind}: dense bf16 peak {peak / 1e12:.0f} TFLOP/s x {jax.device_count()} devices"
     x = jnp.ones((1024, 1024), jnp.float32)
     f = jax.jit(lambda a: a @ a)
     f(x).block_until_ready()
@@ -82,4 +83,5 @@ def device_peak_flops(device=None) -> tuple[float, str]:
     for _ in range(5):
         f(x).block_until_ready()
     peak = 5 * 2 * 1024 ** 3 / (time.perf_counter() - t)
-    return peak, f"{kind or device.platform}: measured fp32 matmul {peak / 1e9:.1f} GFLOP/s (no published peak)"
+    return peak * jax.process_count(), (f"{kind or device.platform}: measured fp32 matmul {peak / 1e9:.1f} GFLOP/s "
+                                        f"per host (no published peak) x {jax.process_count()} hosts")

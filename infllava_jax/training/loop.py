@@ -191,9 +191,9 @@ class Trainer:
         self.skipped = jax.device_put(np.int32(0), sharding.replicated(self.mesh))
         self.skipped_logged = 0
         self._count = jax.jit(lambda n, skipped: n + skipped.astype(jnp.int32))
-        peak, note = flops.device_peak_flops()
-        log.info("MFU denominator: %s x %d devices", note, jax.device_count())
-        self.meter = ThroughputMeter(peak * jax.device_count())
+        peak, note = flops.peak_flops()
+        log.info("MFU denominator: %s", note)
+        self.meter = ThroughputMeter(peak)
         self.writer = MetricsWriter(self.workdir, cfg.total_steps, enabled=jax.process_index() == 0)
         self.hooks = [Hook(cfg.log_every, self.log_metrics, at_end=True),
                       Hook(cfg.checkpoint_every, self.save, at_end=True)]
