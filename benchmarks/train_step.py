@@ -116,8 +116,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     rows = [run("tiny", presets.tiny(), 4, 128, args.steps), run("small", small(), 2, 192, args.steps)]
-    tokens = rows[1]["batch"] * rows[1]["seq_len"]       # the small step's LLM and vision tower products
-    gemms = gemm_rates([(tokens, 512, 1536), (tokens, 1536, 512), (tokens, 512, 4096), (2470, 256, 1024),
+    c = small()                                          # the small step's LLM and vision tower products
+    tokens = rows[1]["batch"] * rows[1]["seq_len"]
+    vit_tokens = rows[1]["batch"] * c.dem.vit_passes() * (c.tokens_per_image + 1)   # 2 x 19 passes x 65
+    gemms = gemm_rates([(tokens, 512, 1536), (tokens, 1536, 512), (tokens, 512, 4096), (vit_tokens, 256, 1024),
                         (1024, 1024, 1024)])
     rate = gemms[-1]["jax_flops_per_s"]                  # this CPU's JAX f32 matmul rate: the 1024^3 row
     for r in rows:
