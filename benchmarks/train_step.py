@@ -115,9 +115,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10)
     args = ap.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
-    rows = [run("tiny", presets.tiny(), 4, 128, args.steps), run("small", small(), 2, 192, args.steps)]
-    c = small()                                          # the small step's LLM and vision tower products
-    tokens = rows[1]["batch"] * rows[1]["seq_len"]
+    c = small()
+    rows = [run("tiny", presets.tiny(), 4, 128, args.steps), run("small", c, 2, 192, args.steps)]
+    tokens = rows[1]["batch"] * rows[1]["seq_len"]       # the small step's LLM and vision tower products
     vit_tokens = rows[1]["batch"] * c.dem.vit_passes() * (c.tokens_per_image + 1)   # 2 x 19 passes x 65
     gemms = gemm_rates([(tokens, 512, 1536), (tokens, 1536, 512), (tokens, 512, 4096), (vit_tokens, 256, 1024),
                         (1024, 1024, 1024)])
