@@ -8,7 +8,7 @@
   python eval.py demo [--out DIR]
       a tiny random model on synthetic local data: 2 tasks x 2 resolutions
 
-Prompts, decoding and scorers follow EVAL_PROTOCOL.md (lmms-eval, July 2024); see
+Prompts, decoding and scorers follow docs/evaluation.md (lmms-eval, July 2024); see
 infllava_jax/evaluation/. Data are local files only (lmms-lab parquet or jsonl); nothing is
 downloaded.
 """

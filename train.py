@@ -1,4 +1,4 @@
-"""Train INF-LLaVA (stage 1 or 2, SPEC section 7) on a mesh of devices.
+"""Train INF-LLaVA (stage 1 or 2, docs/model.md section 7) on a mesh of devices.
 
     python train.py --config configs/tiny.py --workdir W [--config.total_steps=100 ...]
     python train.py --config configs/stage2_8b.py --workdir W --config.init_checkpoint=STAGE1/final

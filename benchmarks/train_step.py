@@ -4,7 +4,7 @@
 
 For the tiny and a small config (stage 2: DEM + projector + LLM trained, vision tower frozen):
 step time, tokens/s, XLA's compiled FLOPs against the analytic count (training/flops.py), and a
-PyTorch reference step (transformers CLIP + Llama, the DEM written from SPEC in
+PyTorch reference step (transformers CLIP + Llama, the DEM written from docs/model.md in
 convert/torch_reference.py, torch.optim.AdamW) on the same weights and batch. Matmuls run at
 default precision on both sides; the two steps alternate (median of --steps each). Then the f32
 GEMM rate of both on the small step's products and on 1024^3, timed in alternation; JAX's 1024^3

@@ -125,7 +125,7 @@ def wait_idle(min_idle: float = MIN_IDLE, timeout: float = IDLE_TIMEOUT) -> floa
 def torch_pruned(ref: InfLlavaTorch, pixels: torch.Tensor) -> torch.Tensor:
     """Plain PyTorch doing the work of JAX's fast path (odd grid, released DEM): the N local crops
     and the low-res view through the tower's first L-1 layers (hidden_states[-2]), then the DEM
-    only at the positions the bilinear pooling reads (DEM.fast, SPEC section 4), the projector."""
+    only at the positions the bilinear pooling reads (DEM.fast, docs/model.md section 4), the projector."""
     nH, nW, s = ref.dem["nH"], ref.dem["nW"], ref.s
     assert nH % 2 and nW % 2 and ref.model.vision_tower.select_layer == -2, "odd grids, hidden_states[-2]"
     clip, dem = ref.model.vision_tower.clip, ref.model.spatial_embed

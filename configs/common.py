@@ -6,7 +6,7 @@ from ml_collections import ConfigDict
 def base_config() -> ConfigDict:
     """Every key of a training config with its default; configs/<name>.py change what differs."""
     c = ConfigDict()
-    c.stage = "stage2"              # "stage1" | "stage2": template and trainable parts (SPEC section 7)
+    c.stage = "stage2"              # "stage1" | "stage2": template and trainable parts (docs/model.md section 7)
     c.also_train = ()               # parts that train beyond the stage's, e.g. ("vision_tower",)
     c.seed = 0
     c.total_steps = 1000
@@ -29,10 +29,10 @@ def base_config() -> ConfigDict:
     c.data.synthetic = False        # generate the demo dataset into WORKDIR/../data if path is ""
     c.data.path = ""                # LLaVA JSON (or ArrayRecord dir)
     c.data.image_folder = ""
-    c.data.max_len = 2048           # after splicing (SPEC 6)
+    c.data.max_len = 2048           # after splicing (docs/model.md §6)
     c.data.buckets = ()             # spliced lengths to pad to; () = max_len / 4, / 2, 3/4, 1
     c.data.num_threads = 16
-    c.data.image_mode = ""          # "pad" | "square"; "" = the stage's (SPEC 2: stage 1 square, stage 2 pad)
+    c.data.image_mode = ""          # "pad" | "square"; "" = the stage's (docs/model.md §2: stage 1 square, 2 pad)
     c.data.image_cache_mb = 0       # > 0: decoded images stay in memory (the study's rows share them)
     c.data.allow_outside_paths = False   # True: image paths may be absolute or leave image_folder via ".."
     c.data.max_image_pixels = 1 << 26    # larger images are skipped and counted (too_many_pixels), not decoded

@@ -5,7 +5,7 @@ be overridden with `--config.<field>=<value>` (tuples as Python literals, e.g.
 `--config.res="(336, 1008)"`).
 
 Resolutions are in CLIP-336 units: res = 336 * n runs the model on an n x n grid with the
-released DEM operations (SPEC 4, "Other grids"); 336 is the 1 x 1 grid (DEM still applied), the
+released DEM operations (docs/model.md §4, "Other grids"); 336 is the 1 x 1 grid (DEM still applied), the
 released model's own point is 1008. `pixels="released"` feeds 336-px (sub-image sized) images
 that the model upsamples bicubically to n*336, as the released inference loader does;
 `pixels="native"` preprocesses straight to n*336.
@@ -24,7 +24,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.max_new_tokens = 0            # > 0: cap every task's protocol value
     c.pixels = "released"           # "released" | "native" (see above)
     c.image_mode = "pad"            # "pad" (stage 2 / inference) | "square"
-    c.double_bos = True             # the released loader's doubled <|begin_of_text|> (SPEC 6)
+    c.double_bos = True             # the released loader's doubled <|begin_of_text|> (docs/model.md §6)
     c.length_buckets = (64, 128, 256, 512, 1024, 2048)
     c.image_buckets = (1, 2, 4, 8)
     c.mesh = ""                     # "" = every device on `data`; e.g. "data=2,fsdp=4"

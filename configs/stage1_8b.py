@@ -1,4 +1,4 @@
-"""Stage 1 of the released recipe (SPEC section 7): DEM + projector on LLaVA-558K captions, LLM frozen.
+"""Stage 1 of the released recipe (docs/model.md section 7): DEM + projector on LLaVA-558K captions, LLM frozen.
 
     python -m convert CLIP_DIR LLAMA3_DIR W0          # HF CLIP + HF Llama-3: the stage-1 start
     python train.py --config configs/stage1_8b.py --workdir W1 --config.init_checkpoint=W0 \

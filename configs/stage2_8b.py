@@ -1,4 +1,4 @@
-"""Stage 2 of the released recipe (SPEC section 7): DEM + projector + LLM on llava_v1_5_mix665k.
+"""Stage 2 of the released recipe (docs/model.md section 7): DEM + projector + LLM on llava_v1_5_mix665k.
 
     python train.py --config configs/stage2_8b.py --workdir W2 \
         --config.init_checkpoint=W1/final \

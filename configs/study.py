@@ -10,12 +10,12 @@ Rows (same data, same steps, same trainable parts; only the visual path differs)
     strided_only   1008: the 9 strided crops only, average-pooled to 6x6 tokens, no DEM
     dcm_dem_672    DCM + DEM on a 2x2 grid (168 px)
     dcm_dem_1008   DCM + DEM on a 3x3 grid (252 px), the released model's point
-Every row gives the LLM 36 visual tokens per image. The DEM rows use the paper's pooling (SPEC 5:
+Every row gives the LLM 36 visual tokens per image. The DEM rows use the paper's pooling (docs/model.md §5:
 the mean of each n x n cell of the fused map, low-res features added): the released "pooling"
-keeps only each cell's centre (SPEC 4), i.e. 1 of 9 local patches, so a detail elsewhere never
+keeps only each cell's centre (docs/model.md §4), i.e. 1 of 9 local patches, so a detail elsewhere never
 reaches the LLM (measured: dcm_dem_1008 released read the digit at 20%, local_only at 97%).
 
-The released recipe (SPEC 7), scaled down: the vision tower is the study's stage-0 tower
+The released recipe (docs/model.md §7), scaled down: the vision tower is the study's stage-0 tower
 (training/vision_pretrain.py, the tiny model's "CLIP"), frozen in both stages; stage 1 trains
 DEM + projector on the captions (plain template) and, unlike the released recipe, the tiny LLM too
 (it has no pretrained weights); stage 2 trains DEM + projector + LLM on the VQA records.

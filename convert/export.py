@@ -1,6 +1,6 @@
 """python -m convert.export CKPT DST [--format released|hf]: our checkpoint -> PyTorch files.
 
-released: the released INF-LLaVA layout (SPEC section 8 keys, shapes; dtype of the checkpoint
+released: the released INF-LLaVA layout (docs/model.md section 8 keys, shapes; dtype of the checkpoint
 unless --dtype): sharded safetensors + model.safetensors.index.json + config.json
 (model_type llava_llama, plus `mm_vision_config` / `dem_config`, which PyTorch code ignores
 and which let `python -m convert` re-import the files alone). released -> ours -> released

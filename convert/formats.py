@@ -1,6 +1,6 @@
 """Source formats: how each kind of PyTorch checkpoint maps onto our model, as data.
 
-Every INF-LLaVA source is first presented as one *released-layout state dict* (SPEC section 8
+Every INF-LLaVA source is first presented as one *released-layout state dict* (docs/model.md section 8
 key names), possibly virtual: CLIP tensors renamed under the released vision prefix, Llama
 tensors with the `<pad>` row appended, fresh DEM/projector tensors. One table
 (`released_rows`) then converts all of them, and `convert --verify` feeds the same state
@@ -59,7 +59,7 @@ FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 # ----------------------------------------------------------------------------- tables
 
 def released_rows(config: InfLlavaConfig, *, with_vision: bool = True) -> list[keymap.Row]:
-    """The released INF-LLaVA state dict (SPEC section 8) <-> our tree."""
+    """The released INF-LLaVA state dict (docs/model.md section 8) <-> our tree."""
     rows = keymap.prefixed(llama.key_map(config.llm), "language_model/", "")
     rows += keymap.prefixed(projector.key_map(projector.RELEASED_NAMES), "mm_projector/", "model.mm_projector.")
     if config.dem is not None:
@@ -419,7 +419,7 @@ def _stage_start(clip_dir: Path, llama_dir: Path, adapter: Path | None, dtype: s
     llm_cfg = llama_config(read_config(llama_dir), f"{llama_dir}/config.json")
     llama_tensors, adapter_tensors, adapter_json, adapter_note = _adapter(adapter, llama_tensors)
     pad = None
-    if add_pad_token:   # SPEC 1/6: `<pad>` appended, its rows = mean of the others
+    if add_pad_token:   # docs/model.md §1/6: `<pad>` appended, its rows = mean of the others
         pad = llm_cfg.vocab_size
         for key in ("model.embed_tokens.weight", "lm_head.weight"):
             if key in llama_tensors:

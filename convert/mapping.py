@@ -18,7 +18,7 @@ def _tensors(sd: Mapping[str, Any]):
 
 
 def released_to_params(sd: Mapping[str, Any], config: InfLlavaConfig) -> dict:
-    """Released INF-LLaVA state dict (SPEC section 8, vision tower included) -> params (numpy)."""
+    """Released INF-LLaVA state dict (docs/model.md section 8, vision tower included) -> params (numpy)."""
     plan = engine.import_plan(formats.released_rows(config), _tensors(sd), abstract_params(config),
                               ignore=formats.released_ignore(config), what="released state dict")
     return engine.to_numpy(plan)

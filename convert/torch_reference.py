@@ -1,4 +1,4 @@
-"""PyTorch reference of the released INF-LLaVA forward, written from SPEC.md (sections 1-4, 6, 8):
+"""PyTorch reference of the released INF-LLaVA forward, written from docs/model.md (sections 1-4, 6, 8):
 the `python -m convert ... --verify` model and the tests' reference. Imports only constants
 from infllava_jax, none of its model code.
 
@@ -8,7 +8,7 @@ a Python loop per row (LLaVA's `prepare_inputs_labels_for_multimodal`). CLIP and
 transformers' own modules, as in the released code (its LlavaLlamaForCausalLM subclasses
 LlamaForCausalLM; its vision tower is CLIPVisionModel).
 
-`InfLlavaTorch.state_dict()` has exactly the released key names (SPEC section 8):
+`InfLlavaTorch.state_dict()` has exactly the released key names (docs/model.md section 8):
 
     model.vision_tower.vision_tower.vision_model.*      HF CLIPVisionModel
     model.mm_projector.{0,2}.{weight,bias}              Linear, GELU, Linear
@@ -58,7 +58,7 @@ class MultiHeadedAttention(nn.Module):
 
 
 class SpatialEmbed(nn.Module):
-    """DEM (SPEC section 4): one shared MHA, ffn_crop / ffn_stride, ln_fuse."""
+    """DEM (docs/model.md section 4): one shared MHA, ffn_crop / ffn_stride, ln_fuse."""
 
     def __init__(self, d_model: int, heads: int, d_k: int, ffn_hidden: int, ffn_out: int, eps: float = 1e-5):
         super().__init__()

@@ -24,7 +24,7 @@ class InfLlavaConfig:
     vision: CLIPVisionConfig
     llm: LlamaConfig
     dem: DEMConfig | None = None        # None: LLaVA-1.5 (no DCM/DEM)
-    select_layer: int = -2              # feature = hidden_states[-2] without CLS (SPEC 1)
+    select_layer: int = -2              # feature = hidden_states[-2] without CLS (docs/model.md §1)
     image_token_index: int = IMAGE_TOKEN_INDEX   # -200, or the HF image token id also accepted (token_ids.py)
     pad_token_id: int | None = None
 

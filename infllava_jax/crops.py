@@ -1,4 +1,4 @@
-"""DCM, dual-perspective cropping (SPEC section 3): local crops, strided crops and their inverses.
+"""DCM, dual-perspective cropping (docs/model.md section 3): local crops, strided crops and their inverses.
 
 Channels-last arrays (..., H, W, C) with H = nH*sH, W = nW*sW (sH = sW = 336 for pixels,
 24 for CLIP token maps); any leading batch axes; any nH x nW grid. Crop k = r*nW + c.

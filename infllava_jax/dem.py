@@ -1,4 +1,4 @@
-"""DEM, the dual-perspective enhancement module (SPEC sections 4-5), and its PyTorch key map.
+"""DEM, the dual-perspective enhancement module (docs/model.md sections 4-5), and its PyTorch key map.
 
 Inputs per image (batch B leading), D = CLIP width, g = tokens per side, N = nH*nW:
     local   (B, N, g*g, D)   CLIP features of the local crops (crops.local_crops order r*nW + c)
@@ -23,7 +23,7 @@ queries at those positions reach the output. For a sampled position (nH*i + p, n
 so the fast path needs all N local crops but only the sampled strided crops
 `DEMConfig.fast_path_phases` (odd n: the centre phase (n//2); even n: phases n/2-1 and n/2;
 per axis, all combinations). For odd nH and nW the centre strided crop *is* the low-resolution
-view (bicubic downsampling by an odd factor lands on pixels n*i + n//2, SPEC section 2), so
+view (bicubic downsampling by an odd factor lands on pixels n*i + n//2, docs/model.md section 2), so
 the model runs N + 1 ViT passes instead of 2N + 1 (n=3: 10 instead of 19) and calls
 `fast(local, low, low)`. Even n needs the central 2x2 phases (4 strided crops, indices
 `cfg.fast_path_crop_indices`) plus the separate low-res view: N + 5 passes (n=2: no saving).
@@ -35,7 +35,7 @@ DCM ablations (`DEMConfig.views`, the miniature study's rows; not in the release
     views="strided"  v = avgpool_{nH x nW}(F_glo)   only the N strided crops, no DEM, no S
 Both keep g*g tokens per image and have no DEM parameters (`DEM.single_view`).
 
-Parameter names follow the released state dict (`model.spatial_embed.*`, SPEC section 8):
+Parameter names follow the released state dict (`model.spatial_embed.*`, docs/model.md section 8):
     attention.{q,k,v,o}_proj.{kernel,bias}  <- attention.linears.{0,1,2,3}.{weight^T,bias}
     attention.ln.{scale,bias}               <- attention.ln.{weight,bias}
     ffn_{crop,stride}.{fc1,fc2}             <- ffn_{crop,stride}.{0,2}  (Sequential: Linear, GELU, Linear)

@@ -36,14 +36,14 @@ class InfLlavaModel(nn.Module):
         return f.reshape(B, V, *f.shape[1:])
 
     def views(self, pixel_values):
-        """(B, H, W, 3) -> (B, V, s, s, 3): the sub-images the vision tower sees (DCM, SPEC 2-4)."""
+        """(B, H, W, 3) -> (B, V, s, s, 3): the sub-images the vision tower sees (DCM, docs/model.md §2-4)."""
         c = self.config
         s, (H, W) = c.sub_image_size, c.image_size
         if c.dem is None:
             _check_pixels(pixel_values, (s, s))
             return pixel_values[:, None]
         if pixel_values.shape[1:3] == (s, s) and (H, W) != (s, s):
-            # released inference path: the loader feeds s x s, encode_images upsamples (SPEC 2)
+            # released inference path: the loader feeds s x s, encode_images upsamples (docs/model.md §2)
             pixel_values = resize_bicubic(pixel_values, H, W)
         _check_pixels(pixel_values, (H, W))
         d = c.dem
@@ -52,7 +52,7 @@ class InfLlavaModel(nn.Module):
             return view(pixel_values, d.nH, d.nW)
         local = crops.local_crops(pixel_values, d.nH, d.nW)                        # (B, N, s, s, 3)
         low = resize_bicubic(pixel_values, s, s)[:, None]                           # (B, 1, s, s, 3)
-        if d.use_fast_path:   # only the sub-images that reach the output (SPEC 4, fast path)
+        if d.use_fast_path:   # only the sub-images that reach the output (docs/model.md §4, fast path)
             if d.low_is_centre_strided_crop:  # odd grid: low-res view = centre strided crop
                 return jnp.concatenate([local, low], axis=1)
             sampled = crops.strided_crops(pixel_values, d.nH, d.nW)[:, list(d.fast_path_crop_indices)]
@@ -65,7 +65,7 @@ class InfLlavaModel(nn.Module):
         return self._features(self.views(pixel_values))
 
     def fuse(self, f):
-        """(B, V, T, D) features of `views` -> (B, T', D_vit) visual tokens (DEM, SPEC 4-5)."""
+        """(B, V, T, D) features of `views` -> (B, T', D_vit) visual tokens (DEM, docs/model.md §4-5)."""
         d = self.config.dem
         if d is None:
             return f[:, 0]

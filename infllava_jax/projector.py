@@ -1,4 +1,4 @@
-"""Projector `mlp2x_gelu` (SPEC section 1): Linear(D_vit -> D_llm), exact GELU, Linear(D_llm -> D_llm).
+"""Projector `mlp2x_gelu` (docs/model.md section 1): Linear(D_vit -> D_llm), exact GELU, Linear(D_llm -> D_llm).
 
 Submodule names `linear_1` / `linear_2` are HF LLaVA's (`multi_modal_projector.linear_{1,2}`);
 the released keys are `model.mm_projector.0` / `.2` (nn.Sequential(Linear, GELU, Linear)).

@@ -1,4 +1,4 @@
-"""Sequence assembly (SPEC section 6): each image sentinel (-200) becomes T visual embeddings.
+"""Sequence assembly (docs/model.md section 6): each image sentinel (-200) becomes T visual embeddings.
 
 Static shapes inside jit: a row of L ids holding K sentinels becomes L + K*(T-1) positions, or
 `out_len` positions when given (packed rows, data/packing.py: each row's real positions fit).

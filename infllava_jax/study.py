@@ -8,7 +8,7 @@ On a fake 8-device mesh (XLA_FLAGS=--xla_force_host_platform_device_count=8, set
      (training/vision_pretrain.py), the tiny model's "CLIP", in OUT/vision;
   3. for every row of configs/study.py (plain 84 px, local crops only, strided crops only, DCM + DEM
      at 672 and 1008) and seed: stage 1 on the captions and stage 2 on the VQA records with that
-     tower frozen (the released recipe, SPEC section 7; the tiny LLM trains from stage 1 on), then
+     tower frozen (the released recipe, docs/model.md section 7; the tiny LLM trains from stage 1 on), then
      the `hires_synth` eval task on test.jsonl at the row's resolution (exact match per type);
   4. OUT/results.md, OUT/results.json and OUT/study.png: accuracy per question type and row (mean
      and range over seeds) next to the answer prior, and the study's targets, checked.

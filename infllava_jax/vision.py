@@ -1,4 +1,4 @@
-"""CLIP vision tower (SPEC section 1): ViT-L/14-336 as Flax Linen modules.
+"""CLIP vision tower (docs/model.md section 1): ViT-L/14-336 as Flax Linen modules.
 
 Module names follow Hugging Face `CLIPVisionModel` (`embeddings`, `pre_layrnorm` [sic],
 `encoder.layers`, `self_attn.q_proj`, `layer_norm1`, `mlp.fc1`, `post_layernorm`), so

@@ -35,7 +35,7 @@ def test_crops_match_index_formulas(nH, nW, lead):
     img = _image(nH, nW, 5, lead)
     np.testing.assert_array_equal(local_crops(img, nH, nW), _gather_local(img, nH, nW))
     np.testing.assert_array_equal(strided_crops(img, nH, nW), _gather_strided(img, nH, nW))
-    # and the slicing definitions of SPEC section 3
+    # and the slicing definitions of docs/model.md section 3
     s = 5
     for r in range(nH):
         for c in range(nW):
@@ -76,7 +76,7 @@ def test_jax_arrays_under_jit_and_image_scale():
     loc = jax.jit(lambda x: local_crops(x, 3, 3))(img)
     st = jax.jit(lambda x: strided_crops(x, 3, 3))(img)
     assert loc.shape == st.shape == (9, 336, 336, 3)
-    np.testing.assert_array_equal(st[4], img[1::3, 1::3])   # the low-resolution view (SPEC 2)
+    np.testing.assert_array_equal(st[4], img[1::3, 1::3])   # the low-resolution view (docs/model.md §2)
     np.testing.assert_array_equal(loc[5], img[336:672, 672:1008])
     np.testing.assert_array_equal(jax.jit(lambda f: mosaic(f, 3, 3))(loc), img)
     np.testing.assert_array_equal(jax.jit(lambda f: interleave(f, 3, 3))(st), img)

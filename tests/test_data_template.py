@@ -1,4 +1,4 @@
-"""Tokenizer and templates (SPEC section 6): exact strings, loss masks, released-code parity."""
+"""Tokenizer and templates (docs/model.md section 6): exact strings, loss masks, released-code parity."""
 import copy
 
 import numpy as np
@@ -14,7 +14,7 @@ from infllava_jax.evaluation.prompting import encode
 from infllava_jax.splice import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from tests.test_data_common import CLEAN, _conv, tok  # noqa: F401  (fixture)
 
-# SPEC section 6, verbatim
+# docs/model.md section 6, verbatim
 SPEC_TEMPLATE = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nA chat between a curious user "
                  "and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite "
                  "answers to the user's questions.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n<image>\n"

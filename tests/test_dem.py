@@ -90,7 +90,7 @@ def test_released_real_size_n3_against_torch():
     cfg = DEMConfig()
     tm, params = torch_model(cfg, seed=1)
     local, strided, low = features(cfg, seed=1)
-    strided[:, 4] = low   # strided crop (1, 1) is the low-resolution view (SPEC section 2)
+    strided[:, 4] = low   # strided crop (1, 1) is the low-resolution view (docs/model.md section 2)
     ref = torch_run(tm, local, strided, low)
     with torch.no_grad():
         closed = tm.closed_form(torch.from_numpy(local), torch.from_numpy(low), n=3).numpy()

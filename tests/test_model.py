@@ -420,7 +420,7 @@ def _count(tree) -> int:
 
 def test_full_size_parameter_count_matches_torch_meta_models():
     """presets.inf_llava_8b, shapes only: each component's parameter count equals that of the
-    PyTorch modules the released checkpoint holds (built on the meta device, sizes from SPEC 1)."""
+    PyTorch modules the released checkpoint holds (built on the meta device, sizes from docs/model.md §1)."""
     abstract = abstract_params(presets.inf_llava_8b())
     with torch.device("meta"):
         clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(

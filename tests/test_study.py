@@ -61,7 +61,7 @@ def test_study_end_to_end_and_reuse(tmp_path):
 
 
 def test_stage0_tower_is_frozen_in_stages_1_and_2(tmp_path):
-    """The released recipe (SPEC 7): the rows' vision tower is stage 0's, unchanged by stages 1-2."""
+    """The released recipe (docs/model.md §7): the rows' vision tower is stage 0's, unchanged by stages 1-2."""
     import numpy as np
     from infllava_jax import InfLlava
     out = tmp_path / "study"

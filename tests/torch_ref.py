@@ -1,9 +1,9 @@
-"""PyTorch reference of the released DEM (`SpatialEmbed`), written from SPEC.md section 4.
+"""PyTorch reference of the released DEM (`SpatialEmbed`), written from docs/model.md section 4.
 
 Deliberately plain: the maps are built and cut with explicit slicing loops, the pooling is
 `torch.nn.functional.interpolate(mode="bilinear", align_corners=False)`, and the closed form
-(SPEC "exact fast path") is evaluated from its index formulas. Parameter names equal the
-released state dict under `model.spatial_embed.` (SPEC section 8).
+(docs/model.md "exact fast path") is evaluated from its index formulas. Parameter names equal the
+released state dict under `model.spatial_embed.` (docs/model.md section 8).
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ class SpatialEmbed(torch_reference.SpatialEmbed):
         return out
 
     def closed_form(self, local, low, n: int = 3):
-        """SPEC "exact fast path" for an odd n x n grid, from its index formulas (m = g / n):
+        """docs/model.md "exact fast path" for an odd n x n grid, from its index formulas (m = g / n):
         token (i, j), crop k = (i // m, j // m), c = n // 2:
             a = MHA(S[i, j], C_k);  b = MHA(C_k[n(i % m) + c, n(j % m) + c], S)
             out = (S[i, j] + LN_fuse([ffn_crop(b); ffn_stride(a)] + a + b)) / 2

@@ -1,4 +1,4 @@
-"""Data: tokenizer, conversation templates, grain pipeline, ArrayRecord builder (SPEC sections 2, 6, 7).
+"""Data: tokenizer, conversation templates, grain pipeline, ArrayRecord builder (docs/model.md sections 2, 6, 7).
 
     tokenizer.py   tiny Llama-3-like BPE / a real HF Llama-3 tokenizer; stop ids
     template.py    `llama3` and `plain` templates -> (input_ids, labels); generation prompts

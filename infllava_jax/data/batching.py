@@ -1,4 +1,4 @@
-"""Batches with a few static shapes: right padding to a length bucket (SPEC section 6).
+"""Batches with a few static shapes: right padding to a length bucket (docs/model.md section 6).
 
 Buckets are *spliced* lengths (what the language model sees): a batch in bucket b holds
 b - (T - 1) ids per row, since each row has exactly one image slot whose sentinel becomes T

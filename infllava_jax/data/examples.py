@@ -3,7 +3,7 @@
 An example is a dict of numpy values: input_ids, labels (int32, unspliced), pixels (float32
 CLIP-normalised: (S, S, 3) for one image, (k, S, S, 3) for k > 1 in `<image>` order, None for a
 text-only sample; with a feature bank the frozen tower's features (V, T, D) per image instead), num_images, has_image, index (the record's position in the source), truncated. A bad sample is {"bad": reason, "index": i, "detail": str}; pipeline.py counts and drops
-it. LLaVA JSON records: SPEC section 7; template and loss mask: section 6; pixels: section 2.
+it. LLaVA JSON records: docs/model.md section 7; template and loss mask: section 6; pixels: section 2.
 """
 from __future__ import annotations
 
@@ -57,9 +57,9 @@ class SampleSpec:
     """What one example must look like for the model (per-sample part of DataConfig)."""
     template: str = "llama3"         # "plain" for stage 1
     image_size: int = 1008           # the model's high-res input (processor size 336 x 3)
-    image_mode: str = "pad"          # "square" for stage 1 (SPEC 2)
+    image_mode: str = "pad"          # "square" for stage 1 (docs/model.md §2)
     tokens_per_image: int = 576      # T: one `<image>` id becomes T positions after splicing
-    max_len: int = 2048              # after splicing (SPEC 6)
+    max_len: int = 2048              # after splicing (docs/model.md §6)
     double_bos: bool = False         # True: the released doubled BOS
 
     def __post_init__(self):

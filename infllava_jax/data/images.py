@@ -1,4 +1,4 @@
-"""Image loading for training (SPEC section 2), split in two halves of `pixels.preprocess`:
+"""Image loading for training (docs/model.md section 2), split in two halves of `pixels.preprocess`:
 
 - `load_resized`: file -> RGB -> pad/square -> PIL bicubic resize + centre crop -> uint8 (S, S, 3)
   (what the ArrayRecord builder stores);

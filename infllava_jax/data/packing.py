@@ -8,7 +8,7 @@
 
 A packed row is a function of the stream alone, so the data order stays a function of the
 position (global micro-batch k = packed rows [k*G, (k+1)*G)): exact and elastic resume work as
-without packing. The model keeps segments apart (SPEC 6 splice, then): attention is causal
+without packing. The model keeps segments apart (docs/model.md §6 splice, then): attention is causal
 inside a segment (segment ids -> mask / splash SegmentIds), RoPE positions restart at each
 segment (llama.segment_positions), and a segment's last token predicts nothing
 (loss.shift_labels). Every row has `max_len` ids and `max_len` spliced positions, and

@@ -1,4 +1,4 @@
-"""LLaVA data -> grain pipeline of static-shape numpy batches (SPEC sections 2, 6, 7).
+"""LLaVA data -> grain pipeline of static-shape numpy batches (docs/model.md sections 2, 6, 7).
 
     source (LLaVA JSON/JSONL list, or ArrayRecord dir)       MapDataset, random access
       -> shuffle(seed) -> repeat(num_epochs)                  ONE global stream, reshuffled each epoch

@@ -1,4 +1,4 @@
-"""Conversation templates (SPEC section 6): LLaVA turns -> (input_ids, labels).
+"""Conversation templates (docs/model.md section 6): LLaVA turns -> (input_ids, labels).
 
 `llama3` (stage 2), as the released `conv_llama3` renders it:
 

@@ -1,6 +1,6 @@
 """Tokenizers: a tiny Llama-3-like byte-level BPE (trained in ~0.1 s, no download) or a real one.
 
-Both come back as a transformers `PreTrainedTokenizerFast`, so the template code (SPEC section 6)
+Both come back as a transformers `PreTrainedTokenizerFast`, so the template code (docs/model.md section 6)
 runs unchanged on either. The tiny one copies what matters of Meta-Llama-3's tokenizer.json:
 the same pre-tokenizer split regex + byte-level alphabet, the special tokens the `llama3`
 template spells out in text, and a post-processor that prepends `<|begin_of_text|>` when
@@ -19,7 +19,7 @@ EOS = "<|end_of_text|>"
 START_HEADER = "<|start_header_id|>"
 END_HEADER = "<|end_header_id|>"
 EOT = "<|eot_id|>"
-PAD = "<pad>"  # the released training added it (id 128256 in the real vocabulary, SPEC 1)
+PAD = "<pad>"  # the released training added it (id 128256 in the real vocabulary, docs/model.md §1)
 # `<pad>` first so the tiny tokenizer's pad id is 0, as presets.tiny() assumes.
 SPECIAL_TOKENS = (PAD, BOS, EOS, START_HEADER, END_HEADER, EOT)
 
@@ -129,5 +129,5 @@ def special_id(tokenizer, token: str) -> int:
 
 
 def stop_ids(tokenizer) -> tuple[int, ...]:
-    """Generation stops on `<|eot_id|>` or `<|end_of_text|>` (SPEC 6): (128009, 128001) for Llama-3."""
+    """Generation stops on `<|eot_id|>` or `<|end_of_text|>` (docs/model.md §6): (128009, 128001) for Llama-3."""
     return special_id(tokenizer, EOT), special_id(tokenizer, EOS)

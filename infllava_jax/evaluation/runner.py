@@ -10,7 +10,7 @@ compiles a bounded number of programs:
   images      per row padded to the smallest image-count bucket (rows with fewer `<image>`
               sentinels simply leave the extra slots unused: `splice` marks them invalid)
   pixels      fixed per sweep point (the grid / resolution)
-  new tokens  a static bucket per task (EVAL_PROTOCOL.md)
+  new tokens  a static bucket per task (docs/evaluation.md)
 
 so programs <= (grids) x (tasks' new-token buckets) x (length buckets used) x (image buckets
 used). Every compiled program is kept (`Generator.compiles` counts them).
@@ -59,7 +59,7 @@ def bucket(n: int, buckets: Sequence[int]) -> int:
 
 def grid_config(config: InfLlavaConfig, res: int) -> InfLlavaConfig:
     """The model at sweep resolution `res`: grid n x n with n = res / 336, the released DEM
-    operations at that grid (SPEC 4, "Other grids"); res = 336 is the 1 x 1 grid (one local crop
+    operations at that grid (docs/model.md §4, "Other grids"); res = 336 is the 1 x 1 grid (one local crop
     = one strided crop = the low-resolution view, DEM still applied), not a DEM-free single view.
     A model without DEM (LLaVA-1.5) only has res = 336."""
     if res % BASE_RES or res < BASE_RES:

@@ -2,7 +2,7 @@
 
 Every scorer takes the task's data rows and one prediction per row (`None` = missing, always
 wrong) and returns metrics as fractions in [0, 1]. `SCORERS[task]` maps scorer names to
-functions; the first entry is the default (lmms-eval's rule; EVAL_PROTOCOL.md).
+functions; the first entry is the default (lmms-eval's rule; docs/evaluation.md).
 
 | task | scorer | rule |
 |---|---|---|

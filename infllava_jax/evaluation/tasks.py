@@ -2,7 +2,7 @@
 
 The text returned by `Task.text(row)` is what lmms-eval's task sends; the model adapter puts
 `"<image>\\n"` (one `<image>` per image, joined by spaces) before it and wraps it in the llama3
-conversation template (EVAL_PROTOCOL.md). Prompts are written from lmms-eval's task files of
+conversation template (docs/evaluation.md). Prompts are written from lmms-eval's task files of
 July 2024 (`lmms_eval/tasks/<task>/utils.py` and yaml), e.g. MMBench's doubled newline before
 the instruction comes from its post_prompt starting with "\\n".
 """

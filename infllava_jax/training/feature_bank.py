@@ -1,6 +1,6 @@
 """The frozen vision tower's features of every training image, computed once per run.
 
-In both stages of the released recipe the vision tower is frozen (SPEC 7), so what it gives a
+In both stages of the released recipe the vision tower is frozen (docs/model.md §7), so what it gives a
 sample depends on the image alone: `InfLlavaModel.tower_features` (the DCM views through the tower,
 hidden_states[-2]) is the same at every epoch. With `data.feature_bank=True` the trainer computes it
 once for every image of the data file, in batches on the run's mesh, and the pipeline hands each

@@ -2,7 +2,7 @@
 
 State = {"step", "params" (trainable subtrees, fp32 master), "frozen" (never differentiated, no
 optimizer state), "opt_state"}. Which top-level parts train is a tuple of names: the stage's
-(SPEC section 7: stage 1 trains DEM + projector, stage 2 also the LLM, the vision tower never)
+(docs/model.md section 7: stage 1 trains DEM + projector, stage 2 also the LLM, the vision tower never)
 plus any the config adds (`also_train`, e.g. the miniature study's random tiny model). With LoRA
 on the language model (lora.py) its base is frozen (kept in the compute dtype: no fp32 master,
 no optimizer state) and only its adapters (`lora_A`, `lora_B` leaves) train with the parts.

@@ -1,6 +1,6 @@
 """Stage 0 of the miniature study: pretrain the tiny vision tower, the tiny model's "CLIP".
 
-The released recipe starts from a pretrained CLIP and never trains it (SPEC section 7); the tiny
+The released recipe starts from a pretrained CLIP and never trains it (docs/model.md section 7); the tiny
 model has no such tower, so this trains one, once, on the synthetic train split only, and every
 row of the study then uses it frozen. Objective: dense supervision from the generator's ground
 truth (data/synthetic_targets.py). Every ViT patch of every kind of view the study's rows feed the
