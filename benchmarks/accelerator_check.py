@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.timing import timed
-from infllava_jax import api, attention, presets
+from infllava_jax import attention, params as params_lib, presets
 from infllava_jax.api import InfLlava
 from infllava_jax.plan import apply_sets, load_config, train_step_setup
 from infllava_jax.splice import IMAGE_TOKEN_INDEX
@@ -59,7 +59,7 @@ def rel_err(a, b) -> float:
 def parity() -> dict:
     """fp32 device vs CPU (max relative error); bf16 + "auto" on the device vs fp32 on the CPU (KL)."""
     cfg, cpu, dev = presets.tiny(), jax.devices("cpu")[0], jax.devices()[0]
-    params = api.init_params(cfg, 0)
+    params = params_lib.init_params(cfg, 0)
     rng = np.random.default_rng(0)
     ids = rng.integers(1, cfg.llm.vocab_size, (1, PROMPT_IDS)).astype(np.int32)
     ids[0, 5] = IMAGE_TOKEN_INDEX
@@ -127,7 +127,7 @@ def train_step(mode: dict) -> dict:
     cfg = apply_sets(load_config(str(ROOT / mode["config"])), [*mode["sets"], f"global_batch={mode['micro'] * n}"])
     s = train_step_setup(cfg, {"fsdp": n}, mode["micro"])
     with jax.set_mesh(s["mesh"]):
-        params = api.init_params(s["mc"], 0, s["mesh"])
+        params = params_lib.init_params(s["mc"], 0, s["mesh"])
         state = jax.jit(lambda p: step_lib.init_state(p, s["parts"], s["tx"], s["mc"]), out_shardings=s["state_shardings"])(params)
         del params
         batch = random_batch(s)

@@ -34,7 +34,7 @@ from convert import formats
 from convert.sources import Tensor, open_weights
 from convert.writers import write_safetensors
 from infllava_jax import presets
-from infllava_jax.api import abstract_params
+from infllava_jax.params import abstract_params
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 BLOCK = (np.random.default_rng(0).standard_normal(32 << 20, np.float32) * 0.02).astype(BF16)   # 64 MB

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infllava_jax import api, presets
+from infllava_jax import params as params_lib, presets
 from infllava_jax.data.batching import collate, default_buckets, image_slots
 from infllava_jax.data.examples import example
 from infllava_jax.data.packing import collate_packed, plan_rows
@@ -143,7 +143,7 @@ def vision_share(cfg, seq_len: int) -> float:
 def compare(name, cfg, ex, B, max_len, rounds):
     """Bucketed and packed runs of the same conversations on `cfg`."""
     T = cfg.tokens_per_image
-    params = api.init_params(cfg, seed=0)
+    params = params_lib.init_params(cfg, seed=0)
     tx, schedule = step_lib.make_optimizer(1e-5, 1000, max_grad_norm=None)
     state = step_lib.init_state(params, step_lib.trainable_parts("stage2"), tx)
     step = jax.jit(step_lib.make_train_step(cfg, tx, schedule, loss_chunk=64))

@@ -27,7 +27,7 @@ import torch
 from convert.torch_reference import InfLlavaTorch
 from benchmarks.timing import gemm_rates, gemm_table, interleaved
 from configs.common import base_config
-from infllava_jax import api, presets
+from infllava_jax import params as params_lib, presets
 from infllava_jax.dem import DEMConfig
 from infllava_jax.llama import LlamaConfig
 from infllava_jax.splice import IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -85,7 +85,7 @@ def torch_reference(cfg, params):
 
 
 def run(name, cfg, B, L, steps):
-    params = api.init_params(cfg, seed=0)
+    params = params_lib.init_params(cfg, seed=0)
     tx, schedule = step_lib.make_optimizer(1e-5, 100, max_grad_norm=None)
     state = step_lib.init_state(jax.tree.map(jnp.copy, params), step_lib.trainable_parts("stage2"), tx)
     b = batch(cfg, B, L)

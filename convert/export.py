@@ -26,7 +26,7 @@ from convert.errors import ConversionError
 from convert.importer import progress_bar
 from convert.sources import Tensor, ranges
 from convert.writers import DEFAULT_SHARD_BYTES, write_safetensors
-from infllava_jax.api import abstract_params
+from infllava_jax.params import abstract_params
 from infllava_jax.checkpoint import (PARAMS_DIR, CheckpointError, atomic_directory, load_config, read_orbax,
                                      saved_metadata)
 from infllava_jax.config import InfLlavaConfig

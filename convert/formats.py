@@ -463,7 +463,7 @@ def _adapter(adapter: Path | None, llama_tensors: dict[str, Tensor]):
 
 def fresh_tensors(config: InfLlavaConfig, rows, seed: int) -> dict[str, Tensor]:
     """PyTorch-default initialisation of the DEM and projector tensors, released key names."""
-    from infllava_jax.api import abstract_params
+    from infllava_jax.params import abstract_params
     specs = {"/".join(str(getattr(k, "key", k)) for k in p): s for p, s in
              jax.tree_util.tree_flatten_with_path(abstract_params(config))[0]}
     out = {}

@@ -13,7 +13,8 @@ from convert.errors import ConversionError
 from convert.formats import Source
 from convert.nonfinite import FiniteCheck
 from infllava_jax.errors import one_line
-from infllava_jax.api import InfLlava, abstract_params, param_shardings
+from infllava_jax.api import InfLlava
+from infllava_jax.params import abstract_params, param_shardings
 from infllava_jax.checkpoint import save_checkpoint
 
 

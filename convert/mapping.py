@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 from convert import engine, formats
 from convert.sources import ArrayTensor
-from infllava_jax.api import abstract_params
+from infllava_jax.params import abstract_params
 from infllava_jax.config import InfLlavaConfig
 
 

@@ -121,14 +121,14 @@ def merged_config(config):
     return config.replace(llm=config.llm.replace(lora=None))
 
 
-def merge(config, params: dict) -> dict:
+def merge(config, params: dict, like: dict) -> dict:
     """Params of `merged_config(config)`: W <- W + (alpha/r) A B, no adapters, every leaf in the
-    plain config's dtype. What WORKDIR/final and every other tool read."""
-    from infllava_jax.api import abstract_params
+    plain config's dtype (`like`: its abstract params, `params.abstract_params(merged_config(config))`).
+    What WORKDIR/final and every other tool read."""
     scaling = config.llm.lora.scaling
     flat = flatten_dict(params)
     out = {}
-    for path, spec in flatten_dict(abstract_params(merged_config(config))).items():
+    for path, spec in flatten_dict(like).items():
         w = flat[path]
         if path[-1] == "kernel" and path[:-1] + ("lora_A",) in flat:
             a, b = flat[path[:-1] + ("lora_A",)], flat[path[:-1] + ("lora_B",)]

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from infllava_jax import attention, attention_cudnn, attention_splash, sharding
+from infllava_jax import attention, attention_cudnn, attention_splash, params as params_lib, sharding
 from infllava_jax.attention import QUERY_CHUNK, dot_product_attention
 
 
@@ -142,12 +142,12 @@ def test_unknown_impl_is_refused():
 def test_tiny_model_with_splash_everywhere_equals_xla():
     """ViT, DEM and Llama attentions all through splash (interpret mode), a left- and a
     right-padded row: the logits of the real tokens equal the xla model's."""
-    from infllava_jax import api, presets
+    from infllava_jax import presets
     from infllava_jax.api import InfLlava
     from infllava_jax.splice import IMAGE_TOKEN_INDEX
 
     cfg = presets.tiny()
-    params = api.init_params(cfg, 0)
+    params = params_lib.init_params(cfg, 0)
     rng = np.random.default_rng(0)
     L = 60
     ids = rng.integers(1, cfg.llm.vocab_size, (2, L)).astype(np.int32)

@@ -35,7 +35,8 @@ from convert.sources import ArrayTensor, open_weights
 from convert.verify import verify
 from convert.writers import write_safetensors
 from infllava_jax import presets, sharding
-from infllava_jax.api import InfLlava, abstract_params
+from infllava_jax.api import InfLlava
+from infllava_jax.params import abstract_params
 
 REPO = Path(__file__).resolve().parent.parent
 REL_TOL, KL_TOL = 1e-4, 1e-6

@@ -21,7 +21,7 @@ from convert.__main__ import main as convert_main
 from convert.export import released_config_json
 from convert.sources import open_weights
 from convert.verify import compare
-from infllava_jax import api, llama, lora, presets
+from infllava_jax import llama, lora, params as params_lib, presets
 from infllava_jax.api import InfLlava
 from infllava_jax.llama import LlamaForCausalLM
 from tests.test_convert import KL_TOL, REL_TOL, clip_model_dir, llama_dir, random_state, to_torch_tensor, write_st
@@ -66,7 +66,7 @@ def lora_checkpoint(tmp_path_factory):
     d = root / "llava-lora"
     pm.save_pretrained(d)
     rows = [r for r in formats.released_rows(CFG, with_vision=False) if not r.path.startswith("language_model/")]
-    others = random_state(rows, api.abstract_params(CFG), seed=6)
+    others = random_state(rows, params_lib.abstract_params(CFG), seed=6)
     torch.save({lora_files.PEFT_PREFIX + k: to_torch_tensor(v) for k, v in others.items()}, d / lora_files.NON_LORA)
     (d / "config.json").write_text(json.dumps(released_config_json(CFG, "float32")))
     return {"clip": clip, "llama": base, "lora": d, "peft": pm, "others": others}
@@ -111,10 +111,10 @@ def test_our_lora_export_loads_in_peft_with_parity(tmp_path):
     the base, equal to our unmerged forward; re-reading the directory gives lora.merge's weights."""
     lc = lora.LoraConfig(rank=4, alpha=8.0)
     cfg = CFG.replace(llm=CFG.llm.replace(lora=lc))
-    base = jax.device_get(api.init_params(CFG, seed=8))
+    base = jax.device_get(params_lib.init_params(CFG, seed=8))
     rng = np.random.default_rng(9)
     ad = jax.tree.map(lambda x: (0.3 / np.sqrt(x.shape[-2]) * rng.standard_normal(x.shape)).astype(np.float32),
-                      jax.device_get(api.init_adapters(cfg, 8)))
+                      jax.device_get(params_lib.init_adapters(cfg, 8)))
     params = lora.combine(base, ad)
     d = tmp_path / "final_lora"
     lora_files.save_adapters(cfg, params, d, base="tiny")
@@ -127,7 +127,7 @@ def test_our_lora_export_loads_in_peft_with_parity(tmp_path):
     m = assert_parity(peft_logits(pm, ids), our_lm_logits(cfg.llm, params["language_model"], ids))
     print(f"ours -> PEFT: rel err {m['rel_err']:.2e}, KL max {m['kl_max']:.2e} over {m['tokens']} tokens")
     # import of the same files merges to lora.merge (PyTorch layout)
-    merged_ours = engine.to_torch(llama.key_map(CFG.llm), lora.merge(cfg, params)["language_model"])
+    merged_ours = engine.to_torch(llama.key_map(CFG.llm), lora.merge(cfg, params, params_lib.abstract_params(lora.merged_config(cfg)))["language_model"])
     merged, trainables, _ = lora_files.read(d, {k: to_tensor(v) for k, v in sd.items()})
     for k, t in merged.items():
         np.testing.assert_allclose(t.read(), merged_ours[k], rtol=1e-5, atol=1e-6, err_msg=k)

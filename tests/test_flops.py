@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from infllava_jax import attention, presets
-from infllava_jax.api import abstract_params
+from infllava_jax.params import abstract_params
 from infllava_jax.training import flops, step as step_lib
 
 

@@ -33,7 +33,7 @@ def released(tmp_path_factory):
     from convert import formats
     from convert.export import released_config_json
     from infllava_jax import presets
-    from infllava_jax.api import abstract_params
+    from infllava_jax.params import abstract_params
     cfg = presets.tiny()
     sd = random_state(formats.released_rows(cfg), abstract_params(cfg), seed=0)
     d = write_st(tmp_path_factory.mktemp("fuzz_src") / "released", sd, shard_bytes=700_000)

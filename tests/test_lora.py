@@ -12,7 +12,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from configs.tiny import get_config
-from infllava_jax import api, lora, presets
+from infllava_jax import lora, params as params_lib, presets
 from infllava_jax.api import InfLlava
 from infllava_jax.sharding import make_mesh
 from infllava_jax.training import step as step_lib
@@ -27,7 +27,7 @@ CFG_LORA = CFG.replace(llm=CFG.llm.replace(lora=LC))
 
 def with_adapters(params, seed=1, b_scale=0.0):
     """params + fresh adapters; b_scale > 0 also draws B (as if trained)."""
-    ad = jax.device_get(api.init_adapters(CFG_LORA, seed))
+    ad = jax.device_get(params_lib.init_adapters(CFG_LORA, seed))
     if b_scale:
         rng = np.random.default_rng(seed)
         ad = jax.tree_util.tree_map_with_path(
@@ -36,7 +36,7 @@ def with_adapters(params, seed=1, b_scale=0.0):
 
 
 def test_step0_is_the_base_model_exactly():
-    base = api.init_params(CFG, seed=0)
+    base = params_lib.init_params(CFG, seed=0)
     params = with_adapters(base)
     ad = flatten_dict(lora.split(params, lora.is_adapter)[0])
     assert len(ad) == 2 * len(lora.PROJECTIONS)
@@ -51,7 +51,7 @@ def test_step0_is_the_base_model_exactly():
 
 def test_adapters_shard_like_their_base():
     mesh = make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
-    sh = flatten_dict(api.param_shardings(CFG_LORA, mesh))
+    sh = flatten_dict(params_lib.param_shardings(CFG_LORA, mesh))
     checked = 0
     for path, s in sh.items():
         if path[-1] == "kernel" and path[:-1] + ("lora_A",) in sh:
@@ -65,7 +65,7 @@ def test_adapters_shard_like_their_base():
 
 
 def test_base_is_frozen_without_optimizer_state_and_adapters_train():
-    params = with_adapters(api.init_params(CFG, seed=2))
+    params = with_adapters(params_lib.init_params(CFG, seed=2))
     tx, schedule = step_lib.make_optimizer(1e-2, 10, warmup_ratio=0.0)
     parts = step_lib.trainable_parts("stage2", with_lora=True)
     assert parts == ("spatial_embed", "mm_projector")
@@ -91,7 +91,7 @@ def test_base_is_frozen_without_optimizer_state_and_adapters_train():
 
 def test_a_frozen_bf16_base_is_stored_in_the_compute_dtype():
     cfg = CFG_LORA.with_runtime(dtype="bfloat16")
-    params = with_adapters(api.init_params(CFG, seed=2))
+    params = with_adapters(params_lib.init_params(CFG, seed=2))
     tx, _ = step_lib.make_optimizer(1e-2, 10)
     state = jax.eval_shape(lambda p: step_lib.init_state(p, ("spatial_embed", "mm_projector"), tx, cfg), params)
     dtypes = {x.dtype for x in jax.tree.leaves(state["frozen"]["language_model"]) if x.ndim >= 2}
@@ -100,9 +100,9 @@ def test_a_frozen_bf16_base_is_stored_in_the_compute_dtype():
 
 
 def test_merge_is_w_plus_scaled_ab_and_equals_the_adapter_forward():
-    params = with_adapters(api.init_params(CFG, seed=3), b_scale=0.05)
-    merged = lora.merge(CFG_LORA, params)
-    assert jax.tree.structure(merged) == jax.tree.structure(api.abstract_params(CFG))
+    params = with_adapters(params_lib.init_params(CFG, seed=3), b_scale=0.05)
+    merged = lora.merge(CFG_LORA, params, params_lib.abstract_params(lora.merged_config(CFG_LORA)))
+    assert jax.tree.structure(merged) == jax.tree.structure(params_lib.abstract_params(CFG))
     layer = params["language_model"]["model"]["layers"]["mlp"]["down_proj"]
     want = np.asarray(layer["kernel"], np.float64) + LC.alpha / LC.rank * np.einsum(
         "lir,lro->lio", np.asarray(layer["lora_A"], np.float64), np.asarray(layer["lora_B"], np.float64))
@@ -112,13 +112,13 @@ def test_merge_is_w_plus_scaled_ab_and_equals_the_adapter_forward():
     b = jax.tree.map(lambda x: x[0], _batch(A=1, b=2, L=30))
     ids, px = b["input_ids"], np.moveaxis(b["pixel_values"], -1, 1)
     a, m = InfLlava(CFG_LORA, params)(ids, px), InfLlava(CFG, merged)(ids, px)
-    assert np.abs(a - InfLlava(CFG, jax.device_get(api.init_params(CFG, seed=3)))(ids, px)).max() > 1e-2
+    assert np.abs(a - InfLlava(CFG, jax.device_get(params_lib.init_params(CFG, seed=3)))(ids, px)).max() > 1e-2
     np.testing.assert_allclose(m, a, rtol=0, atol=1e-4 * np.abs(a).max())
 
 
 def test_dropout_needs_an_rng_and_is_off_without_one():
     cfg = CFG.replace(llm=CFG.llm.replace(lora=lora.LoraConfig(rank=4, dropout=0.5)))
-    params = with_adapters(api.init_params(CFG, seed=4), b_scale=0.05)
+    params = with_adapters(params_lib.init_params(CFG, seed=4), b_scale=0.05)
     from infllava_jax.model import InfLlavaModel
     b = jax.tree.map(lambda x: x[0], _batch(A=1, b=1, L=12))
     run = lambda **kw: InfLlavaModel(cfg).apply({"params": params}, b["input_ids"], b["pixel_values"], **kw)
@@ -169,7 +169,7 @@ def test_lora_training_loop_export_and_resume(tmp_path):
     # WORKDIR/final: merged, a plain checkpoint (no adapters) equal to lora.merge of the state
     final = InfLlava.from_pretrained(tmp_path / "a" / "final")
     assert final.config == lora.merged_config(t.mc) and final.config.llm.lora is None
-    want = lora.merge(t.mc, t.params())
+    want = lora.merge(t.mc, t.params(), params_lib.abstract_params(lora.merged_config(t.mc)))
     for (p, x), y in zip(flatten_dict(final.params).items(), jax.tree.leaves(want)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(p))
     out = tmp_path / "a" / "final_lora"
@@ -186,7 +186,7 @@ def test_lora_training_loop_export_and_resume(tmp_path):
 
 
 def test_lora_steps_lower_the_loss_on_a_fixed_batch():
-    params = with_adapters(api.init_params(CFG, seed=5))
+    params = with_adapters(params_lib.init_params(CFG, seed=5))
     tx, schedule = step_lib.make_optimizer(1e-2, 30, warmup_ratio=0.0)
     state = step_lib.init_state(params, step_lib.trainable_parts("stage1", with_lora=True), tx, CFG_LORA)
     step = jax.jit(step_lib.make_train_step(CFG_LORA, tx, schedule, loss_chunk=16))
@@ -200,7 +200,7 @@ def test_lora_steps_lower_the_loss_on_a_fixed_batch():
 
 def test_train_step_applies_lora_dropout_with_a_key_per_step():
     cfg = CFG.replace(llm=CFG.llm.replace(lora=lora.LoraConfig(rank=4, dropout=0.5)))
-    params = with_adapters(api.init_params(CFG, seed=6), b_scale=0.05)
+    params = with_adapters(params_lib.init_params(CFG, seed=6), b_scale=0.05)
     tx, _ = step_lib.make_optimizer(1e-2, 10)
     parts = step_lib.trainable_parts("stage2", with_lora=True)
     state = step_lib.init_state(params, parts, tx, cfg)

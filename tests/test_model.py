@@ -23,7 +23,8 @@ from torch import nn
 from convert.mapping import llava_hf_to_params, released_to_params
 from convert.torch_reference import InfLlavaTorch, randomize_
 from infllava_jax import presets, sharding
-from infllava_jax.api import InfLlava, abstract_params
+from infllava_jax.api import InfLlava
+from infllava_jax.params import abstract_params
 from infllava_jax.checkpoint import CONFIG_FILE
 from infllava_jax.config import InfLlavaConfig
 from infllava_jax.dem import key_map as dem_key_map

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from infllava_jax import api, presets
+from infllava_jax import params as params_lib, presets
 from infllava_jax.model import InfLlavaModel
 from infllava_jax.pixels import preprocess
 from infllava_jax.splice import IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -117,7 +117,7 @@ def test_model_rows_equal_per_image_reference(data_root, tok):
     the row built by hand from single-image encodings; the 1-image row equals the existing
     single-image path; padding images (zeros or noise) change nothing."""
     b, _ = _first_batch(data_root, tok, _write(data_root, "multi.json", MULTI))
-    params = jax.device_get(api.init_params(CFG, seed=3))
+    params = jax.device_get(params_lib.init_params(CFG, seed=3))
     ids, px, mask = (jnp.asarray(b[k]) for k in ("input_ids", "pixel_values", "attention_mask"))
     out = np.asarray(_forward(params, ids, px, mask))
     assert out.shape[1] == ids.shape[1] + 3 * (T - 1)

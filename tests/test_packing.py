@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from infllava_jax import api, attention, presets
+from infllava_jax import attention, params as params_lib, presets
 from infllava_jax.data.batching import collate
 from infllava_jax.data.examples import JsonRecordProcessor
 from infllava_jax.data.packing import collate_packed, plan_rows
@@ -120,7 +120,7 @@ def _grads(cfg, batch, params):
 
 @pytest.fixture(scope="module")
 def unpacked_reference(batches):
-    params = jax.device_get(api.init_params(CFG, seed=1))
+    params = jax.device_get(params_lib.init_params(CFG, seed=1))
     return params, _grads(CFG, batches[0], params)
 
 

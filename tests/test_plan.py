@@ -9,7 +9,7 @@ from pathlib import Path
 
 import jax
 
-from infllava_jax import api
+from infllava_jax import params as params_lib
 from infllava_jax.data.tokenizer import load_tokenizer
 from infllava_jax.plan import apply_sets, load_config, plan
 from infllava_jax.training.loop import model_config
@@ -25,7 +25,7 @@ def test_lora_plan_has_no_optimizer_state_for_the_language_model():
     lora_plan = json.loads(out.strip().splitlines()[-1])
     full = plan(apply_sets(load_config(ARGS[1]), []), {"fsdp": 2}, 2, 0.4)
     assert lora_plan["devices"] == full["devices"] == 2 and lora_plan["stage"] == "stage2"
-    lm = api.abstract_params(tiny_model_config())["language_model"]
+    lm = params_lib.abstract_params(tiny_model_config())["language_model"]
     lm_bytes = sum(x.size * 4 for x in jax.tree.leaves(lm))
     saved = (full["argument_gib"] - lora_plan["argument_gib"]) * 2 ** 30 * 2       # 2 devices, fsdp-sharded
     assert 1.5 * lm_bytes < saved < 2.5 * lm_bytes, (saved, lm_bytes)

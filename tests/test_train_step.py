@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from infllava_jax import api, presets
+from infllava_jax import params as params_lib, presets
 from infllava_jax.model import InfLlavaModel
 from infllava_jax.sharding import batch_sharding, make_mesh
 from infllava_jax.splice import IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -34,7 +34,7 @@ def _place(tree, shardings):
 
 @pytest.fixture(scope="module")
 def reference():
-    params = jax.device_get(api.init_params(CFG, seed=1))
+    params = jax.device_get(params_lib.init_params(CFG, seed=1))
     tx, _ = step_lib.make_optimizer(1e-3, 10)
     state = step_lib.init_state(params, step_lib.trainable_parts("stage2"), tx)
     batch = _batch()
@@ -58,7 +58,7 @@ def test_splash_attention_in_the_sharded_step(reference):
 def check_mesh(reference, shape, cfg):
     params, batch, (loss1, count1, grads1) = reference
     mesh = make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)))
-    p_sh = api.param_shardings(cfg, mesh)
+    p_sh = params_lib.param_shardings(cfg, mesh)
     tx, _ = step_lib.make_optimizer(1e-3, 10)
     state = step_lib.init_state(_place(params, p_sh), step_lib.trainable_parts("stage2"), tx)
     b_sh = {k: batch_sharding(mesh, v.ndim, batch_axis=1) for k, v in batch.items()}
@@ -81,7 +81,7 @@ def check_mesh(reference, shape, cfg):
 
 
 def test_frozen_parts_have_no_optimizer_state_and_step_updates_only_trainable():
-    params = api.init_params(CFG, seed=2)
+    params = params_lib.init_params(CFG, seed=2)
     tx, schedule = step_lib.make_optimizer(1e-2, 10, warmup_ratio=0.0)
     state = step_lib.init_state(params, step_lib.trainable_parts("stage1"), tx)
     assert set(state["params"]) == {"spatial_embed", "mm_projector"}
@@ -103,7 +103,7 @@ def test_frozen_parts_have_no_optimizer_state_and_step_updates_only_trainable():
 
 
 def test_batch_without_supervised_tokens_is_skipped_not_trained():
-    params = api.init_params(CFG, seed=3)
+    params = params_lib.init_params(CFG, seed=3)
     tx, schedule = step_lib.make_optimizer(1e-2, 10, warmup_ratio=0.0)
     state = step_lib.init_state(params, step_lib.trainable_parts("stage2"), tx)
     batch = _batch(A=1, b=2)
@@ -114,7 +114,7 @@ def test_batch_without_supervised_tokens_is_skipped_not_trained():
 
 
 def test_chunked_loss_equals_full_logits_loss():
-    params = api.init_params(CFG, seed=4)
+    params = params_lib.init_params(CFG, seed=4)
     b = jax.tree.map(lambda x: x[0], _batch(A=1, b=2, L=37))
     model = InfLlavaModel(CFG)
     logits = model.apply({"params": params}, b["input_ids"], b["pixel_values"], b["attention_mask"])

@@ -31,7 +31,7 @@ def random_params(config, seed: int = 0):
     longer to compile than the tests take to run): normal(0, 0.02) weights, unit norm scales,
     zero biases. Placed on the first device."""
     import jax
-    from infllava_jax.api import abstract_params
+    from infllava_jax.params import abstract_params
     shapes = abstract_params(config)
     rng = np.random.default_rng(seed)
 

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 import flax.linen as nn
 
-from infllava_jax import api
+from infllava_jax import params as params_lib
 from infllava_jax.data.examples import JsonRecordProcessor, image_paths
 from infllava_jax.data.template import TemplateError
 from infllava_jax.model import InfLlavaModel
@@ -62,7 +62,7 @@ def build(config, params, records, processor: JsonRecordProcessor, mesh, batch: 
     same tower weights, views and images (the study's stage 2 after its stage 1) reuses it."""
     from infllava_jax.training.step import compute_params
     rels = list(dict.fromkeys(r for rec in records for r in _paths(rec)))
-    tower = {"vision_tower": api.rebox(config, compute_params(config, params))["vision_tower"]}
+    tower = {"vision_tower": params_lib.rebox(config, compute_params(config, params))["vision_tower"]}
     key = (_fingerprint(tower), config.vision, config.dem, config.select_layer, processor.spec.image_size,
            processor.spec.image_mode, processor.images, tuple(sorted(rels)))
     if key in _LAST:

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infllava_jax import api, lora, presets, sharding
+from infllava_jax import lora, params as params_lib, presets, sharding
 from infllava_jax.api import InfLlava
 from infllava_jax.checkpoint import load_config
 from infllava_jax.config import InfLlavaConfig
@@ -95,13 +95,13 @@ def init_or_restore(cfg, mc: InfLlavaConfig, mesh, parts, tx, ckpts: TrainCheckp
         params = InfLlava.from_pretrained(cfg.init_checkpoint, mesh=mesh).params  # checks keys and shapes
         log.info("initial weights: %s", cfg.init_checkpoint)
     else:
-        params = api.init_params(mc, cfg.seed, mesh)
+        params = params_lib.init_params(mc, cfg.seed, mesh)
         log.info("initial weights: random (seed %d)", cfg.seed)
     if init_parts(cfg):
-        params = api.load_parts(params, init_parts(cfg), mc, mesh)
+        params = params_lib.load_parts(params, init_parts(cfg), mc, mesh)
         log.info("taken from checkpoints: %s", init_parts(cfg))
     if mc.llm.lora is not None and cfg.init_checkpoint:    # a checkpoint has no adapters: fresh ones
-        params = lora.combine(params, api.init_adapters(mc, cfg.seed, mesh))
+        params = lora.combine(params, params_lib.init_adapters(mc, cfg.seed, mesh))
         log.info("LoRA %s: fresh adapters (seed %d)", mc.llm.lora, cfg.seed)
     state = jax.jit(lambda p: step_lib.init_state(p, parts, tx, mc), out_shardings=shardings)(params)
     return state, 0, None
@@ -338,7 +338,8 @@ class Trainer:
         params = trained
         if mc.llm.lora is not None:
             mc = lora.merged_config(self.mc)
-            merge = jax.jit(lambda p: lora.merge(self.mc, p), out_shardings=api.param_shardings(mc, self.mesh))
+            like = params_lib.abstract_params(mc)
+            merge = jax.jit(lambda p: lora.merge(self.mc, p, like), out_shardings=params_lib.param_shardings(mc, self.mesh))
             params = merge(params)
         InfLlava(mc, params).save_pretrained(final)   # all processes take part
         log.info("wrote %s (InfLlava.from_pretrained)", final)

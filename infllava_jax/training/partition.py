@@ -11,15 +11,15 @@ from typing import Sequence
 import jax
 import optax
 
-from infllava_jax import api, sharding
+from infllava_jax import params as params_lib, sharding
 from infllava_jax.config import InfLlavaConfig
 from infllava_jax.training import step as step_lib
 
 
 def state_shardings(config: InfLlavaConfig, parts: Sequence[str], tx: optax.GradientTransformation, mesh):
     """(abstract train state, matching tree of NamedShardings); `parts` train."""
-    abstract_params = api.abstract_params(config)
-    p_sh = api.param_shardings(config, mesh)
+    abstract_params = params_lib.abstract_params(config)
+    p_sh = params_lib.param_shardings(config, mesh)
     abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, parts, tx, config), abstract_params)
     train_sh, frozen_sh = step_lib.split_params(p_sh, parts)
     rep = sharding.replicated(mesh)

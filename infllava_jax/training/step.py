@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from infllava_jax import api, lora
+from infllava_jax import lora, params as params_lib
 from infllava_jax.sharding import LOGICAL_RULES
 from infllava_jax.config import InfLlavaConfig
 from infllava_jax.model import InfLlavaModel
@@ -96,7 +96,7 @@ def make_loss_fn(config: InfLlavaConfig, loss_chunk: int = 512, features: bool =
         params = lora.combine(frozen, trainable)
         seg = mb.get("segment_ids")          # packed rows (data/packing.py), else None
         with nn.logical_axis_rules(LOGICAL_RULES):
-            hidden = model.apply({"params": api.rebox(config, compute_params(config, params))}, mb["input_ids"],
+            hidden = model.apply({"params": params_lib.rebox(config, compute_params(config, params))}, mb["input_ids"],
                                  mb["pixel_values"], mb["attention_mask"], segment_ids=seg, return_hidden=True,
                                  features=features, rngs=None if rng is None else {"dropout": rng})
         K = 1 if mb["pixel_values"].ndim == 4 else mb["pixel_values"].shape[1]

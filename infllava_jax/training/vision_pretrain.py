@@ -38,7 +38,7 @@ import numpy as np
 import optax
 from PIL import Image
 
-from infllava_jax import api, checkpoint, presets, sharding
+from infllava_jax import checkpoint, params as params_lib, presets, sharding
 from infllava_jax.data import synthetic
 from infllava_jax.data import synthetic_targets as st
 from infllava_jax.data.images import normalize, resize_uint8, to_rgb
@@ -169,7 +169,7 @@ def run(data_dir, out_dir, *, steps: int = 600, batch: int = 16, lr: float = 2e-
     mesh = sharding.make_mesh({"data": jax.device_count()})
     batch = max(mesh.size, min(batch, n) // mesh.size * mesh.size)   # whole rows per device
     on_mesh = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, x.ndim))
-    model_params = jax.device_get(api.init_params(config, seed))
+    model_params = jax.device_get(params_lib.init_params(config, seed))
     params = jax.device_put({"vision_tower": model_params["vision_tower"],
                              "heads": init_heads(jax.random.key(seed + 1), config.vision.hidden_size)},
                             sharding.replicated(mesh))
