@@ -98,10 +98,10 @@ def demo_main(argv) -> int:
     a = p.parse_args(argv)
     out = Path(a.out or tempfile.mkdtemp(prefix="infllava-eval-demo-"))
     from configs.eval import get_config
-    from infllava_jax.evaluation import sweep, synthetic
+    from infllava_jax.evaluation import demo_fixtures, sweep
     ckpt = out / "tiny_ckpt"
-    synthetic.make_tiny_checkpoint(ckpt)
-    data = synthetic.make_data(out / "data")
+    demo_fixtures.make_tiny_checkpoint(ckpt)
+    data = demo_fixtures.make_data(out / "data")
     cfg = get_config(f"tasks=pope+scienceqa_img,res={a.res},batch_size=4,max_new_tokens=8,tokenizer=tiny")
     summary = sweep.run(cfg, ckpt=str(ckpt), data=str(data), out=str(out / "results"))
     print((out / "results" / "results.md").read_text())

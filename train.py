@@ -73,9 +73,10 @@ def main(_):
                            heartbeat_timeout=_HEARTBEAT_TIMEOUT.value)
     from infllava_jax.errors import InputError, one_line
     from infllava_jax.training.loop import train
+    from convert.lora_export import save_adapters   # lora.export=adapters: PEFT files (the converters' writer)
     if not cluster.distributed:
         try:
-            train(cfg, _WORKDIR.value)
+            train(cfg, _WORKDIR.value, save_adapters=save_adapters)
         except InputError as e:   # bad data, checkpoint or ids: one line, no traceback
             print(f"train.py: error: {one_line(e, 1000)}", file=sys.stderr)
             sys.exit(2)
@@ -84,7 +85,7 @@ def main(_):
     deadlines = distributed.Deadlines(_STEP_TIMEOUT.value, _COMPILE_TIMEOUT.value) \
         if _STEP_TIMEOUT.value > 0 else None
     try:
-        train(cfg, _WORKDIR.value, deadlines)
+        train(cfg, _WORKDIR.value, deadlines, save_adapters)
     except InputError as e:   # every process reads the same input: each says so and ends at once
         print(f"train.py: error: {one_line(e, 1000)}", file=sys.stderr, flush=True)
         os._exit(2)

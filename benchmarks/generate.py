@@ -104,11 +104,11 @@ def bench_generation(batch: int, prompt: int, new: int, repeats: int) -> dict:
 
 def bench_sweep_compiles() -> dict:
     from configs.eval import get_config
-    from infllava_jax.evaluation import sweep, synthetic
+    from infllava_jax.evaluation import demo_fixtures, sweep
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        synthetic.make_tiny_checkpoint(tmp / "ckpt")
-        synthetic.make_data(tmp / "data", tasks=("pope", "scienceqa_img", "mmmu"))
+        demo_fixtures.make_tiny_checkpoint(tmp / "ckpt")
+        demo_fixtures.make_data(tmp / "data", tasks=("pope", "scienceqa_img", "mmmu"))
         cfg = get_config("tasks=pope+scienceqa_img+mmmu,res=336+672+1008,batch_size=4,max_new_tokens=8,"
                          "tokenizer=tiny,progress=false")
         t = time.perf_counter()

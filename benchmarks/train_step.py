@@ -26,7 +26,7 @@ import torch
 
 from convert.torch_reference import InfLlavaTorch
 from benchmarks.timing import gemm_rates, gemm_table, interleaved
-from configs.common import base_config
+from infllava_jax.training.defaults import base_config
 from infllava_jax import params as params_lib, presets
 from infllava_jax.dem import DEMConfig
 from infllava_jax.llama import LlamaConfig

@@ -10,7 +10,7 @@ projector and LLM all come from it, with key and shape checks; the vision tower 
 """
 import ml_collections
 
-from configs.common import base_config, parse_arg
+from infllava_jax.training.defaults import base_config, parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -6,7 +6,7 @@
 """
 import ml_collections
 
-from configs.common import base_config, parse_arg
+from infllava_jax.training.defaults import base_config, parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

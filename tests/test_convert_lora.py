@@ -2,7 +2,7 @@
 non_lora_trainables.bin) on top of an HF Llama and CLIP: `python -m convert` merges them, and the
 PyTorch model with PEFT's adapters applied (unmerged, PEFT's own forward) equals ours (fp32:
 max|d|/max|ref| <= 1e-4, per-token KL <= 1e-6, 320 tokens). Our export of a LoRA run
-(`convert.lora.save_adapters`) loads in PEFT with the same parity. Bad adapter files name the key
+(`convert.lora_export.save_adapters`) loads in PEFT with the same parity. Bad adapter files name the key
 and both shapes."""
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from convert import engine, formats
 from convert import lora as lora_files
 from convert.__main__ import main as convert_main
 from convert.export import released_config_json
+from convert.lora_export import save_adapters
 from convert.sources import open_weights
 from convert.verify import compare
 from infllava_jax import llama, lora, params as params_lib, presets
@@ -117,7 +118,7 @@ def test_our_lora_export_loads_in_peft_with_parity(tmp_path):
                       jax.device_get(params_lib.init_adapters(cfg, 8)))
     params = lora.combine(base, ad)
     d = tmp_path / "final_lora"
-    lora_files.save_adapters(cfg, params, d, base="tiny")
+    save_adapters(cfg, params, d, base="tiny")
     assert json.loads((d / "adapter_config.json").read_text())["r"] == 4
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CFG.llm.to_hf())).eval()
     sd = engine.to_torch(llama.key_map(CFG.llm), base["language_model"])

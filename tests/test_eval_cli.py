@@ -4,13 +4,13 @@ import json
 import pytest
 
 import eval as eval_cli
-from infllava_jax.evaluation import synthetic
+from infllava_jax.evaluation import demo_fixtures
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    synthetic.make_data(root, tasks=("pope", "scienceqa_img", "mmmu"))
+    demo_fixtures.make_data(root, tasks=("pope", "scienceqa_img", "mmmu"))
     return root
 
 

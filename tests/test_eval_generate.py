@@ -6,18 +6,23 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from infllava_jax import presets
-from infllava_jax.evaluation import prompting, synthetic
+from infllava_jax.evaluation import demo_fixtures, prompting
 from infllava_jax.evaluation.runner import Generator, Request, Sampling, bucket, grid_config
 from infllava_jax.pixels import preprocess
 from infllava_jax.sharding import make_mesh
-from infllava_jax.data.tokenizer import build_tiny_tokenizer, stop_ids
+from infllava_jax import conversation
+from infllava_jax.data.tokenizer import build_tiny_tokenizer
+
+
+def stop_ids(tok):
+    return conversation.stop_ids(conversation.Usage(), tok)   # llama3's <|eot_id|>, <|end_of_text|>
 
 N_NEW = 6
 
 
 @pytest.fixture(scope="module")
 def setup():
-    model = synthetic.tiny_model(seed=3, grid=2)
+    model = demo_fixtures.tiny_model(seed=3, grid=2)
     config = model.config
     tok = build_tiny_tokenizer(config.llm.vocab_size)
     rng = np.random.default_rng(0)

@@ -1,14 +1,14 @@
-"""The synthetic hi-res set (data/synthetic.py) is an eval.py task: load, prompt, score per type."""
+"""The synthetic hi-res set (data/scenes.py) is an eval.py task: load, prompt, score per type."""
 import json
 
 from eval import main as eval_main
-from infllava_jax.data import synthetic
+from infllava_jax.study import scenes
 from infllava_jax.evaluation.tasks import get_task
 
 
 def test_hires_synth_task_scores_exact_and_per_type(tmp_path, capsys):
     root = tmp_path / "synth"
-    synthetic.generate(root, n_train=8, n_val=4, n_test=8, image_size=252, seed=0)
+    scenes.generate(root, n_train=8, n_val=4, n_test=8, image_size=252, seed=0)
     task = get_task("hires_synth")
     rows = task.load(root)
     assert len(rows) == 8 and all(r["_qid"] == r["question_id"] for r in rows)

@@ -12,7 +12,7 @@ from PIL import Image
 from infllava_jax import chat
 from infllava_jax.data.template import tokenize
 from infllava_jax.data.tokenizer import EOT, build_tiny_tokenizer
-from infllava_jax.evaluation import lmms_adapter, prompting, synthetic
+from infllava_jax.evaluation import demo_fixtures, lmms_adapter, prompting
 from infllava_jax.evaluation.runner import Request, pixel_size
 from infllava_jax.llama import LlamaForCausalLM, init_cache
 from infllava_jax.model import InfLlavaModel
@@ -52,7 +52,7 @@ class Instance:
 
 @pytest.fixture(scope="module")
 def adapter():
-    model = synthetic.tiny_model(seed=5, grid=3)
+    model = demo_fixtures.tiny_model(seed=5, grid=3)
     tok = build_tiny_tokenizer(model.config.llm.vocab_size)
     ad = lmms_adapter.Adapter(ckpt=None, model=model, tok=tok, batch_size=2, mesh="data=1")
     rng = np.random.default_rng(0)

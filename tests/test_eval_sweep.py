@@ -7,7 +7,7 @@ import pytest
 
 import eval as eval_cli
 from configs.eval import get_config
-from infllava_jax.evaluation import synthetic
+from infllava_jax.evaluation import demo_fixtures
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
-    synthetic.make_tiny_checkpoint(tmp / "ckpt", seed=1)
-    synthetic.make_data(tmp / "data", n=None)
+    demo_fixtures.make_tiny_checkpoint(tmp / "ckpt", seed=1)
+    demo_fixtures.make_data(tmp / "data", n=None)
     out = tmp / "out"
     code = eval_cli.main(["--config", f"{ROOT}/configs/eval.py:tasks=pope+scienceqa_img,res=336+672,max_new_tokens=4",
                           "--config.batch_size=8", "--config.progress=False", "--config.length_buckets=(256,)",

@@ -300,9 +300,9 @@ def test_broken_data_files_name_the_file_and_line(data_dir, tmp_path, seed):
 
 @pytest.fixture(scope="module")
 def pope(tmp_path_factory):
-    from infllava_jax.evaluation import synthetic
+    from infllava_jax.evaluation import demo_fixtures
     root = tmp_path_factory.mktemp("fuzz_eval")
-    synthetic.make_data(root, tasks=("pope",))
+    demo_fixtures.make_data(root, tasks=("pope",))
     return root / "pope"
 
 

@@ -12,6 +12,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from configs.tiny import get_config
+from convert.lora_export import save_adapters
 from infllava_jax import lora, params as params_lib, presets
 from infllava_jax.api import InfLlava
 from infllava_jax.sharding import make_mesh
@@ -155,7 +156,7 @@ def lora_run_config(data, steps=6):
 def test_lora_training_loop_export_and_resume(tmp_path):
     data = make_clean_dataset(tmp_path / "data")
     cfg = lora_run_config(data)
-    t = Trainer(cfg, tmp_path / "a")
+    t = Trainer(cfg, tmp_path / "a", save_adapters=save_adapters)
     before = jax.device_get(t.state)
     t.fit()
     after = jax.device_get(t.state)
@@ -178,7 +179,7 @@ def test_lora_training_loop_export_and_resume(tmp_path):
 
     # resume: a copy of checkpoint 3 in a fresh workdir continues with the same losses
     shutil.copytree(tmp_path / "a" / "checkpoints" / "3", tmp_path / "b" / "checkpoints" / "3")
-    t2 = Trainer(cfg, tmp_path / "b")
+    t2 = Trainer(cfg, tmp_path / "b", save_adapters=save_adapters)
     assert t2.start == 3
     t2.fit()
     resumed = {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / "b" / "metrics.jsonl").read_text().splitlines())}

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from configs import study as study_cfg
-from infllava_jax.evaluation.caption_probe import CHANCE
+from infllava_jax.study import recipe as study_cfg
+from infllava_jax.study.caption_probe import CHANCE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,13 +91,13 @@ def test_study_rows_and_configs():
 
 
 def _row(prior, acc, **by_type):
-    from infllava_jax.study import TYPES
+    from infllava_jax.study.run import TYPES
     m = {f"accuracy_{t}": by_type.get(t, prior[t]) for t in TYPES}
     return {"metrics": {**m, "accuracy": acc}}
 
 
 def test_verdict_and_targets():
-    from infllava_jax.study import targets, verdict
+    from infllava_jax.study.run import targets, verdict
     prior = {"digit": 0.17, "count": 0.2, "corner": 0.25, "side": 0.5}
     base = sum(prior.values()) / 4
     assert verdict({"a": _row(prior, base), "b": _row(prior, base + 0.02)}, prior).startswith("No row")
@@ -115,12 +115,12 @@ def test_verdict_and_targets():
 
 
 def test_caption_probe_fact_spans_decode_to_the_facts():
-    from infllava_jax.data import synthetic
+    from infllava_jax.study import scenes
     from infllava_jax.data.tokenizer import load_tokenizer
-    from infllava_jax.evaluation.caption_probe import _fact_values, _spans
+    from infllava_jax.study.caption_probe import _fact_values, _spans
     tok = load_tokenizer(None)
     for i in range(12):
-        s = synthetic.scene_record(synthetic.scene(0, "test", i, 12), "")
+        s = scenes.scene_record(scenes.scene(0, "test", i, 12), "")
         text, values = s["caption"], _fact_values(s)
         ids = tok(text, add_special_tokens=False)["input_ids"]
         for fact, span in _spans(text, values, tok).items():

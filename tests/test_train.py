@@ -82,8 +82,8 @@ def jax_leaves(tree):
 
 
 def test_periodic_eval_uses_in_memory_params(tmp_path, dataset):
-    from infllava_jax.evaluation import synthetic
-    data = synthetic.make_data(tmp_path / "eval_data", tasks=("pope",))
+    from infllava_jax.evaluation import demo_fixtures
+    data = demo_fixtures.make_data(tmp_path / "eval_data", tasks=("pope",))
     run = tmp_path / "run"
     cmd = _cmd(run, dataset, steps=2) + ["--config.eval_every=2", f"--config.eval_data={data}",
                                          "--config.eval_config=tasks=pope,res=1008,limit=4,batch_size=2,"

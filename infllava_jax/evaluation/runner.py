@@ -75,13 +75,9 @@ def grid_config(config: InfLlavaConfig, res: int) -> InfLlavaConfig:
 
 
 def pixel_size(config: InfLlavaConfig, mode: str) -> int:
-    """Side of the preprocessed image fed to the model. `released`: the sub-image size s (the
-    released inference path; the model upsamples bicubically to n*s); `native`: n*s directly."""
-    if mode == "released":
-        return config.sub_image_size
-    if mode == "native":
-        return config.image_size[0]
-    raise ValueError(f"pixels must be 'released' or 'native', got {mode!r}")
+    """Side of the preprocessed image fed to the model (inputs.image_size: `released` s, `native` n*s)."""
+    from infllava_jax.inputs import image_size
+    return image_size(config, mode)
 
 
 def _host(x: jax.Array) -> np.ndarray:

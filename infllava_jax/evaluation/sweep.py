@@ -10,6 +10,7 @@ Writes into OUT:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import queue
 import threading
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 from infllava_jax import sharding as sharding_lib
 from infllava_jax.api import InfLlava
-from infllava_jax.data.tokenizer import stop_ids as tokenizer_stop_ids
+from infllava_jax import conversation
 from infllava_jax.evaluation import prompting, scorers
 from infllava_jax.evaluation.datasets import id_key, open_image, write_jsonl
 from infllava_jax.evaluation.runner import Generator, Request, Sampling, grid_config, pixel_size
@@ -70,10 +71,13 @@ class Sweep:
         self.mesh = sharding_lib.make_mesh(cfg.mesh or "data=-1")   # default: data parallel
         self.model = model or InfLlava.from_pretrained(ckpt, mesh=self.mesh)
         self.config = self.model.config.with_runtime(dtype=cfg.dtype or None)
-        self.tok = tokenizer or prompting.get_tokenizer(cfg.tokenizer, ckpt, self.config.llm.vocab_size)
+        # the checkpoint's recorded template / pixels / image mode / BOS unless the config names them
+        self.usage = self.model.usage.override(template=cfg.get("template", ""), pixels=cfg.pixels,
+                                               image_mode=cfg.image_mode, double_bos=cfg.double_bos)
+        self.tok = tokenizer or prompting.get_tokenizer(cfg.tokenizer, ckpt, self.config.llm.vocab_size, self.usage)
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else self.tok.pad_token_id
         self.gen = Generator(self.model.params, self.mesh, batch_size=cfg.batch_size, pad_id=pad or 0,
-                             stop_ids=tokenizer_stop_ids(self.tok), length_buckets=tuple(cfg.length_buckets),
+                             stop_ids=conversation.stop_ids(self.usage, self.tok), length_buckets=tuple(cfg.length_buckets),
                              image_buckets=tuple(cfg.image_buckets))
         self.scorer_names = parse_scorers(cfg.scorers)
         self.sampling = Sampling(float(cfg.temperature), float(cfg.top_p), int(cfg.seed))
@@ -90,8 +94,8 @@ class Sweep:
         def one(row, values):
             text = task.text(row)
             imgs = [preprocess(open_image(v, row.get("_base_dir"), f"{row.get('_file')}:{row.get('_pos')}"),
-                               size, self.cfg.image_mode) for v in values]
-            ids = prompting.encode(self.tok, text, len(imgs), double_bos=bool(self.cfg.double_bos))
+                               size, self.usage.image_mode) for v in values]
+            ids = prompting.encode(self.tok, text, len(imgs), usage=self.usage)
             return Request(ids, imgs), text
 
         def batches():
@@ -112,7 +116,7 @@ class Sweep:
 
     def run_pair(self, task: Task, rows, res: int, out: Path | None) -> dict:
         config = grid_config(self.config, res)
-        size = pixel_size(config, self.cfg.pixels)
+        size = pixel_size(config, self.usage.pixels)
         n_new = self.max_new_tokens(task)
         answers = []
         compile_before = self.gen.compile_seconds
@@ -182,7 +186,7 @@ def run(cfg, *, ckpt: str, data: str, out: str, log=print, model=None, tokenizer
                 + f"  ({rec['examples']} ex, {rec['examples_per_s']:.2f} ex/s, programs so far {sweep.gen.compiles})")
     seconds = time.perf_counter() - t_all
     summary = dict(
-        ckpt=str(ckpt), data=str(data), config=cfg.to_dict(), results=results,
+        ckpt=str(ckpt), data=str(data), config=cfg.to_dict(), usage=dataclasses.asdict(sweep.usage), results=results,
         compiled_programs=sweep.gen.compiles, compile_seconds=round(sweep.gen.compile_seconds, 3),
         program_bound=program_bound(cfg, tasks, sweep),
         examples=examples, seconds=round(seconds, 3),

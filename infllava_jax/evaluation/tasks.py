@@ -212,7 +212,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("docvqa", _short, "questionId", 32, ("DocVQA",), ("DocVQA/validation-*.parquet", "**/validation-*.parquet")),
     Task("infovqa", _short, "questionId", 32, ("InfoVQA", "DocVQA"),
          ("InfographicVQA/validation-*.parquet", "**/validation-*.parquet")),
-    # the project's synthetic high-resolution VQA set (infllava_jax/data/synthetic.py): test.jsonl
+    # the project's synthetic high-resolution VQA set (infllava_jax/study/scenes.py): test.jsonl
     Task("hires_synth", _short, "question_id", 16, ("test",)),
     Task("llava_in_the_wild", lambda r: r["question"], "question_id", JUDGE_MAX_NEW_TOKENS,
          ("llava-bench-in-the-wild", "llava_bench"), ("**/train-*.parquet",), judge=True),

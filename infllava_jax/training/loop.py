@@ -5,7 +5,7 @@ runs under `jax.transfer_guard("disallow")`, skipped steps are counted on the de
 log, checkpoint and evaluation hooks read the device (they, and the batch's copy to the device,
 allow transfers explicitly), so step k+1 is dispatched while step k runs.
 
-    summary = train(cfg, workdir)       # cfg: a configs/<name>.py ConfigDict (configs/common.py)
+    summary = train(cfg, workdir)       # cfg: a configs/<name>.py ConfigDict (training/defaults.py)
 
 Resuming is `init_or_restore` + the data order of the step (data/pipeline.py): the latest
 checkpoint in the workdir restores onto this run's mesh, whatever the device or process count.
@@ -29,21 +29,24 @@ from infllava_jax.api import InfLlava
 from infllava_jax.checkpoint import load_config
 from infllava_jax.config import InfLlavaConfig
 from infllava_jax.data.batching import agree_across_processes, image_slots, pad_batch, sum_over_processes
-from infllava_jax.data.images import MAX_IMAGE_PIXELS
+from infllava_jax.data import config as data_config_lib
 from infllava_jax.data.pipeline import DataConfig, make_dataset, open_source
 from infllava_jax.data.tokenizer import load_tokenizer
 from infllava_jax.training import feature_bank, flops, partition, step as step_lib
 from infllava_jax.training.checkpoints import TrainCheckpoints
 from infllava_jax.training.metrics import MetricsWriter, ThroughputMeter
+from infllava_jax.training.preemption import Preemption
 
 log = logging.getLogger("infllava_jax")
 BATCH_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "segment_ids")   # segment_ids: packing
 
 
-def train(cfg, workdir, deadlines=None) -> dict:
+def train(cfg, workdir, deadlines=None, save_adapters=None) -> dict:
     """Run (or resume) the training of `cfg` in `workdir`; returns a summary (steps, resumed_from,
-    seconds, compile_seconds, final_loss, data). `deadlines`: distributed.Deadlines (multi-process)."""
-    return Trainer(cfg, workdir, deadlines).fit()
+    seconds, compile_seconds, final_loss, data). `deadlines`: distributed.Deadlines (multi-process).
+    `save_adapters(config, params, out_dir, base=...)`: the writer of `lora.export=adapters`
+    (train.py passes convert.lora_export.save_adapters; the library does not import the converters)."""
+    return Trainer(cfg, workdir, deadlines, save_adapters).fit()
 
 
 # ----------------------------------------------------------------------------- the run's parts
@@ -85,10 +88,9 @@ def init_or_restore(cfg, mc: InfLlavaConfig, mesh, parts, tx, ckpts: TrainCheckp
     checkpoint when there is one (from shapes: nothing is initialised first); else the
     parameters of cfg.init_checkpoint (or random), then the `init_parts` from their checkpoints."""
     abstract, shardings = partition.state_shardings(mc, parts, tx, mesh)
-    start = ckpts.latest_step() or 0
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    start, state, counts = ckpts.restore_latest(target)       # newest readable one (checkpoints.py)
     if start:
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-        state, counts = ckpts.restore(start, target)
         log.info("resumed from %s at step %d", ckpts.dir / str(start), start)
         return state, start, counts
     if cfg.init_checkpoint:
@@ -108,27 +110,24 @@ def init_or_restore(cfg, mc: InfLlavaConfig, mesh, parts, tx, ckpts: TrainCheckp
 
 
 def data_config(cfg, mc: InfLlavaConfig, workdir: Path, per_process_batch: int) -> DataConfig:
-    """The pipeline's config; `data.synthetic` without a path: the demo set in WORKDIR/../data
-    (written once, by process 0)."""
+    """The pipeline's config: every field of `cfg.data` (data/config.py), the rest from the run.
+    `data.synthetic` without a path: the demo set in WORKDIR/synthetic_data (written once, by process 0)."""
     d = cfg.data
     path, folder = d.path, d.image_folder
     if d.synthetic and not path:
-        from infllava_jax.data import synthetic
-        root = workdir.parent / "data"
+        from infllava_jax.study import scenes
+        root = workdir / "synthetic_data"
         if jax.process_index() == 0:
-            synthetic.generate(root, seed=0)       # 252 px; the pipeline resizes to the model's input
+            meta = scenes.generate(root, seed=0)       # 252 px; the pipeline resizes to the model's input
+            log.info("data.synthetic: the demo dataset %s %s", "reused from" if meta.get("reused") else "written to",
+                     root)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("synthetic data")
         path = str(root / ("train_caption.json" if cfg.stage == "stage1" else "train_vqa.json"))
         folder = str(root)
-    return DataConfig.for_model(mc, path, folder, stage=int(cfg.stage[-1]), max_len=d.max_len,
-                                buckets=tuple(d.buckets) or None, batch_size=per_process_batch, seed=cfg.seed,
-                                num_threads=d.num_threads, image_cache_mb=d.image_cache_mb,
-                                allow_outside_paths=d.get("allow_outside_paths", False),
-                                max_image_pixels=d.get("max_image_pixels", MAX_IMAGE_PIXELS),
-                                packing=d.get("packing", False),
-                                **({"image_mode": d.image_mode} if d.get("image_mode") else {}))
+    kw = {**data_config_lib.from_training(dict(d)), "data_path": path, "image_folder": folder}
+    return DataConfig.for_model(mc, stage=int(cfg.stage[-1]), batch_size=per_process_batch, seed=cfg.seed, **kw)
 
 
 def accumulation_steps(cfg, mesh) -> int:
@@ -160,10 +159,14 @@ class Hook:
 class Trainer:
     """One training run: mesh, model config, state, data, compiled steps, hooks."""
 
-    def __init__(self, cfg, workdir, deadlines=None):
+    def __init__(self, cfg, workdir, deadlines=None, save_adapters=None):
         self.t0 = time.perf_counter()
         self.cfg, self.workdir, self.deadlines = cfg, Path(workdir).absolute(), deadlines
+        if cfg.lora.rank and cfg.lora.get("export", "merged") == "adapters" and save_adapters is None:
+            raise ValueError("lora.export=adapters: pass save_adapters (train.py passes convert.lora_export.save_adapters)")
+        self.save_adapters = save_adapters
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.preemption = Preemption(cfg.get("preemption_signal", "SIGUSR1"))   # SIGTERM, Ctrl-C, ...
         self.arm("start-up (model, data, checkpoint restore)", compiling=True)
         _quiet_logs()
         self.cache = cfg.compilation_cache_dir or str(Path.home() / ".cache" / "infllava_jax" / "xla")
@@ -194,7 +197,8 @@ class Trainer:
         peak, note = flops.peak_flops()
         log.info("MFU denominator: %s", note)
         self.meter = ThroughputMeter(peak)
-        self.writer = MetricsWriter(self.workdir, cfg.total_steps, enabled=jax.process_index() == 0)
+        self.writer = MetricsWriter(self.workdir, cfg.total_steps, enabled=jax.process_index() == 0,
+                                    start=self.start)          # cut back to the restored step
         self.hooks = [Hook(cfg.log_every, self.log_metrics, at_end=True),
                       Hook(cfg.checkpoint_every, self.save, at_end=True)]
         if cfg.eval_every:
@@ -281,10 +285,26 @@ class Trainer:
         with jax.set_mesh(self.mesh), jax.transfer_guard("disallow"):
             for step in range(self.start + 1, self.cfg.total_steps + 1):
                 metrics = self.run_step(step, self.global_batch())
+                # preempted (all processes agree on the step): the at-end hooks log and save it
+                last = step if self.preemption.reached(step) else self.cfg.total_steps
                 for hook in self.hooks:
-                    if hook.due(step, self.cfg.total_steps):
+                    if hook.due(step, last):
                         hook.fn(step, metrics)
+                if last < self.cfg.total_steps:
+                    return self.stopped(step)
+        self.preemption.uninstall()
         return self.finish()
+
+    def stopped(self, step: int) -> dict:
+        """Preempted or interrupted at `step` (training/preemption.py): its checkpoint completes
+        (under the step deadline), one line says where it is, exit 0 (130 after Ctrl-C)."""
+        self.arm(f"the preemption checkpoint of step {step}")
+        self.ckpts.wait()
+        self.ckpts.close()
+        self.writer.close()
+        self.preemption.leave(step, self.ckpts.dir / str(step), self.deadlines)
+        return {"steps": step, "resumed_from": self.start, "preempted_at": step,
+                "seconds": round(time.perf_counter() - self.t0, 1), "final_loss": self.final_loss}
 
     # -- hooks ------------------------------------------------------------------------------------
     def log_metrics(self, step: int, m: dict) -> None:
@@ -310,7 +330,7 @@ class Trainer:
     def evaluate(self, step: int, _) -> None:
         """Score `cfg.eval_config` (configs/eval.py arguments) on `cfg.eval_data` with the in-memory
         parameters (no checkpoint round trip), on the training mesh; logged as eval/<task>@<res>."""
-        from configs.eval import get_config
+        from infllava_jax.evaluation.config import get_config
         from infllava_jax.evaluation import scorers, sweep
 
         ecfg = get_config(self.cfg.eval_config)
@@ -344,8 +364,7 @@ class Trainer:
         InfLlava(mc, params).save_pretrained(final)   # all processes take part
         log.info("wrote %s (InfLlava.from_pretrained)", final)
         if self.mc.llm.lora is not None and self.cfg.lora.get("export", "merged") == "adapters":
-            from convert.lora import save_adapters
-            save_adapters(self.mc, trained, self.workdir / "final_lora", base=self.cfg.init_checkpoint)
+            self.save_adapters(self.mc, trained, self.workdir / "final_lora", base=self.cfg.init_checkpoint)
             log.info("wrote %s (PEFT adapters + non_lora_trainables.bin)", self.workdir / "final_lora")
 
     def finish(self) -> dict:

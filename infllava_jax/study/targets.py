@@ -12,7 +12,7 @@ tiny model, 6 x 6 patches of 14 px) cut from the scene at one scale:
     low168       1      dcm_dem_672 (bicubic 168->84)  42 x 42
 
 A patch's targets say what is where at the scale of its view, from the generator's layout
-(synthetic.scenes_<split>.jsonl), the same rule for every family:
+(scenes.scenes_<split>.jsonl), the same rule for every family:
 
     object   what covers the patch centre: background, the box or the circle, with its colour (11)
     x, y     the patch centre's column and row in the whole scene, in sixths (6 each)
@@ -23,18 +23,18 @@ A patch's targets say what is where at the scale of its view, from the generator
 Whether a target can be read from the pixels depends on the view: a glyph of 1 px strokes is
 legible in a local252 patch and a smudge in a whole84 one, so the tower learns what each scale
 shows and no row is given anything its pixels do not hold. x and y need no detail: in a local crop
-they follow from where the frame (synthetic.FRAME) appears.
+they follow from where the frame (scenes.FRAME) appears.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from infllava_jax.data import synthetic
+from infllava_jax.study import scenes
 
 SCENE = 252                      # the generator's image size the geometry below is written for
 SIXTH = SCENE // 6               # 42 px: one x / y bin, one patch of a whole-scene view
-HEADS = {"object": 1 + 2 * len(synthetic.COLORS), "x": 6, "y": 6,
-         "digit": 1 + len(synthetic.ANSWERS["digit"]), "count": 1 + len(synthetic.ANSWERS["count"]),
+HEADS = {"object": 1 + 2 * len(scenes.COLORS), "x": 6, "y": 6,
+         "digit": 1 + len(scenes.ANSWERS["digit"]), "count": 1 + len(scenes.ANSWERS["count"]),
          "mark": 3}
 SPARSE = ("digit", "count", "mark")   # 0 = none; most patches hold none
 FAMILIES = {"whole84": 1, "local252": 9, "strided252": 9, "local168": 4, "strided168": 4, "low168": 1}
@@ -45,7 +45,7 @@ ONE_PHASE = ("strided252", "strided168")
 # Views that show a detail pixel for pixel (a view pixel is at most 1.5 scene pixels, none skipped):
 # there a detail head's target is the item's class; elsewhere only whether one is there.
 LEGIBLE = ("local252", "local168")
-_COLORS = list(synthetic.COLORS)
+_COLORS = list(scenes.COLORS)
 
 
 def views(images: dict):
@@ -112,7 +112,7 @@ def _holder(fp: np.ndarray, grid: int, y: float, x: float) -> np.ndarray:
 
 
 def targets(record: dict, grid: int = 6) -> np.ndarray:
-    """(V, grid*grid, len(HEADS)) int8 targets of one scene record (synthetic.read_scenes)."""
+    """(V, grid*grid, len(HEADS)) int8 targets of one scene record (scenes.read_scenes)."""
     fp = footprints(grid)
     V, T = len(fp), grid * grid
     out = np.zeros((V, T, len(HEADS)), np.int8)
@@ -124,7 +124,7 @@ def targets(record: dict, grid: int = 6) -> np.ndarray:
     lay, col = record["layout"], record["colors"]
     (by, bx, bh, bw), (ry, rx, rh, rw) = lay["side"]
     obj = np.zeros((V, T), np.int8)
-    r_out = rh / 2 - 2                                   # synthetic._ring: outer radius 2.5 cell - 2
+    r_out = rh / 2 - 2                                   # scenes._ring: outer radius 2.5 cell - 2
     in_circle = (cy - ry - (rh - 1) / 2) ** 2 + (cx - rx - (rw - 1) / 2) ** 2 <= r_out ** 2
     obj[in_circle] = 1 + len(_COLORS) + _COLORS.index(col["circle"])
     in_box = (cy >= by) & (cy < by + bh) & (cx >= bx) & (cx < bx + bw)
@@ -133,10 +133,10 @@ def targets(record: dict, grid: int = 6) -> np.ndarray:
 
     ans = record["answers"]
     gy, gx, gh, gw = lay["digit"]
-    items = [("digit", gy + gh / 2, gx + gw / 2, 1 + synthetic.ANSWERS["digit"].index(ans["digit"]))]
+    items = [("digit", gy + gh / 2, gx + gw / 2, 1 + scenes.ANSWERS["digit"].index(ans["digit"]))]
     oy, ox, span, _ = lay["count"]
-    items.append(("count", oy + span / 2, ox + span / 2, 1 + synthetic.ANSWERS["count"].index(ans["count"])))
-    for corner, (my, mx, mh, mw) in zip(synthetic.CORNERS, lay["corner"]):
+    items.append(("count", oy + span / 2, ox + span / 2, 1 + scenes.ANSWERS["count"].index(ans["count"])))
+    for corner, (my, mx, mh, mw) in zip(scenes.CORNERS, lay["corner"]):
         items.append(("mark", my + mh / 2, mx + mw / 2, 1 if corner == ans["corner"] else 2))
     v = np.arange(V)
     for head, y, x, label in items:

@@ -1,5 +1,6 @@
-"""What the config files share (big_vision style: `--config configs/x.py:k=v,k2=v2`): the base
-training config with every key train.py reads, and the argument parser."""
+"""The training config's defaults: every key train.py reads (configs/<name>.py start from
+`base_config()` and change what differs), and the `name.py:k=v,k2=v2` argument parser the config
+files share (big_vision style)."""
 from ml_collections import ConfigDict
 
 
@@ -54,6 +55,8 @@ def base_config() -> ConfigDict:
     c.eval_data = ""                # directory of the eval tasks' local files
     c.compilation_cache_dir = ""    # "" = ~/.cache/infllava_jax/xla
     c.export_final = True           # write WORKDIR/final (our checkpoint) at the end
+    c.preemption_signal = "SIGUSR1"  # besides SIGTERM and Ctrl-C: stop at the next step with a checkpoint
+                                    # ("" = none; docs/preemption.md, training/preemption.py)
     return c
 
 

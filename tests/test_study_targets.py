@@ -1,10 +1,10 @@
-"""Stage 0's dense targets (infllava_jax/data/synthetic_targets.py): every label sits on the patch
+"""Stage 0's dense targets (infllava_jax/study/targets.py): every label sits on the patch
 of the view whose pixels show the item, for every family of views the study's rows feed the tower."""
 import numpy as np
 import pytest
 
-from infllava_jax.data import synthetic
-from infllava_jax.data import synthetic_targets as st
+from infllava_jax.study import scenes
+from infllava_jax.study import targets as st
 from infllava_jax.data.images import resize_uint8
 
 NAMES = list(st.HEADS)
@@ -14,11 +14,11 @@ NAMES = list(st.HEADS)
 def scenes():
     out = []
     for i in range(6):
-        s = synthetic.scene(5, "train", i, 6)
+        s = scenes.scene(5, "train", i, 6)
         from PIL import Image
         im = Image.fromarray(s.image)
         images = {size: resize_uint8(im, size, "square")[None] for size in st.SIZES}
-        out.append((synthetic.scene_record(s, ""), s, np.asarray(st.views(images))[0]))
+        out.append((scenes.scene_record(s, ""), s, np.asarray(st.views(images))[0]))
     return out
 
 
@@ -50,9 +50,9 @@ def test_detail_labels_sit_on_the_patch_that_shows_the_item(scenes):
     for rec, s, views in scenes:
         t = st.targets(rec)
         assert t.shape == (28, 36, len(NAMES)) and t.dtype == np.int8
-        digit = 1 + synthetic.ANSWERS["digit"].index(rec["answers"]["digit"])
-        count = 1 + synthetic.ANSWERS["count"].index(rec["answers"]["count"])
-        for head, label, ink_px in (("digit", digit, synthetic.FONT[rec["answers"]["digit"]].sum()),
+        digit = 1 + scenes.ANSWERS["digit"].index(rec["answers"]["digit"])
+        count = 1 + scenes.ANSWERS["count"].index(rec["answers"]["count"])
+        for head, label, ink_px in (("digit", digit, scenes.FONT[rec["answers"]["digit"]].sum()),
                                     ("count", count, 1)):
             k = NAMES.index(head)
             for v in np.flatnonzero(fam == "local252"):
@@ -77,7 +77,7 @@ def test_position_and_object_targets(scenes):
         assert (x == np.array([4, 4, 4, 5, 5, 5])).all() and (y == np.array([2, 2, 2, 3, 3, 3])[:, None]).all()
         whole = t[0, :, NAMES.index("x")].reshape(6, 6)
         assert (whole == np.arange(6)).all()
-        box = 1 + list(synthetic.COLORS).index(rec["colors"]["box"])
+        box = 1 + list(scenes.COLORS).index(rec["colors"]["box"])
         local = t[np.flatnonzero(fam == "local252"), :, NAMES.index("object")]
-        assert (local == box).sum() == synthetic.OBJECT ** 2       # one patch per cell of the box
+        assert (local == box).sum() == scenes.OBJECT ** 2       # one patch per cell of the box
         assert (t[0, :, NAMES.index("object")] > 0).any()    # the 84 px view sees both objects

@@ -1,6 +1,6 @@
 """A deterministic synthetic high-resolution VQA dataset: the data of the miniature study.
 
-    python -m infllava_jax.data.synthetic OUT_DIR [--n-train 2000] [--n-val 200] [--n-test 300]
+    python -m infllava_jax.study.scenes OUT_DIR [--n-train 2000] [--n-val 200] [--n-test 300]
 
 Every image (252 px by default) is one scene on an 18 x 18 grid of cells (14 px at 252 px: one
 ViT patch of an 84 px local crop) holding four facts, each asked by one question type:
@@ -18,11 +18,11 @@ fixed place in the middle of one 14 px cell each (grey level 0..60 per image). G
 dots are clutter. A 2 px dark frame marks the image border, so that a local crop shows where in
 the scene it lies (as a photo's edges do). The cells are the patches of a 252 px scene's local
 crops, so there a detail always looks the same (what lets the tiny tower learn to read it in a
-minute, training/vision_pretrain.py); a 3x downsampled view (252 -> 84 px, the single view of a
+minute, study/stage0.py); a 3x downsampled view (252 -> 84 px, the single view of a
 LLaVA-1.5-style model) sees it at one of 9 sub-pixel phases (14 = 2 mod 3): the glyph becomes a
 1x2 px smudge, the dots merge into one blob (their sizes vary, so the ink mass does not give the
 count), "x" and "+" (same ink and size) become near-identical blobs, and the digits are those of
-equal ink; "side" stays readable. tests/test_synthetic.py measures this with simple oracles. The
+equal ink; "side" stays readable. tests/test_study_scenes.py measures this with simple oracles. The
 detail is illegible at 84 px, not erased: a noise-free reader that knows the font, the position
 and the ink level can still invert the ~10 grey levels of difference that remain.
 
@@ -35,7 +35,7 @@ majority-class accuracy of every type. Output (`generate`):
                           (the first cycles through the types), a few text-only records
     val.jsonl, test.jsonl one question per image: {question_id, image, question, answer, type}
     scenes_{train,val,test}.jsonl  per image: {image, answers, colors, layout, ink, caption},
-                          the ground truth of stage 0 (training/vision_pretrain.py) and the probes
+                          the ground truth of stage 0 (study/stage0.py) and the probes
     meta.json             written last; a complete directory with the same arguments is reused
 """
 from __future__ import annotations
@@ -449,7 +449,7 @@ def generate(out_dir, *, n_train: int = 2000, n_val: int = 200, n_test: int = 30
     _write(root / files["test"], _jsonl_bytes(evals["test"]))
 
     meta = {
-        "generator": "infllava_jax.data.synthetic", "version": VERSION, "args": args,
+        "generator": "infllava_jax.study.scenes", "version": VERSION, "args": args,
         "seed": seed, "image_size": image_size, "cell_px": image_size // GRID,
         "counts": {"images": counts, "train_caption": len(cap), "train_vqa": len(vqa),
                    "train_vqa_text_only": n_text,

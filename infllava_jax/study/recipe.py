@@ -1,7 +1,8 @@
-"""The miniature study (the README's main job): configs/tiny.py with one recipe for every row.
+"""The miniature study's recipe (the README's main job): the tiny model (as configs/tiny.py) with
+one recipe for every row.
 
     python -m infllava_jax.study OUT                                  # every row, then the table
-    python train.py --config configs/study.py:row=dcm_dem_1008,stage=1 --workdir W1 \
+    python train.py --config infllava_jax/study/recipe.py:row=dcm_dem_1008,stage=1 --workdir W1 \
         --config.data.path=DATA/train_caption.json --config.data.image_folder=DATA
 
 Rows (same data, same steps, same trainable parts; only the visual path differs):
@@ -16,14 +17,13 @@ keeps only each cell's centre (docs/model.md §4), i.e. 1 of 9 local patches, so
 reaches the LLM (measured: dcm_dem_1008 released read the digit at 20%, local_only at 97%).
 
 The released recipe (docs/model.md §7), scaled down: the vision tower is the study's stage-0 tower
-(training/vision_pretrain.py, the tiny model's "CLIP"), frozen in both stages; stage 1 trains
+(study/stage0.py, the tiny model's "CLIP"), frozen in both stages; stage 1 trains
 DEM + projector on the captions (plain template) and, unlike the released recipe, the tiny LLM too
 (it has no pretrained weights); stage 2 trains DEM + projector + LLM on the VQA records.
 """
 import ml_collections
 
-from configs import tiny
-from configs.common import parse_arg
+from infllava_jax.training.defaults import base_config, parse_arg
 
 # row -> (grid, views, DEM variant, eval resolution in CLIP-336 units)
 ROWS = {
@@ -36,18 +36,21 @@ ROWS = {
 STEPS = {1: 600, 2: 400}        # --scale for longer runs
 LR = {1: 3e-3, 2: 1e-3}          # stage 2 at 2e-3: plain_336 and strided_only stay at the prior
 BATCH = 32                      # four rows per fake device (at 24, see README: the study's time)
-STAGE0 = {"steps": 400, "batch": 16, "lr": 2e-3}   # training/vision_pretrain.run
+STAGE0 = {"steps": 400, "batch": 16, "lr": 2e-3}   # stage0.run
 BUCKET = {1: 80, 2: 200}        # one spliced length per stage (longest record: 73 / 199): one compile
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     a = parse_arg(arg, row="dcm_dem_1008", stage=2, steps=0, seed=0)
     if a["row"] not in ROWS:
-        raise ValueError(f"configs/study.py: row={a['row']!r}; expected one of {sorted(ROWS)}")
+        raise ValueError(f"study/recipe.py: row={a['row']!r}; expected one of {sorted(ROWS)}")
     grid, views, variant, _ = ROWS[a["row"]]
     stage = a["stage"]
-    c = tiny.get_config(f"stage={stage},grid={grid},variant={variant},steps={a['steps'] or STEPS[stage]}")
-    c.model.views = views
+    c = base_config()
+    c.stage = f"stage{stage}"
+    c.total_steps = a["steps"] or STEPS[stage]
+    c.model = ml_collections.ConfigDict({"preset": "tiny", "grid": grid, "variant": variant, "views": views})
+    c.data.num_threads = 2
     c.also_train = ("language_model",) if stage == 1 else ()   # the tiny LLM is random: it learns from stage 1 on
     c.optimizer.lr = LR[stage]
     c.seed = a["seed"]

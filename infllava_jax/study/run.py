@@ -3,10 +3,10 @@
     python -m infllava_jax.study [OUT] [--rows a,b] [--seeds N] [--scale F] [--probe] [--fresh] ...
 
 On a fake 8-device mesh (XLA_FLAGS=--xla_force_host_platform_device_count=8, set here if unset):
-  1. data: the synthetic high-resolution VQA set (infllava_jax/data/synthetic.py) in OUT/data;
+  1. data: the synthetic high-resolution VQA set (infllava_jax/data/scenes.py) in OUT/data;
   2. stage 0, once for every row: the tiny vision tower is pretrained on the train split
-     (training/vision_pretrain.py), the tiny model's "CLIP", in OUT/vision;
-  3. for every row of configs/study.py (plain 84 px, local crops only, strided crops only, DCM + DEM
+     (study/stage0.py), the tiny model's "CLIP", in OUT/vision;
+  3. for every row of study/recipe.py (plain 84 px, local crops only, strided crops only, DCM + DEM
      at 672 and 1008) and seed: stage 1 on the captions and stage 2 on the VQA records with that
      tower frozen (the released recipe, docs/model.md section 7; the tiny LLM trains from stage 1 on), then
      the `hires_synth` eval task on test.jsonl at the row's resolution (exact match per type);
@@ -33,7 +33,7 @@ log = logging.getLogger("infllava_jax")
 
 
 def _recipe(row: str, a, seed: int) -> dict:
-    from configs import study as study_cfg
+    from infllava_jax.study import recipe as study_cfg
     grid, views, variant, res = study_cfg.ROWS[row]
     return {"row": row, "grid": grid, "views": views, "variant": variant, "res": res, "seed": seed, "n_train": a.n_train,
             "n_test": a.n_test, "stage0": _stage0_recipe(a), "batch": study_cfg.BATCH,
@@ -43,14 +43,14 @@ def _recipe(row: str, a, seed: int) -> dict:
 
 
 def _stage0_recipe(a) -> dict:
-    from configs import study as study_cfg
+    from infllava_jax.study import recipe as study_cfg
     return {"steps": a.stage0_steps or round(a.scale * study_cfg.STAGE0["steps"]), "n_train": a.n_train}
 
 
 def stage0(a, out: Path) -> dict:
     """The tiny tower, trained once (OUT/vision) or reused when its recipe is the same."""
-    from configs import study as study_cfg
-    from infllava_jax.training import vision_pretrain
+    from infllava_jax.study import recipe as study_cfg
+    from infllava_jax.study import stage0
     vdir, recipe = out / "vision", _stage0_recipe(a)
     done = vdir / "result.json"
     if done.is_file() and json.loads(done.read_text()).get("recipe") == recipe:
@@ -58,7 +58,7 @@ def stage0(a, out: Path) -> dict:
         return json.loads(done.read_text())
     shutil.rmtree(vdir, ignore_errors=True)
     kw = {k: v for k, v in study_cfg.STAGE0.items() if k != "steps"}
-    result = {**vision_pretrain.run(out / "data", vdir, steps=recipe["steps"], holdout=min(200, a.n_train // 10 or 1),
+    result = {**stage0.run(out / "data", vdir, steps=recipe["steps"], holdout=min(200, a.n_train // 10 or 1),
                                     **kw), "recipe": recipe}
     done.write_text(json.dumps(result, indent=1))
     return result
@@ -67,7 +67,7 @@ def stage0(a, out: Path) -> dict:
 def run_row(row: str, seed: int, a, out: Path) -> dict:
     """Stage 1 -> stage 2 -> eval of one row and seed; returns its result (also in result.json)."""
     from infllava_jax.training.loop import train
-    from configs import study as study_cfg
+    from infllava_jax.study import recipe as study_cfg
 
     recipe, rdir = _recipe(row, a, seed), out / "runs" / (row if seed == 0 else f"{row}-seed{seed}")
     done = rdir / "result.json"
@@ -97,10 +97,10 @@ def run_row(row: str, seed: int, a, out: Path) -> dict:
 
 
 def _probe(row: str, ckpt: Path, data: Path, n: int) -> dict:
-    """What the captions taught: the facts the model names (evaluation/caption_probe.py)."""
+    """What the captions taught: the facts the model names (study/caption_probe.py)."""
     from infllava_jax import InfLlava
     from infllava_jax.data.tokenizer import load_tokenizer
-    from infllava_jax.evaluation import caption_probe
+    from infllava_jax.study import caption_probe
     m = InfLlava.from_pretrained(ckpt)
     probe = caption_probe.probe(m.config, m.params, load_tokenizer(None), data, n)
     log.info("%s: stage-1 caption probe (%% of test images): %s", row,
@@ -109,7 +109,7 @@ def _probe(row: str, ckpt: Path, data: Path, n: int) -> dict:
 
 
 def _evaluate(res: int, rdir: Path, data: Path) -> tuple[dict, float]:
-    from configs import eval as eval_cfg
+    from infllava_jax.evaluation import config as eval_cfg
     from infllava_jax.evaluation import sweep
     ecfg = eval_cfg.get_config(f"tasks=hires_synth,res={res},pixels=native,double_bos=false,"
                                "batch_size=32,progress=false")
@@ -135,7 +135,7 @@ def aggregate(runs: dict) -> dict:
 
 
 def describe(row: str) -> str:
-    from configs import study as study_cfg
+    from infllava_jax.study import recipe as study_cfg
     grid, views, variant, _ = study_cfg.ROWS[row]
     px = 84 * max(grid, 1)
     if not grid:
@@ -164,7 +164,7 @@ def table(results: dict, prior: dict) -> str:
 
 
 def probe_table(results: dict) -> str:
-    from infllava_jax.evaluation.caption_probe import CHANCE, FACTS
+    from infllava_jax.study.caption_probe import CHANCE, FACTS
     lines = ["| row | " + " | ".join(FACTS) + " |", "|" + "---|" * (len(FACTS) + 1)]
     for row, r in results.items():
         lines.append(f"| {row} | " + " | ".join(f"{100 * r['caption_probe'][f]:.1f}" for f in FACTS) + " |")
@@ -258,17 +258,17 @@ def plot(results: dict, prior: dict, path: Path) -> None:
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
-    from configs import study as study_cfg
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from infllava_jax.study import recipe as study_cfg
+    ap = argparse.ArgumentParser(prog="python -m infllava_jax.study", description=__doc__.split("\n\n")[0])
     ap.add_argument("out", nargs="?", default="study_out")
-    ap.add_argument("--rows", default=",".join(study_cfg.ROWS), help="comma-separated rows of configs/study.py")
+    ap.add_argument("--rows", default=",".join(study_cfg.ROWS), help="comma-separated rows of study/recipe.py")
     ap.add_argument("--seeds", type=int, default=1, help="stages 1-2 of every row with seeds 0..N-1 (stage 0 shared)")
     ap.add_argument("--n-train", type=int, default=4000)
     ap.add_argument("--n-test", type=int, default=400)
-    ap.add_argument("--scale", type=float, default=1.0, help="multiplies configs/study.py's steps (longer runs)")
-    ap.add_argument("--stage0-steps", type=int, default=0, help="0: configs/study.py's")
-    ap.add_argument("--stage1-steps", type=int, default=0, help="0: configs/study.py's")
-    ap.add_argument("--stage2-steps", type=int, default=0, help="0: configs/study.py's")
+    ap.add_argument("--scale", type=float, default=1.0, help="multiplies study/recipe.py's steps (longer runs)")
+    ap.add_argument("--stage0-steps", type=int, default=0, help="0: study/recipe.py's")
+    ap.add_argument("--stage1-steps", type=int, default=0, help="0: study/recipe.py's")
+    ap.add_argument("--stage2-steps", type=int, default=0, help="0: study/recipe.py's")
     ap.add_argument("--probe", action="store_true", help="after stage 1, which facts each row names in a caption")
     ap.add_argument("--fresh", action="store_true", help="delete OUT first")
     a = ap.parse_args(argv)
@@ -292,7 +292,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")   # before jax starts
     _setup_logging()
     import jax
-    from infllava_jax.data import synthetic
+    from infllava_jax.study import scenes
 
     out = Path(a.out).absolute()
     if a.fresh and out.exists():
@@ -300,7 +300,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     log.info("study in %s: %d devices (%s), rows %s, seeds %d", out, jax.device_count(),
              jax.devices()[0].platform, a.rows, a.seeds)
-    meta = synthetic.generate(out / "data", n_train=a.n_train, n_val=0, n_test=a.n_test)
+    meta = scenes.generate(out / "data", n_train=a.n_train, n_val=0, n_test=a.n_test)
     log.info("data: %s (%d train images, %d test questions)", "reused" if meta["reused"] else
              f"written in {meta['seconds']} s", a.n_train, a.n_test)
     prior = meta["majority_baseline"]["test"]

@@ -1,4 +1,4 @@
-"""Stage 0 (training/vision_pretrain.py), a rung of the study's ladder: 300 steps on 300 images teach
+"""Stage 0 (study/stage0.py), a rung of the study's ladder: 300 steps on 300 images teach
 the tiny tower to read a 1 px digit in a full-resolution local crop (2x chance, and well above the
 84 px view, where it is illegible; the study's 400 steps on 3800 images: 100%), the corner marks, and where every patch lies in the scene (a local
 crop knows it from the frame), on images it never saw."""
@@ -12,9 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_stage0_reads_detail_at_full_resolution_and_where_patches_lie(tmp_path):
-    code = ("import json, sys; from infllava_jax.data import synthetic; "
-            "from infllava_jax.training import vision_pretrain as vp; "
-            "synthetic.generate(sys.argv[1], n_train=360, n_val=0, n_test=4, seed=1); "
+    code = ("import json, sys; from infllava_jax.study import scenes; "
+            "from infllava_jax.study import stage0 as vp; "
+            "scenes.generate(sys.argv[1], n_train=360, n_val=0, n_test=4, seed=1); "
             "print(json.dumps(vp.run(sys.argv[1], sys.argv[2], steps=300, batch=8, holdout=60)))")
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "data"), str(tmp_path / "vision")], cwd=ROOT,

@@ -3,7 +3,7 @@
 The released recipe starts from a pretrained CLIP and never trains it (docs/model.md section 7); the tiny
 model has no such tower, so this trains one, once, on the synthetic train split only, and every
 row of the study then uses it frozen. Objective: dense supervision from the generator's ground
-truth (data/synthetic_targets.py). Every ViT patch of every kind of view the study's rows feed the
+truth (study/targets.py). Every ViT patch of every kind of view the study's rows feed the
 tower (the whole scene at 84 px, local and strided crops of the 252 px and 168 px scene, the
 bicubic low-resolution view) gets linear heads on the features the model uses (hidden_states[-2],
 RMS-normalised) that predict what covers the patch (object and colour) and where it lies in the
@@ -16,7 +16,7 @@ Features are kept at an RMS of about 1 (a LayerNorm's scale, so the DEM's `(S + 
 weighs both halves alike) and the heads carry an L2 penalty, so what the tower knows is large in
 its features, not in its heads.
 
-    python -m infllava_jax.training.vision_pretrain DATA OUT [--steps N]   (the study calls `run`)
+    python -m infllava_jax.study.stage0 DATA OUT [--steps N]   (the study calls `run`)
 
 Writes OUT/metrics.jsonl (loss per head, rate), OUT/final (our checkpoint: the plain tiny model of
 `presets.tiny(grid=None)`, its vision tower pretrained, its projector and LLM at their seed-`seed`
@@ -39,8 +39,8 @@ import optax
 from PIL import Image
 
 from infllava_jax import checkpoint, params as params_lib, presets, sharding
-from infllava_jax.data import synthetic
-from infllava_jax.data import synthetic_targets as st
+from infllava_jax.study import scenes
+from infllava_jax.study import targets as st
 from infllava_jax.data.images import normalize, resize_uint8, to_rgb
 from infllava_jax.vision import CLIPVisionTransformer
 
@@ -158,7 +158,7 @@ def run(data_dir, out_dir, *, steps: int = 600, batch: int = 16, lr: float = 2e-
     result.json's content."""
     out, t0 = Path(out_dir), time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    records = synthetic.read_scenes(data_dir, "train")
+    records = scenes.read_scenes(data_dir, "train")
     if len(records) <= holdout:
         raise ValueError(f"{data_dir}: {len(records)} train images; stage 0 holds out {holdout}")
     images, targets = load_split(data_dir, records)

@@ -1,4 +1,4 @@
-"""The synthetic high-resolution VQA dataset (infllava_jax/data/synthetic.py): files, determinism,
+"""The synthetic high-resolution VQA dataset (infllava_jax/study/scenes.py): files, determinism,
 re-runs, balance, and the design claim that the detail questions cannot be read at 84 px.
 
 The claim is measured with simple oracles that are told where the detail is (the scene layout)
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from infllava_jax.data import synthetic as S
+from infllava_jax.study import scenes as S
 
 
 @pytest.fixture(scope="module")

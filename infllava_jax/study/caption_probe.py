@@ -1,7 +1,7 @@
 """Stage-1 probe of the miniature study: which facts of a synthetic scene a model names in its caption.
 
 Teacher-forced, in the stage-1 format (plain template, square image): the true caption of every
-test image (scenes_test.jsonl, `synthetic.caption`) is fed after the image; a fact counts as named when the model's
+test image (scenes_test.jsonl, `scenes.caption`) is fed after the image; a fact counts as named when the model's
 argmax predicts every one of its tokens. Per fact the result is the share of test images, next to
 the chance level (every answer is equally frequent; the box colour is in the context when the
 circle colour is predicted, so that one is 1 of 4).
@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from infllava_jax.data import synthetic
+from infllava_jax.study import scenes
 from infllava_jax.data.images import load_resized, normalize
 from infllava_jax.data.template import encode_conversation
 from infllava_jax.model import InfLlavaModel
@@ -44,9 +44,9 @@ def _spans(text: str, values: dict, tokenizer) -> dict:
 
 
 def probe(config, params, tokenizer, data_dir, n: int, batch: int = 32) -> dict:
-    """Share of the first n test images (of `data_dir`, written by synthetic.generate) whose facts
+    """Share of the first n test images (of `data_dir`, written by scenes.generate) whose facts
     the model names right, per fact."""
-    scenes = synthetic.read_scenes(data_dir, "test")[:n]
+    scenes = scenes.read_scenes(data_dir, "test")[:n]
     size, T = config.image_size[0], config.tokens_per_image
     fwd = jax.jit(lambda p, ids, px: InfLlavaModel(config).apply({"params": p}, ids, px))
     hits = {f: [] for f in FACTS}
@@ -55,7 +55,7 @@ def probe(config, params, tokenizer, data_dir, n: int, batch: int = 32) -> dict:
         for s in scenes[b0:b0 + batch]:
             text = s["caption"]
             ids, labels = encode_conversation(
-                [{"from": "human", "value": f"<image>\n{synthetic.CAPTION_PROMPT}"}, {"from": "gpt", "value": text}],
+                [{"from": "human", "value": f"<image>\n{scenes.CAPTION_PROMPT}"}, {"from": "gpt", "value": text}],
                 tokenizer, has_image=True, template="plain", double_bos=False)
             px = normalize(load_resized(str(Path(data_dir) / s["image"]), size, "square"))
             rows.append((np.asarray(ids), np.asarray(labels), px, _spans(text, _fact_values(s), tokenizer)))

@@ -1,0 +1,3 @@
+from infllava_jax.study.run import main
+
+raise SystemExit(main())
