@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow   # the accelerator check's CPU smoke run (~2 min)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -12,6 +12,8 @@ from infllava_jax.data.pipeline import make_dataset
 from tests.test_data_common import config, data_root, take, tok  # noqa: F401
 from tests.test_multihost import STEPS, losses, reference_run, run  # noqa: F401
 
+pytestmark = pytest.mark.slow   # resumes across meshes and process counts
+
 RESUME_AT = 3
 
 

@@ -22,6 +22,8 @@ from convert.__main__ import main as convert_main
 from convert.export import main as export_main
 from tests.fuzz import (bounded, flip, mutate_bytes, mutate_json, rule_violation, run_cli, truncate)
 
+pytestmark = pytest.mark.slow   # hundreds of broken inputs
+
 N_CONVERT, N_CKPT, N_IMAGES, N_RECORDS, N_FILES, N_PREDS, N_IDS = 48, 24, 40, 60, 16, 30, 40
 
 

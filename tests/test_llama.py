@@ -485,6 +485,7 @@ def _retrieval_accuracy(init: float, steps: int = 1000, seed: int = 0) -> float:
     return float((model.apply({"params": params}, x)[0][:, -1].argmax(-1) == y).mean())
 
 
+@pytest.mark.slow   # a learning test: 1000 steps
 def test_init_scale_decides_whether_the_tiny_llm_learns_retrieval():
     """A rung of the study's ladder: HF's initializer_range 0.02 (made for d ~ 4096) leaves a
     96-wide model at chance (1/61) after 1000 steps (measured 4%); 1/sqrt(d), the tiny preset's,

@@ -186,6 +186,7 @@ def test_lora_training_loop_export_and_resume(tmp_path):
     np.testing.assert_allclose([resumed[s] for s in (4, 5, 6)], [losses[s] for s in (4, 5, 6)], rtol=1e-6)
 
 
+@pytest.mark.slow   # a learning test
 def test_lora_steps_lower_the_loss_on_a_fixed_batch():
     params = with_adapters(params_lib.init_params(CFG, seed=5))
     tx, schedule = step_lib.make_optimizer(1e-2, 30, warmup_ratio=0.0)

@@ -24,6 +24,8 @@ from infllava_jax import distributed
 from infllava_jax.data.pipeline import make_dataset
 from tests.test_data_common import CLEAN, config, data_root, take, tok  # noqa: F401
 
+pytestmark = pytest.mark.slow   # two processes on localhost
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
 GLOBAL_BATCH = 8

@@ -25,6 +25,7 @@ def _run(out, *extra):
     return p.stdout + p.stderr
 
 
+@pytest.mark.slow   # the study's pipeline end to end, twice
 def test_study_end_to_end_and_reuse(tmp_path):
     out = tmp_path / "study"
     log = _run(out)
@@ -60,6 +61,7 @@ def test_study_end_to_end_and_reuse(tmp_path):
     assert again.count("reusing") == 5 and ": stage 1, 2 steps" not in again and ": stage 1, 2 steps" in log
 
 
+@pytest.mark.slow   # trains two stages
 def test_stage0_tower_is_frozen_in_stages_1_and_2(tmp_path):
     """The released recipe (docs/model.md §7): the rows' vision tower is stage 0's, unchanged by stages 1-2."""
     import numpy as np

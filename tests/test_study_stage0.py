@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow   # a learning rung: 300 steps of stage 0
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
