@@ -3,7 +3,7 @@ of the view whose pixels show the item, for every family of views the study's ro
 import numpy as np
 import pytest
 
-from infllava_jax.study import scenes
+from infllava_jax.study import scenes as S
 from infllava_jax.study import targets as st
 from infllava_jax.data.images import resize_uint8
 
@@ -14,11 +14,11 @@ NAMES = list(st.HEADS)
 def scenes():
     out = []
     for i in range(6):
-        s = scenes.scene(5, "train", i, 6)
+        s = S.scene(5, "train", i, 6)
         from PIL import Image
         im = Image.fromarray(s.image)
         images = {size: resize_uint8(im, size, "square")[None] for size in st.SIZES}
-        out.append((scenes.scene_record(s, ""), s, np.asarray(st.views(images))[0]))
+        out.append((S.scene_record(s, ""), s, np.asarray(st.views(images))[0]))
     return out
 
 
@@ -50,9 +50,9 @@ def test_detail_labels_sit_on_the_patch_that_shows_the_item(scenes):
     for rec, s, views in scenes:
         t = st.targets(rec)
         assert t.shape == (28, 36, len(NAMES)) and t.dtype == np.int8
-        digit = 1 + scenes.ANSWERS["digit"].index(rec["answers"]["digit"])
-        count = 1 + scenes.ANSWERS["count"].index(rec["answers"]["count"])
-        for head, label, ink_px in (("digit", digit, scenes.FONT[rec["answers"]["digit"]].sum()),
+        digit = 1 + S.ANSWERS["digit"].index(rec["answers"]["digit"])
+        count = 1 + S.ANSWERS["count"].index(rec["answers"]["count"])
+        for head, label, ink_px in (("digit", digit, S.FONT[rec["answers"]["digit"]].sum()),
                                     ("count", count, 1)):
             k = NAMES.index(head)
             for v in np.flatnonzero(fam == "local252"):

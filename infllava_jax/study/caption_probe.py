@@ -46,13 +46,13 @@ def _spans(text: str, values: dict, tokenizer) -> dict:
 def probe(config, params, tokenizer, data_dir, n: int, batch: int = 32) -> dict:
     """Share of the first n test images (of `data_dir`, written by scenes.generate) whose facts
     the model names right, per fact."""
-    scenes = scenes.read_scenes(data_dir, "test")[:n]
+    records = scenes.read_scenes(data_dir, "test")[:n]
     size, T = config.image_size[0], config.tokens_per_image
     fwd = jax.jit(lambda p, ids, px: InfLlavaModel(config).apply({"params": p}, ids, px))
     hits = {f: [] for f in FACTS}
-    for b0 in range(0, len(scenes), batch):
+    for b0 in range(0, len(records), batch):
         rows = []
-        for s in scenes[b0:b0 + batch]:
+        for s in records[b0:b0 + batch]:
             text = s["caption"]
             ids, labels = encode_conversation(
                 [{"from": "human", "value": f"<image>\n{scenes.CAPTION_PROMPT}"}, {"from": "gpt", "value": text}],
