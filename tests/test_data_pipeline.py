@@ -3,14 +3,15 @@ import dataclasses
 import json
 import os
 
+import grain
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from infllava_jax.data.batching import agree_across_processes, ids_length, pad_batch, pick_bucket
-from infllava_jax.data.examples import BAD_REASONS
-from infllava_jax.data.pipeline import TooManyBadSamples, make_dataset
+from infllava_jax.data.examples import BAD_REASONS, bad, example
+from infllava_jax.data.pipeline import DataConfig, LlavaBatchIterator, TooManyBadSamples, make_dataset
 from infllava_jax.pixels import preprocess
 from infllava_jax.splice import IGNORE_INDEX, IMAGE_TOKEN_INDEX, splice_attention_mask, splice_layout
 from tests.test_data_common import (CLEAN, IMAGE_SIZE, MAX_LEN, T, assert_batches_equal,  # noqa: F401
@@ -156,14 +157,35 @@ def test_bad_samples_skipped_and_counted(data_root, tok):
 
 
 def test_too_many_bad_samples_raise(data_root, tok):
-    cfg = config(data_root, name="bad.json", max_bad_fraction=0.2, bad_check_after=8)
+    cfg = config(data_root, name="bad.json", max_bad_fraction=0.2, min_bad_samples=1)
     with pytest.raises(TooManyBadSamples, match="bad.json"):
         for _ in batches(cfg, tok):
             pass
-    # below bad_check_after the check waits ... until the end of the data
-    cfg = config(data_root, name="bad.json", max_bad_fraction=0.2, num_epochs=1, bad_check_after=10**6)
-    with pytest.raises(TooManyBadSamples, match="max_bad_fraction"):
-        list(batches(cfg, tok))
+
+
+def _read_until_limit(pattern, **kw) -> tuple[int, str | None]:
+    """Samples read (1 = bad) before the bad-sample limit fired, and its message (None: never)."""
+    cfg = DataConfig("x.json", batch_size=1, image_size=28, tokens_per_image=4, max_len=64, **kw)
+    src = [bad("bad_fields", i) if b else example([1, 2, 3], [1, 2, 3], None, i) for i, b in enumerate(pattern)]
+    parent = iter(grain.MapDataset.source(src).to_iter_dataset(grain.ReadOptions(num_threads=0)))
+    it = LlavaBatchIterator(parent, cfg, pad_id=0, start=0, image_shape=(28, 28, 3))
+    for n in range(len(src)):
+        try:
+            next(it)
+        except TooManyBadSamples as e:
+            return n + 1, str(e)
+    return len(src), None
+
+
+def test_bad_sample_limit_counts_from_the_first_sample():
+    """Fires at the bad sample that makes bad > max_bad_fraction x read and bad >= min_bad_samples."""
+    assert _read_until_limit([0] * 9 + [1]) == (10, None)              # 1 in 10: a smoke run goes on
+    n, msg = _read_until_limit(([0] * 19 + [1]) * 8)                   # 5%: the third bad one ends it
+    assert n == 60 and "3 of 60" in msg and "max_bad_fraction=0.01" in msg and "min_bad_samples=3" in msg
+    assert _read_until_limit([1, 1] + [0] * 8, min_bad_samples=2)[0] == 2
+    assert _read_until_limit([1] * 10, max_bad_fraction=1.0) == (10, None)     # 1.0: never
+    assert _read_until_limit([0] * 300 + [1] * 3)[1] is None           # 3 of 303 is under 1%
+    assert _read_until_limit([0] * 290 + [1] * 3)[0] == 293             # 3 of 293 is over
 
 
 @pytest.mark.parametrize("num_threads", [0, 4])

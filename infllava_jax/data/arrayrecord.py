@@ -31,6 +31,7 @@ from PIL import Image
 from infllava_jax.data.examples import (BAD_REASONS, ImagePolicy, SampleSpec, TemplateError, bad, example,
                                         tokenize_record, truncate)
 from infllava_jax.data.images import normalize
+from infllava_jax.data.llava_json import read_llava_json
 
 VERSION = "1.0.0"
 _BUILD_KEYS = ("template", "image_size", "image_mode", "double_bos")  # must match at read time
@@ -112,7 +113,6 @@ class LlavaArrayRecord(tfds.core.GeneratorBasedBuilder):
         return {"train": self._generate_examples()}
 
     def _generate_examples(self):
-        from infllava_jax.data.pipeline import read_llava_json
         c = self.builder_config
         records = read_llava_json(c.json_path)
         encode = _Encoder(self._tokenizer, c)

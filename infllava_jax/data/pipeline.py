@@ -31,8 +31,6 @@ ArrayRecord path.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
 import sys
@@ -40,67 +38,16 @@ import sys
 import grain
 import numpy as np
 
-from infllava_jax.data.batching import collate, default_buckets
-from infllava_jax.data.examples import BAD_REASONS, JsonRecordProcessor, SampleSpec, example
-from infllava_jax.data.images import MAX_IMAGE_PIXELS
+from infllava_jax.data.batching import collate
+from infllava_jax.data.config import DataConfig  # noqa: F401 (also imported from here)
+from infllava_jax.data.examples import BAD_REASONS, JsonRecordProcessor, example
+from infllava_jax.data.llava_json import DataFileError, read_llava_json  # noqa: F401 (also imported from here)
 from infllava_jax.data.packing import PackedProcessor, PackedRows, collate_packed
 from infllava_jax.errors import InputError
 from infllava_jax.splice import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 _LOGGED_BAD = 20  # log the first few bad samples with their detail, then only count
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    data_path: str                        # LLaVA .json / .jsonl, or an ArrayRecord dir (arrayrecord.py)
-    image_folder: str = ""                # root of the records' relative "image" paths
-    template: str = "llama3"              # stage 1: "plain"
-    image_size: int = 1008                # model's high-res input (InfLlavaConfig.image_size)
-    image_mode: str = "pad"               # stage 1: "square"
-    tokens_per_image: int = 576           # InfLlavaConfig.tokens_per_image
-    max_len: int = 2048                   # after splicing
-    double_bos: bool = False              # True: the released doubled BOS (template.py)
-    batch_size: int = 8                   # per process
-    buckets: tuple[int, ...] | None = None  # spliced lengths; None: default_buckets(max_len, T)
-    seed: int = 0
-    shuffle: bool = True
-    num_epochs: int | None = None         # None: repeat forever (stop on a step count)
-    drop_remainder: bool = True           # static batch size
-    max_bad_fraction: float = 0.01        # raise once more than this fraction of samples is bad ...
-    bad_check_after: int = 1000           # ... after this many samples (and at the end of the data)
-    num_threads: int = 16                 # grain read threads (0: synchronous)
-    prefetch_buffer: int = 64
-    num_workers: int = 0                  # >0: grain mp_prefetch worker processes
-    image_cache_mb: int = 0               # >0: keep decoded images in memory (images.ImageCache)
-    allow_outside_paths: bool = False     # image paths may be absolute or leave image_folder with ".."
-    max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images are skipped (too_many_pixels), never decoded
-    packing: bool = False                 # True: several conversations per row up to max_len (packing.py)
-
-    def __post_init__(self):
-        if self.buckets is not None and max(self.buckets) != self.max_len:
-            raise ValueError(f"largest bucket {max(self.buckets)} must equal max_len {self.max_len}")
-        self.spec  # validates the per-sample fields
-
-    @property
-    def spec(self) -> SampleSpec:
-        return SampleSpec(template=self.template, image_size=self.image_size, image_mode=self.image_mode,
-                          tokens_per_image=self.tokens_per_image, max_len=self.max_len,
-                          double_bos=self.double_bos)
-
-    @property
-    def bucket_lengths(self) -> tuple[int, ...]:
-        return tuple(sorted(self.buckets or default_buckets(self.max_len, self.tokens_per_image)))
-
-    @classmethod
-    def for_model(cls, model_config, data_path: str, image_folder: str = "", stage: int = 2, **kw):
-        """Image size and tokens per image from an InfLlavaConfig; stage 1 = plain + square."""
-        H, W = model_config.image_size
-        if H != W:
-            raise NotImplementedError(f"non-square inputs ({H}x{W}) have no released preprocessing")
-        base = dict(template="plain", image_mode="square") if stage == 1 else {}
-        return cls(data_path=data_path, image_folder=image_folder, image_size=H,
-                   tokens_per_image=model_config.tokens_per_image, **{**base, **kw})
 
 
 # ----------------------------------------------------------------------------- sources
@@ -116,37 +63,6 @@ class _Indexed:
 
     def __getitem__(self, i):
         return i, self.source[i]
-
-
-class DataFileError(InputError):
-    """A data file that cannot be read at all (the message names it, and the line for JSONL)."""
-
-
-def read_llava_json(path: str) -> list:
-    """A LLaVA JSON list (or JSONL, one record a line). Records themselves are checked later,
-    one by one (a bad one is skipped and counted); a file that is not a list, or a JSONL line
-    that is not JSON, raises DataFileError."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            if path.endswith(".jsonl"):
-                return [_jsonl_record(path, n, line) for n, line in enumerate(f, 1) if line.strip()]
-            data = json.load(f)
-    except OSError as e:
-        raise DataFileError(f"{path}: cannot read ({e.strerror or e})") from None
-    except UnicodeDecodeError as e:
-        raise DataFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise DataFileError(f"{path}: not valid JSON ({e.msg}, line {e.lineno} column {e.colno})") from None
-    if not isinstance(data, list):
-        raise DataFileError(f"{path}: a LLaVA JSON file holds a list of records, got {type(data).__name__}")
-    return data
-
-
-def _jsonl_record(path: str, n: int, line: str):
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataFileError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
 
 
 def open_source(cfg: DataConfig, tokenizer, features=None):
@@ -283,7 +199,6 @@ class LlavaBatchIterator(grain.DatasetIterator):
             try:
                 e = next(self._parent)
             except StopIteration:
-                self._check(final=True)
                 if rows and not self.cfg.drop_remainder:
                     break
                 raise
@@ -315,14 +230,17 @@ class LlavaBatchIterator(grain.DatasetIterator):
             log.warning("%s: skipping record %d (%s): %s", self.cfg.data_path, e["index"], e["bad"], e["detail"])
         self._check()
 
-    def _check(self, final: bool = False):
+    def _check(self) -> None:
+        """The bad-sample limit, checked at every bad sample from the first one on (docs/bad-input.md):
+        more than max_bad_fraction of the samples read so far, and at least min_bad_samples."""
         n_bad = sum(self._bad.values())
         seen = n_bad + self._good
-        if seen and (final or seen >= self.cfg.bad_check_after) and n_bad > self.cfg.max_bad_fraction * seen:
+        if n_bad >= max(self.cfg.min_bad_samples, 1) and n_bad > self.cfg.max_bad_fraction * seen:
             counts = {k: v for k, v in self._bad.items() if v}
             raise TooManyBadSamples(
                 f"{self.cfg.data_path}: {n_bad} of {seen} samples read so far are bad "
-                f"({n_bad / seen:.1%} > max_bad_fraction={self.cfg.max_bad_fraction}): {counts}")
+                f"({n_bad / seen:.1%} > data.max_bad_fraction={self.cfg.max_bad_fraction}, and at least "
+                f"data.min_bad_samples={self.cfg.min_bad_samples}): {counts}")
 
     def stats(self) -> dict:
         """Counters to log: good samples, truncated ones, bad ones by reason (this process)."""
