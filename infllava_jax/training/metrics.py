@@ -1,5 +1,9 @@
 """Metrics: `WORKDIR/metrics.jsonl` (one JSON object per logged step), TensorBoard event files,
-a progress line with rate and ETA, and the throughput meter (tokens/s, MFU)."""
+a progress line with rate and ETA, and the throughput meter (tokens/s, MFU).
+
+A resumed run (`start` > 0: the restored step) holds each step once: metrics.jsonl is cut back
+to the rows of steps <= start, and the new TensorBoard event file starts with a purge of the
+steps after `start` (tensorboardX `purge_step`: TensorBoard drops the older files' later steps)."""
 from __future__ import annotations
 
 import json
@@ -14,11 +18,15 @@ log = logging.getLogger("infllava_jax")
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str | Path, total_steps: int, enabled: bool = True):
+    def __init__(self, workdir: str | Path, total_steps: int, enabled: bool = True, start: int = 0):
         self.enabled = enabled                     # only process 0 writes
         self.total_steps = total_steps
         self.path = Path(workdir) / "metrics.jsonl"
-        self.tb = SummaryWriter(str(Path(workdir) / "tensorboard")) if enabled else None
+        tb_dir = Path(workdir) / "tensorboard"
+        earlier = enabled and tb_dir.is_dir() and any(tb_dir.glob("events.out.tfevents.*"))
+        if enabled:
+            cut_back(self.path, start)
+        self.tb = SummaryWriter(str(tb_dir), purge_step=start + 1 if earlier else None) if enabled else None
         self._t0, self._step0 = time.perf_counter(), None
 
     def write(self, step: int, metrics: dict) -> None:
@@ -53,6 +61,29 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def cut_back(path: Path, step: int) -> None:
+    """Keep the rows of steps <= `step` in the JSONL file `path` (atomically; a damaged last line,
+    from a run killed while writing it, goes too)."""
+    if not path.exists():
+        return
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            dropped += 1
+            continue
+        if row.get("step", 0) <= step:
+            keep.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(x + "\n" for x in keep))
+        tmp.replace(path)
+        log.info("metrics.jsonl: %d rows after step %d dropped (the run resumes from step %d)", dropped, step, step)
 
 
 class ThroughputMeter:
