@@ -1,4 +1,4 @@
-"""python -m convert SRC DST [--vision-tower CLIP_DIR] [--llm LLAMA_DIR] [--dtype ...] [--verify]"""
+"""python -m convert SRC DST [--vision-tower CLIP_DIR] [--llm LLAMA_DIR] [--tokenizer DIR] [--template T] [--dtype ...] [--verify]"""
 from __future__ import annotations
 
 import argparse
@@ -32,6 +32,14 @@ SRC is detected:
 A CLIP or a Llama directory alone is not a model and is refused: together they make the
 stage-1 start. Both starts grow the vocabulary by one <pad> token (its embed_tokens and
 lm_head rows set to the mean row, as the released training did) unless --no-pad-token.
+
+DST also carries what using it needs (usage.json; docs/using.md): the tokenizer files
+(tokenizer.json / tokenizer.model, tokenizer_config.json, special_tokens_map.json, chat
+template, generation_config.json) of --tokenizer DIR, else of SRC, else of --llm; the
+conversation template (--template, else llama3 when the tokenizer has Llama-3's header tokens,
+else by family: llama3 for INF-LLaVA, vicuna_v1 for LLaVA-1.5) and its stop ids; the released
+inference preprocessing (336-px images upsampled in the model, padded to square; INF-LLaVA's
+doubled BOS). Without any tokenizer files one line says so; pass --tokenizer later.
 CLIP directories may be a CLIPModel (its text tower is not converted) or a CLIPVisionModel,
 in the key layout of transformers 4.x downloads or of v5 save_pretrained.
 
@@ -59,6 +67,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pad-token", dest="add_pad_token", action="store_false",
                    help="stage starts: do not append the <pad> row")
     p.add_argument("--seed", type=int, default=0, help="seed of the fresh DEM/projector (stage-1 start)")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="tokenizer files to carry (default: SRC's or --llm's; CLIP's own are never taken)")
+    p.add_argument("--template", choices=("llama3", "vicuna_v1"),
+                   help="conversation template to record (default: the tokenizer's / the family's: llama3 for "
+                        "INF-LLaVA and the stage starts, vicuna_v1 for LLaVA-1.5)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="convert tensors holding NaN / Inf (a warning names each); default: refuse")
@@ -80,11 +93,12 @@ def main(argv=None) -> int:
         from convert.importer import convert
         source, _ = convert(args.src, args.dst, vision_tower=args.vision_tower, llm=args.llm, dtype=args.dtype,
                             add_pad_token=args.add_pad_token, seed=args.seed, overwrite=args.overwrite,
-                            progress=args.progress, allow_nonfinite=args.allow_nonfinite)
+                            progress=args.progress, allow_nonfinite=args.allow_nonfinite,
+                            tokenizer=args.tokenizer, template=args.template)
         if args.verify:
             from convert.verify import verify
             m = verify(source, args.dst, max_rel_err=args.max_rel_err, max_kl=args.max_kl,
-                       prompt_tokens=args.prompt_tokens, tokenizer_dirs=(args.src, args.llm))
+                       prompt_tokens=args.prompt_tokens, tokenizer_dirs=(args.dst, args.src, args.llm))
             return 0 if m["ok"] else 1
         return 0
     except (ConversionError, CheckpointError, OSError) as e:

@@ -29,6 +29,7 @@ from convert.writers import DEFAULT_SHARD_BYTES, write_safetensors
 from infllava_jax.params import abstract_params
 from infllava_jax.checkpoint import (PARAMS_DIR, CheckpointError, atomic_directory, load_config, read_orbax,
                                      saved_metadata)
+from infllava_jax import conversation
 from infllava_jax.config import InfLlavaConfig
 from infllava_jax.errors import one_line
 from infllava_jax.vision import CLIPVisionConfig
@@ -146,6 +147,8 @@ def export(ckpt, dst, *, fmt: str = "released", dtype: str = "auto", with_vision
         with progress_bar(total, "export", progress) as bar:
             names.extend(write_safetensors(tensors, tmp, max_shard_bytes=max_shard_bytes, progress=bar.update))
         (tmp / "config.json").write_text(json.dumps(cfg_json, indent=2) + "\n")
+        copied = conversation.copy_tokenizer_files(ckpt, tmp)   # the checkpoint's tokenizer travels along
+        log(f"tokenizer files: {', '.join(copied)}" if copied else f"{ckpt} has no tokenizer files to carry")
 
     try:
         atomic_directory(Path(dst), fill, overwrite=overwrite)

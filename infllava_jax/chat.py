@@ -2,10 +2,11 @@
 
     python -m infllava_jax.chat --ckpt DIR --image PATH "What is in the image?"
 
-The prompt is the `llama3` template with "<image>\\n" + question (as the benchmarks use it); the
-model's one generation program (`generate.generate`: greedy, or temperature + top-p) hands each
-token to the host as it is picked, and the text is printed as soon as it decodes to whole
-characters.
+The prompt, stop ids and image preparation are the checkpoint's (usage.json, conversation.py:
+`llama3` for INF-LLaVA, `vicuna_v1` for LLaVA-1.5), "<image>\\n" + question as the benchmarks
+use it; --template / --pixels override them. The model's one generation program
+(`generate.generate`: greedy, or temperature + top-p) hands each token to the host as it is
+picked, and the text is printed as soon as it decodes to whole characters.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Iterator
 import jax
 import jax.numpy as jnp
 
+from infllava_jax import conversation
 from infllava_jax.api import InfLlava
 from infllava_jax.config import InfLlavaConfig
 from infllava_jax.generate import generate
@@ -38,19 +40,19 @@ _SINK = _Sink()
 
 def stream(model: InfLlava, tokenizer, image, question: str, *, config: InfLlavaConfig | None = None,
            max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-           pixels: str = "released", double_bos: bool = True) -> Iterator[str]:
-    """Yield pieces of the answer text as they are generated."""
-    from infllava_jax.data.tokenizer import stop_ids
-    from infllava_jax.evaluation import prompting
-    from infllava_jax.evaluation.runner import pixel_size
+           pixels: str | None = None, double_bos: bool | None = None, template: str | None = None) -> Iterator[str]:
+    """Yield pieces of the answer text as they are generated. pixels / double_bos / template:
+    None = the model's usage (as its checkpoint recorded)."""
+    from infllava_jax.inputs import encode_row, image_size
     from infllava_jax.pixels import preprocess
 
     config = config or model.config
-    img = preprocess(image, pixel_size(config, pixels), "pad")
-    ids = prompting.encode(tokenizer, question, 1, double_bos=double_bos)
+    usage = model.usage.override(pixels=pixels, double_bos=double_bos, template=template)
+    img = preprocess(image, image_size(config, usage.pixels), usage.image_mode)
+    ids = encode_row(tokenizer, usage, question, 1)
     ids = check_row(ids, None, config, 1, "of the prompt")[0]   # a tokenizer larger than the model: an error
     ids = jnp.asarray(ids[None], jnp.int32)
-    stops, out, shown, failed = stop_ids(tokenizer), [], "", []
+    stops, out, shown, failed = conversation.stop_ids(usage, tokenizer), [], "", []
     _SINK.queue = tokens = queue.Queue()
 
     def run():
@@ -84,17 +86,20 @@ def main(argv=None) -> int:
     p.add_argument("--image", required=True)
     p.add_argument("--res", type=int, default=0, help="sweep resolution (grid n = res / 336); 0 = as saved")
     p.add_argument("--tokenizer", default="", help='"" = the checkpoint\'s, "tiny", or a directory')
+    p.add_argument("--template", default="", choices=("",) + conversation.TEMPLATES,
+                   help='"" = the checkpoint\'s (llama3 for INF-LLaVA, vicuna_v1 for LLaVA-1.5)')
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pixels", default="released", choices=("released", "native"))
+    p.add_argument("--pixels", default="", choices=("",) + conversation.PIXELS, help='"" = the checkpoint\'s')
     a = p.parse_args(argv)
     from infllava_jax.errors import InputError, one_line
     from infllava_jax.evaluation.datasets import open_image
     try:
         image = open_image(a.image, where=a.image)   # capped before decoding, any mode -> RGB
-        model = InfLlava.from_pretrained(a.ckpt)
+        model = InfLlava.from_pretrained(a.ckpt, tokenizer=a.tokenizer or None)
+        model.usage = model.usage.override(template=a.template, pixels=a.pixels)
         _answer(model, image, a)
     except InputError as e:
         print(f"chat: error: {one_line(e, 1000)}", file=sys.stderr)
@@ -103,12 +108,10 @@ def main(argv=None) -> int:
 
 
 def _answer(model: InfLlava, image, a) -> None:
-    from infllava_jax.evaluation import prompting
     from infllava_jax.evaluation.runner import grid_config
-    tok = prompting.get_tokenizer(a.tokenizer, a.ckpt, model.config.llm.vocab_size)
     config = grid_config(model.config, a.res) if a.res else model.config
-    for piece in stream(model, tok, image, a.question, config=config, max_new_tokens=a.max_new_tokens,
-                        temperature=a.temperature, top_p=a.top_p, seed=a.seed, pixels=a.pixels):
+    for piece in stream(model, model.tokenizer, image, a.question, config=config, max_new_tokens=a.max_new_tokens,
+                        temperature=a.temperature, top_p=a.top_p, seed=a.seed):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

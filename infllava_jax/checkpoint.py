@@ -209,17 +209,21 @@ def _save_params(directory: Path, params, progress) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, config: InfLlavaConfig, params, *, progress=None,
-                    before_commit: Callable[[], None] | None = None) -> None:
+                    before_commit: Callable[[], None] | None = None,
+                    extra_files: Callable[[Path], None] | None = None) -> None:
     """Write `config.json` + `params/` atomically (an existing checkpoint at `path` is replaced).
 
     Leaves may be arrays or `StreamedArray`s; a tree with StreamedArrays is written piece by
     piece (peak memory ~ STREAM_INFLIGHT_BYTES + one piece, whatever the model size);
     `progress(nbytes)` is called as pieces are committed. Every process takes part.
-    `before_commit()` runs once everything is written; if it raises, `path` is left as it was."""
+    `before_commit()` runs once everything is written; if it raises, `path` is left as it was.
+    `extra_files(dir)` (process 0) adds files next to config.json (usage.json, tokenizer files)."""
     def fill(tmp: Path) -> None:
         _save_params(tmp / PARAMS_DIR, params, progress)
         if jax.process_index() == 0:
             (tmp / CONFIG_FILE).write_text(config.to_json())
+            if extra_files is not None:
+                extra_files(tmp)
         if before_commit is not None:
             before_commit()
     atomic_directory(path, fill, overwrite=True)

@@ -79,7 +79,7 @@ def reload_and_generate(model, tok, ids, px, logits, args) -> None:
     import numpy as np
 
     from infllava_jax import InfLlava
-    from infllava_jax.data.tokenizer import stop_ids
+    from infllava_jax.conversation import stop_ids
     from infllava_jax.sharding import make_mesh
 
     t = time.perf_counter()
@@ -92,7 +92,7 @@ def reload_and_generate(model, tok, ids, px, logits, args) -> None:
     step(f"save -> from_pretrained on mesh fsdp={jax.device_count()}: rel err {err:.1e}", t)
 
     t = time.perf_counter()
-    out = model.generate(ids, px, max_new_tokens=args.max_new_tokens, stop_ids=stop_ids(tok))[0]
+    out = model.generate(ids, px, max_new_tokens=args.max_new_tokens, stop_ids=stop_ids(model.usage, tok))[0]
     step(f"greedy generation: {len(out)} tokens", t)
     print(f"  answer (random weights): {tok.decode(out, skip_special_tokens=True)!r}")
 

@@ -12,7 +12,7 @@ has stopped or `max_new_tokens` tokens were produced. Returns (tokens (B, max_ne
 lengths (B,) int32 = tokens emitted per row including its stop token). `on_token(step, tokens)`,
 if given, is called on the host with each step's (B,) tokens as they are picked (streaming).
 Stop ids are a traced array (changing their values does not recompile; changing their count
-does).
+does); which ids a checkpoint stops on is conversation.py's decision (none by default here).
 """
 from __future__ import annotations
 
@@ -25,9 +25,6 @@ from jax.experimental import io_callback
 
 from .llama import LlamaConfig, LlamaForCausalLM, init_cache
 from .model import InfLlavaModel
-
-LLAMA3_STOP_IDS = (128009, 128001)  # <|eot_id|>, <|end_of_text|>
-
 
 def top_p_filter(logits: jax.Array, top_p) -> jax.Array:
     """Mask (to -inf) every logit outside the smallest set whose probability mass >= top_p."""
@@ -48,7 +45,7 @@ def _pick(logits, key, do_sample, temperature, top_p):
 
 
 def generate_core(config: LlamaConfig, params, inputs_embeds: jax.Array, attention_mask: jax.Array,
-                  *, max_new_tokens: int, stop_ids: Sequence[int] | jax.Array = LLAMA3_STOP_IDS,
+                  *, max_new_tokens: int, stop_ids: Sequence[int] | jax.Array = (),
                   pad_id: int = 0, do_sample: bool = False, rng: jax.Array | None = None, temperature=1.0, top_p=1.0,
                   cache_dtype: Any = None, on_token: Callable | None = None):
     """Un-jitted generation from prompt embeddings (see module docstring)."""

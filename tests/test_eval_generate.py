@@ -17,6 +17,7 @@ from infllava_jax.data.tokenizer import build_tiny_tokenizer
 def stop_ids(tok):
     return conversation.stop_ids(conversation.Usage(), tok)   # llama3's <|eot_id|>, <|end_of_text|>
 
+
 N_NEW = 6
 
 

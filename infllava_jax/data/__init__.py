@@ -1,6 +1,6 @@
 """Data: tokenizer, conversation templates, grain pipeline, ArrayRecord builder (docs/model.md sections 2, 6, 7).
 
-    tokenizer.py   tiny Llama-3-like BPE / a real HF Llama-3 tokenizer; stop ids
+    tokenizer.py   tiny Llama-3-like BPE / a real HF tokenizer (Llama-3, LLaVA-1.5 Vicuna)
     template.py    `llama3` and `plain` templates -> (input_ids, labels); generation prompts
     images.py      file -> uint8 at the training size -> CLIP-normalised float32
     examples.py    one LLaVA record -> example or a counted bad sample; truncation
@@ -11,7 +11,7 @@
 """
 from infllava_jax.data.pipeline import DataConfig, make_dataset
 from infllava_jax.data.template import build_prompt, encode_conversation
-from infllava_jax.data.tokenizer import build_tiny_tokenizer, load_tokenizer, stop_ids
+from infllava_jax.data.tokenizer import build_tiny_tokenizer, load_tokenizer
 
 __all__ = ["DataConfig", "make_dataset", "build_prompt",
-           "encode_conversation", "build_tiny_tokenizer", "load_tokenizer", "stop_ids"]
+           "encode_conversation", "build_tiny_tokenizer", "load_tokenizer"]

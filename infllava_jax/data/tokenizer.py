@@ -5,7 +5,7 @@ runs unchanged on either. The tiny one copies what matters of Meta-Llama-3's tok
 the same pre-tokenizer split regex + byte-level alphabet, the special tokens the `llama3`
 template spells out in text, and a post-processor that prepends `<|begin_of_text|>` when
 `add_special_tokens=True` (the source of the released code's doubled BOS, see template.py).
-Special-token ids differ from the real ones (128000..): use `stop_ids`, never 128009.
+Special-token ids differ from the real ones (128000..): stop ids come from conversation.stop_ids.
 """
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import functools
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
+
+from infllava_jax.errors import InputError
 
 BOS = "<|begin_of_text|>"
 EOS = "<|end_of_text|>"
@@ -106,28 +108,48 @@ def build_tiny_tokenizer(vocab_size: int = 512, texts=None) -> PreTrainedTokeniz
                                    model_max_length=1 << 30)
 
 
-def load_tokenizer(path: str | None = None, vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """`None` -> the tiny tokenizer; else a local HF Llama-3 tokenizer directory (offline).
+def load_tokenizer(path: str | None = None, vocab_size: int = 512, template: str | None = None):
+    """`None` or "tiny" -> the tiny tokenizer; else a local HF tokenizer directory (offline):
+    tokenizer.json (any transformers tokenizer), or only a sentencepiece tokenizer.model
+    (LLaVA-1.5's original files; converted by transformers).
 
-    Adds `<pad>` when missing, as the released training did (vocabulary 128256 -> 128257), and
-    checks that every template token is a single special token."""
-    if path is None:
-        tok = build_tiny_tokenizer(vocab_size)
-    else:
-        tok = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True, padding_side="right")
-        if tok.pad_token is None:
-            tok.add_special_tokens({"pad_token": PAD})
-    for t in SPECIAL_TOKENS:
-        ids = tok.convert_tokens_to_ids([t])
+    `template` ("llama3" | "vicuna_v1"; None: llama3 when the tokenizer has Llama-3's header
+    tokens) decides which special tokens must exist. llama3: adds `<pad>` when there is no pad
+    token, as the released training did (vocabulary 128256 -> 128257); vicuna_v1: pads with
+    `<unk>` (LLaVA-1.5) when there is none, the vocabulary unchanged."""
+    if path is None or path == "tiny":
+        return build_tiny_tokenizer(vocab_size)
+    tok = _from_directory(path)
+    has_header = tok.convert_tokens_to_ids(START_HEADER) not in (None, tok.unk_token_id)
+    template = template or ("llama3" if has_header else "vicuna_v1")
+    if template == "llama3" and tok.pad_token is None:
+        tok.add_special_tokens({"pad_token": PAD})
+    if template != "llama3" and tok.pad_token is None:
+        tok.pad_token = tok.unk_token or tok.eos_token
+    need = SPECIAL_TOKENS[1:] if template == "llama3" else (tok.bos_token, tok.eos_token)
+    for t in need:
+        ids = tok.convert_tokens_to_ids([t]) if t is not None else []
         if len(ids) != 1 or ids[0] is None or ids[0] == tok.unk_token_id:
-            raise ValueError(f"tokenizer at {path!r} has no special token {t!r}: not a Llama-3 tokenizer")
+            raise InputError(f"tokenizer at {path!r} has no special token {t!r}: not a {template} tokenizer "
+                             f"(a Llama-3 tokenizer for llama3, LLaMA/Vicuna for vicuna_v1)")
     return tok
+
+
+def _from_directory(path: str):
+    from pathlib import Path
+    from transformers import AutoTokenizer
+    d = Path(path)
+    if not d.is_dir():
+        raise InputError(f"tokenizer {path!r}: no such directory")
+    try:
+        if (d / "tokenizer.json").is_file():
+            return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True, padding_side="right")
+        if (d / "tokenizer.model").is_file():
+            return AutoTokenizer.from_pretrained(path, local_files_only=True, padding_side="right")
+    except (OSError, ValueError, TypeError, ImportError) as e:
+        raise InputError(f"tokenizer at {path!r} cannot be read: {str(e).strip().splitlines()[0][:300]}") from None
+    raise InputError(f"{path}: no tokenizer.json or tokenizer.model")
 
 
 def special_id(tokenizer, token: str) -> int:
     return int(tokenizer.convert_tokens_to_ids(token))
-
-
-def stop_ids(tokenizer) -> tuple[int, ...]:
-    """Generation stops on `<|eot_id|>` or `<|end_of_text|>` (docs/model.md §6): (128009, 128001) for Llama-3."""
-    return special_id(tokenizer, EOT), special_id(tokenizer, EOS)

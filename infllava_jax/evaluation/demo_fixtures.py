@@ -48,11 +48,12 @@ def random_params(config, seed: int = 0):
 
 
 def tiny_model(seed: int = 0, grid: int = 3):
-    """A random `presets.tiny()` model (84-px sub-images, vocabulary 512)."""
+    """A random `presets.tiny()` model (84-px sub-images, vocabulary 512) with the built-in tiny
+    tokenizer (recorded in its usage.json when saved)."""
     from infllava_jax import presets
     from infllava_jax.api import InfLlava
     config = presets.tiny(grid=grid)
-    return InfLlava(config, random_params(config, seed))
+    return InfLlava(config, random_params(config, seed), tokenizer="tiny")
 
 
 def make_tiny_checkpoint(path, seed: int = 0, grid: int = 3):

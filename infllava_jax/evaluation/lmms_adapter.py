@@ -1,7 +1,7 @@
 """An lmms-eval model adapter: `lmms-eval --model infllava_jax --model_args ckpt=DIR,...`.
 
 Behaves like lmms-eval's `llava` adapter (July 2024): "<image>" tokens (one per visual, joined
-by spaces) + "\\n" before the context unless it already has one, the `llama3` template,
+by spaces) + "\\n" before the context unless it already has one, the checkpoint's template (conversation.py),
 greedy unless the task asks for temperature > 0, outputs decoded with special tokens skipped
 (lmms-eval strips them before scoring). Requests are grouped by generation kwargs and batched
 through `runner.Generator` (bucketed, jitted, data-parallel).
@@ -37,10 +37,10 @@ class Adapter:
     """lmms-eval's simple-model interface on top of `runner.Generator` (no lmms_eval import)."""
 
     def __init__(self, ckpt: str, res: int = 0, batch_size: int = 8, tokenizer: str = "",
-                 pixels: str = "released", image_mode: str = "pad", double_bos=True, mesh: str = "",
+                 pixels: str = "", image_mode: str = "", double_bos="", template: str = "", mesh: str = "",
                  max_new_tokens: int = 1024, model=None, tok=None, **kwargs: Any) -> None:
         from infllava_jax.api import InfLlava
-        from infllava_jax.data.tokenizer import stop_ids
+        from infllava_jax.conversation import stop_ids
         from infllava_jax.evaluation import prompting
         from infllava_jax.evaluation.runner import Generator, grid_config
         from infllava_jax.sharding import make_mesh
@@ -52,15 +52,18 @@ class Adapter:
         else:  # an in-memory model: its parameters replicated over this (data-parallel) mesh
             import jax
             from jax.sharding import NamedSharding, PartitionSpec
-            model = InfLlava(model.config, jax.device_put(model.params, NamedSharding(self.mesh, PartitionSpec())))
+            model = InfLlava(model.config, jax.device_put(model.params, NamedSharding(self.mesh, PartitionSpec())),
+                             usage=model.usage)
         self.model = model
+        # "" = what the checkpoint recorded (usage.json: template, pixels, image mode, doubled BOS)
+        self.usage = model.usage.override(template=template, pixels=pixels, image_mode=image_mode,
+                                          double_bos=double_bos)
         self.config = grid_config(self.model.config, int(res)) if int(res) else self.model.config
-        self.tok = tok or prompting.get_tokenizer(tokenizer, ckpt, self.config.llm.vocab_size)
+        self.tok = tok or prompting.get_tokenizer(tokenizer, ckpt, self.config.llm.vocab_size, self.usage)
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else self.tok.pad_token_id
         self.gen = Generator(self.model.params, self.mesh, batch_size=int(batch_size), pad_id=pad or 0,
-                             stop_ids=stop_ids(self.tok))
-        self.pixels, self.image_mode = pixels, image_mode
-        self.double_bos = _as_bool(double_bos)
+                             stop_ids=stop_ids(self.usage, self.tok))
+        self.pixels, self.image_mode, self.double_bos = self.usage.pixels, self.usage.image_mode, self.usage.double_bos
         self.default_max_new_tokens = int(max_new_tokens)
         self.ignored_kwargs = kwargs
         self.task_dict = getattr(self, "task_dict", {})
@@ -91,10 +94,8 @@ class Adapter:
         return context, context.count(DEFAULT_IMAGE_TOKEN)
 
     def _encode(self, question: str) -> np.ndarray:
-        from infllava_jax.data.template import build_prompt, tokenize
-        from infllava_jax.data.tokenizer import BOS, special_id
-        ids = tokenize(build_prompt(question, with_image=False), self.tok)
-        return np.asarray(([special_id(self.tok, BOS)] if self.double_bos else []) + ids, np.int32)
+        from infllava_jax.conversation import encode_prompt
+        return encode_prompt(self.tok, question, 0, self.usage)   # the checkpoint's template
 
     def _images(self, visuals) -> list:
         from infllava_jax.evaluation.runner import pixel_size
@@ -131,7 +132,7 @@ class Adapter:
 
     def loglikelihood(self, requests: Sequence) -> list[tuple[float, bool]]:
         from infllava_jax.data.template import tokenize
-        from infllava_jax.data.tokenizer import EOT
+        from infllava_jax.conversation import answer_end
         from infllava_jax.evaluation.runner import bucket
         res = []
         for req in requests:
@@ -140,8 +141,8 @@ class Adapter:
             visuals = self._visuals(doc_to_visual, doc_id, task, split)
             question, n_img = self._question(context, len(visuals))
             ctx = self._encode(question)
-            # the answer turn as the template renders it: continuation + <|eot_id|>
-            targets = np.asarray(tokenize(f"{cont}{EOT}", self.tok), np.int32)
+            # the answer turn as the template renders it: continuation + <|eot_id|> (llama3) or </s>
+            targets = np.asarray(tokenize(f"{cont}{answer_end(self.usage.template)}", self.tok), np.int32)
             full = np.concatenate([ctx, targets])
             # right-padded to a length bucket (causal: earlier logits unchanged), one program per bucket
             L = bucket(len(full), self.gen.length_buckets)

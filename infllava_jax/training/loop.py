@@ -31,6 +31,7 @@ from infllava_jax.config import InfLlavaConfig
 from infllava_jax.data.batching import agree_across_processes, image_slots, pad_batch, sum_over_processes
 from infllava_jax.data import config as data_config_lib
 from infllava_jax.data.pipeline import DataConfig, make_dataset, open_source
+from infllava_jax import conversation
 from infllava_jax.data.tokenizer import load_tokenizer
 from infllava_jax.training import feature_bank, flops, partition, step as step_lib
 from infllava_jax.training.checkpoints import TrainCheckpoints
@@ -210,7 +211,8 @@ class Trainer:
         """This process's batch iterator from the start step's micro-batch on (data/pipeline.py)."""
         cfg, b, P, p = self.cfg, self.cfg.micro_batch, jax.process_count(), jax.process_index()
         k = self.start * self.accum
-        it = iter(make_dataset(data_config(cfg, self.mc, self.workdir, b), self.tok, start=k, features=self.bank))
+        self.data_cfg = data_config(cfg, self.mc, self.workdir, b)   # also what final/ records (usage)
+        it = iter(make_dataset(self.data_cfg, self.tok, start=k, features=self.bank))
         if counts and p == 0:                     # the totals so far; the other processes count anew
             it.set_stats(counts)
         log.info("mesh %s; model grid %s, %d tokens/image; %s; %d accumulation steps of %d per process",
@@ -340,7 +342,7 @@ class Trainer:
         with jax.transfer_guard("allow"):        # a sync point: evaluation moves data both ways
             summary = sweep.run(ecfg, ckpt="(in memory)", data=self.cfg.eval_data,
                                 out=str(self.workdir / "eval" / f"step_{step}"), log=log.info,
-                                model=InfLlava(self.mc, self.params()), tokenizer=self.tok)
+                                model=InfLlava(self.mc, self.params(), usage=self.usage()), tokenizer=self.tok)
         scores = {f"eval/{task}@{res}": scorers.main_metric(rec["metrics"])
                   for task, by_res in summary["results"].items() for res, rec in by_res.items() if rec.get("metrics")}
         log.info("step %d eval (%.1f s): %s", step, time.perf_counter() - t, json.dumps(scores))
@@ -350,6 +352,10 @@ class Trainer:
     # -- the end ------------------------------------------------------------------------------------
     def params(self) -> dict:
         return lora.combine(self.state["frozen"], self.state["params"])
+
+    def usage(self) -> conversation.Usage:
+        """How the trained model is used: what training fed it (conversation.training_usage)."""
+        return conversation.training_usage(self.cfg.tokenizer, self.data_cfg)
 
     def export(self) -> None:
         """WORKDIR/final: our checkpoint, LoRA adapters merged into the base (lora.merge); with
@@ -361,7 +367,8 @@ class Trainer:
             like = params_lib.abstract_params(mc)
             merge = jax.jit(lambda p: lora.merge(self.mc, p, like), out_shardings=params_lib.param_shardings(mc, self.mesh))
             params = merge(params)
-        InfLlava(mc, params).save_pretrained(final)   # all processes take part
+        # with usage.json and the tokenizer (its files, or "tiny"): final/ is ready for chat / eval.py
+        InfLlava(mc, params, usage=self.usage(), tokenizer=self.cfg.tokenizer or "tiny").save_pretrained(final)
         log.info("wrote %s (InfLlava.from_pretrained)", final)
         if self.mc.llm.lora is not None and self.cfg.lora.get("export", "merged") == "adapters":
             self.save_adapters(self.mc, trained, self.workdir / "final_lora", base=self.cfg.init_checkpoint)
