@@ -311,7 +311,7 @@ def test_slurm_sbatch_dry_run(tmp_path, clean_env):
     assert out[0].split() == ["srun", "--kill-on-bad-exit=1", "--ntasks-per-node=1", "--nodes=2", sys.executable,
                               str(ROOT / "train.py"), "--config", "configs/stage2_8b.py", "--workdir",
                               str(tmp_path / "run"), "--initialization_timeout=600", "--heartbeat_timeout=120",
-                              "--config.micro_batch=16"]
+                              "--config.preemption_signal=SIGUSR1", "--config.micro_batch=16"]
     tasks = [json.loads(line) for line in out[1:]]
     port = 4242 % 4096 + 65535 - 4096 + 1
     assert [t["cluster"] for t in tasks] == [
@@ -330,5 +330,5 @@ def test_tpu_pod_script_dry_run():
     remote = shlex.split(cmd)[-1]
     assert remote.startswith("--command=cd ~/infllava-jax && .venv/bin/python train.py --config "
                              "configs/stage2_8b.py --workdir /mnt/shared/stage2 --initialization_timeout=600 "
-                             "--heartbeat_timeout=120 --config.micro_batch=16")
+                             "--heartbeat_timeout=120 --config.preemption_signal=SIGUSR1 --config.micro_batch=16")
     assert "--coordinator_address" not in remote and "--process_id" not in remote   # auto-detected per host
