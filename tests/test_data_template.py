@@ -8,11 +8,15 @@ from transformers import PreTrainedTokenizerFast
 
 from infllava_jax.data.template import (ASSISTANT, SYSTEM, USER, TemplateError, build_prompt, encode_conversation,
                                         header, normalize_turns, system_text)
-from infllava_jax.data.tokenizer import (BOS, EOS, EOT, SPECIAL_TOKENS, build_tiny_tokenizer,
-                                         load_tokenizer, stop_ids)
+from infllava_jax.conversation import Usage, stop_ids as usage_stop_ids
+from infllava_jax.data.tokenizer import BOS, EOS, EOT, SPECIAL_TOKENS, build_tiny_tokenizer, load_tokenizer
 from infllava_jax.evaluation.prompting import encode
 from infllava_jax.splice import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from tests.test_data_common import CLEAN, _conv, tok  # noqa: F401  (fixture)
+
+
+def stop_ids(tokenizer):
+    return usage_stop_ids(Usage(), tokenizer)   # the llama3 template's stop tokens
 
 # docs/model.md section 6, verbatim
 SPEC_TEMPLATE = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nA chat between a curious user "
@@ -114,7 +118,7 @@ def test_load_tokenizer_from_directory(tok, tmp_path):
     assert loaded.decode(labels[labels >= 0]) == "world<|eot_id|>"
     (tmp_path / "tokenizer.json").write_text(Tokenizer(models.BPE()).to_str())
     with pytest.raises(ValueError, match="not a Llama-3 tokenizer"):
-        load_tokenizer(str(tmp_path))
+        load_tokenizer(str(tmp_path), template="llama3")
 
 
 # ----------------------------------------------------------------------------- llama3

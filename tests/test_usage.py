@@ -62,7 +62,7 @@ def test_llama3_tokenizer_as_downloaded(toks):
     assert conversation.generation_eos_ids(d) == (eos, eot)
     ids = conversation.encode_prompt(tok, "Hi", 1, Usage(double_bos=False))
     assert tok.convert_ids_to_tokens(int(ids[0])) == "<|begin_of_text|>" and ids[1] != ids[0]
-    with pytest.raises(InputError, match="no special token '<\\|begin_of_text\\|>': not a llama3 tokenizer"):
+    with pytest.raises(InputError, match="no '<\\|begin_of_text\\|>' special token: not a Llama-3 tokenizer"):
         load_tokenizer(str(toks["vicuna"][0]), template="llama3")
 
 

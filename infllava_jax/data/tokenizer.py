@@ -127,11 +127,12 @@ def load_tokenizer(path: str | None = None, vocab_size: int = 512, template: str
     if template != "llama3" and tok.pad_token is None:
         tok.pad_token = tok.unk_token or tok.eos_token
     need = SPECIAL_TOKENS[1:] if template == "llama3" else (tok.bos_token, tok.eos_token)
+    kind = "Llama-3" if template == "llama3" else "LLaMA/Vicuna"
     for t in need:
         ids = tok.convert_tokens_to_ids([t]) if t is not None else []
         if len(ids) != 1 or ids[0] is None or ids[0] == tok.unk_token_id:
-            raise InputError(f"tokenizer at {path!r} has no special token {t!r}: not a {template} tokenizer "
-                             f"(a Llama-3 tokenizer for llama3, LLaMA/Vicuna for vicuna_v1)")
+            raise InputError(f"tokenizer at {path!r} has no {'BOS/EOS' if t is None else repr(t)} special token: "
+                             f"not a {kind} tokenizer (template {template})")
     return tok
 
 
