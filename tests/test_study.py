@@ -116,6 +116,44 @@ def test_verdict_and_targets():
     assert len(targets({"plain_336": rows["plain_336"]})) == 1     # goals of rows that did not run: left out
 
 
+
+def _seeded(prior, *per_seed):
+    """aggregate() of rows given as {row: _row(...)} per seed."""
+    from infllava_jax.study.run import aggregate
+    return aggregate({row: [{**s[row], "seconds": 1.0} for s in per_seed] for row in per_seed[0]})
+
+
+def test_targets_are_checked_on_every_seed():
+    """A seed that misses a target is named with what it missed, even when the mean meets it."""
+    from infllava_jax.study.run import per_seed, seed_verdict, targets
+    prior = {"digit": 0.17, "count": 0.2, "corner": 0.25, "side": 0.5}
+    good = {"plain_336": _row(prior, 0.40, side=0.95), "local_only": _row(prior, 0.75, side=0.97, digit=0.9),
+            "dcm_dem_1008": _row(prior, 0.85, side=0.99, digit=1.0, count=0.5)}
+    weak = {**good, "dcm_dem_1008": _row(prior, 0.70, side=0.99, digit=0.5, count=0.5)}
+    results = _seeded(prior, good, weak, good)
+    assert all(g["met"] for g in targets(results))                       # the mean meets every target
+    met = [sum(g["met"] for g in t) for t in per_seed(results)]
+    assert met == [4, 3, 4]
+    text = seed_verdict(results)
+    assert "seed 1: 3 of 4 (missed: dcm_dem_1008 - the better single view (local_only), overall: -5.0 points" in text
+
+
+def test_the_figure_draws_whiskers_only_for_several_seeds_and_no_legend_over_bars():
+    from matplotlib.container import BarContainer
+    from infllava_jax.study.run import figure
+    prior = {"digit": 0.17, "count": 0.2, "corner": 0.25, "side": 0.5}
+    rows = {r: _row(prior, 0.9, side=1.0, digit=1.0, corner=1.0)
+            for r in ("plain_336", "local_only", "strided_only", "dcm_dem_672", "dcm_dem_1008")}
+    for n in (1, 3):
+        fig = figure(_seeded(prior, *[rows] * n), prior)
+        ax = fig.axes[0]
+        bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+        assert len(bars) == 5 and all((b.errorbar is not None) == (n > 1) for b in bars), n
+        fig.canvas.draw()
+        legend = ax.get_legend().get_window_extent()
+        assert not any(legend.overlaps(p.get_window_extent()) for b in bars for p in b.patches), n
+
+
 def test_caption_probe_fact_spans_decode_to_the_facts():
     from infllava_jax.study import scenes
     from infllava_jax.data.tokenizer import load_tokenizer

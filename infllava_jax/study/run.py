@@ -228,7 +228,36 @@ def targets_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, prior: dict, path: Path) -> None:
+def per_seed(results: dict) -> list[list[dict]]:
+    """The targets checked on each seed's own run (seed k of every row), not only on the mean."""
+    n = min(len(r["seeds"]) for r in results.values())
+    return [targets({row: {"metrics": r["seeds"][k]} for row, r in results.items()}) for k in range(n)]
+
+
+def per_seed_table(results: dict) -> str:
+    seeds = per_seed(results)
+    lines = ["| target | " + " | ".join(f"seed {k}" for k in range(len(seeds))) + " | goal |",
+             "|" + "---|" * (len(seeds) + 2)]
+    for i, g in enumerate(targets(results)):
+        cells = [f"{_fmt(s[i], 'value')} {'yes' if s[i]['met'] else '**no**'}" for s in seeds]
+        lines.append(f"| {g['name'].split(' (')[0]} | " + " | ".join(cells) + f" | {_fmt(g, 'goal')} |")
+    return "\n".join(lines)
+
+
+def seed_verdict(results: dict) -> str:
+    """Which seeds meet every target, and what each missing seed missed."""
+    out = []
+    for k, goals in enumerate(per_seed(results)):
+        missed = [g for g in goals if not g["met"]]
+        out.append(f"seed {k}: {len(goals) - len(missed)} of {len(goals)}"
+                   + ("" if not missed else " (missed: " + "; ".join(
+                       f"{g['name']}: {_fmt(g, 'value')} against {_fmt(g, 'goal')}" for g in missed) + ")"))
+    return "Targets per seed: " + ", ".join(out) + "."
+
+
+def figure(results: dict, prior: dict):
+    """Accuracy per question type and row against the answer prior: bars are means over seeds,
+    with min-max whiskers only when there is more than one seed; the legend sits below the axes."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -237,20 +266,30 @@ def plot(results: dict, prior: dict, path: Path) -> None:
     rows = list(results)
     keys = ["accuracy"] + [f"accuracy_{t}" for t in TYPES]
     x, w = np.arange(len(keys)), 0.8 / max(len(rows), 1)
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = plt.subplots(figsize=(9, 4.6))
     for i, row in enumerate(rows):
         r = results[row]
         mean = np.array([100 * r["metrics"][k] for k in keys])
         lo, hi = (np.array([100 * r["range"][k][j] for k in keys]) for j in (0, 1))
-        ax.bar(x + i * w, mean, w, yerr=[mean - lo, hi - mean], capsize=2, label=row)
+        err = np.clip([mean - lo, hi - mean], 0, None) if len(r["seeds"]) > 1 else None   # rounding
+        ax.bar(x + i * w, mean, w, yerr=err, capsize=2, label=row)
     base = [100 * sum(prior.values()) / len(prior)] + [100 * prior[t] for t in TYPES]
     for j, b in enumerate(base):
         ax.hlines(b, x[j] - 0.05, x[j] + 0.85, colors="k", linestyles="dashed", label="answer prior" if j == 0 else None)
     ax.set_xticks(x + 0.4 - w / 2, ["overall", *TYPES])
     ax.set_ylabel("exact match (%)")
-    ax.set_title("Miniature INF-LLaVA study: synthetic high-resolution VQA (test split)")
-    ax.legend(fontsize=8, ncol=3)
+    ax.set_ylim(0, 105)
+    seeds = len(next(iter(results.values()))["seeds"]) if results else 1
+    ax.set_title("Miniature INF-LLaVA study: synthetic high-resolution VQA (test split)"
+                 + (f", mean of {seeds} seeds (min-max)" if seeds > 1 else ""), fontsize=10)
+    ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     fig.tight_layout()
+    return fig
+
+
+def plot(results: dict, prior: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    fig = figure(results, prior)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -326,11 +365,15 @@ def report(out: Path, results: dict, prior: dict, vision: dict, a, total: float)
         md += ("\n\nAfter stage 1, the facts each model names in the caption of a test image "
                f"(teacher-forced, % of images):\n\n{probe_table(results)}")
     text = verdict(results, prior)
+    if a.seeds > 1:
+        md += f"\n\nEach seed on its own:\n\n{per_seed_table(results)}"
+        text += " " + seed_verdict(results)
     (out / "results.md").write_text(f"# Miniature INF-LLaVA study\n\nExact match (%) on {a.n_test} test "
                                     f"questions ({a.n_test // 4} per type), {seeds}total {total:.0f} s.\n\n"
                                     f"{md}\n\n{text}\n")
     (out / "results.json").write_text(json.dumps({
         "rows": results, "answer_prior": prior, "targets": targets(results), "verdict": text,
+        "per_seed": [{"seed": k, "targets": t, "met": sum(g["met"] for g in t)} for k, t in enumerate(per_seed(results))],
         "stage0": {k: vision[k] for k in ("holdout_accuracy", "seconds", "steps")},
         "seeds": a.seeds, "seconds": round(total, 1)}, indent=1))
     plot(results, prior, out / "study.png")
