@@ -177,9 +177,11 @@ class Generator:
 
     def generate(self, config: InfLlavaConfig, requests: Sequence[Request], *, max_new_tokens: int,
                  sampling: Sampling | None = None, image_size: int | None = None,
-                 batch_index: int | None = None) -> list[np.ndarray]:
+                 batch_index: int | None = None, on_token=None) -> list[np.ndarray]:
         """Tokens generated for each request (stop token included when reached). Sampling draws
-        from key(seed) folded with `batch_index` (default: the number of batches run so far)."""
+        from key(seed) folded with `batch_index` (default: the number of batches run so far).
+        `on_token(step, tokens)` gets each step's (batch_size,) tokens on the host (streaming; a
+        static argument of the program: pass one long-lived object)."""
         if not requests:
             return []
         if len(requests) > self.batch_size:
@@ -193,12 +195,13 @@ class Generator:
         rng = put(jax.random.fold_in(jax.random.key(s.seed), self.batches if batch_index is None else batch_index))
         temp, top_p = put(jnp.float32(s.temperature if do_sample else 1.0)), put(jnp.float32(s.top_p))
         args = (self.params, ids, pix, mask, stop, rng if do_sample else None, temp, top_p)
-        key = (config, int(max_new_tokens), do_sample, self.pad_id, ids.shape, pix.shape[:4], len(self.stop_ids))
+        key = (config, int(max_new_tokens), do_sample, self.pad_id, ids.shape, pix.shape[:4], len(self.stop_ids),
+               on_token)
         exe = self._compiled.get(key)
         if exe is None:
             t = time.perf_counter()
             exe = generate.lower(config, *args, max_new_tokens=int(max_new_tokens), do_sample=do_sample,
-                                 pad_id=self.pad_id).compile()
+                                 pad_id=self.pad_id, on_token=on_token).compile()
             self.compile_seconds += time.perf_counter() - t
             self._compiled[key] = exe
         tokens, lengths = exe(*args)

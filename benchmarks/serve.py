@@ -1,0 +1,135 @@
+"""Serving throughput: sequential requests against concurrent clients, one server, one run.
+
+Starts `python -m infllava_jax.serve` on 127.0.0.1 (batch sizes 1, 4, 16; every program compiled
+before it listens), then sends the same --requests chat requests (distinct random images and
+questions, greedy, max_tokens=--max-tokens) twice with the `openai` client: one after another
+from one client, then from --clients concurrent clients. Reports requests/s, generated tokens/s,
+p50/p99 latency of each, the throughput ratio, and whether every concurrent answer equals its
+sequential (greedy) answer. Without --ckpt it uses a random tiny checkpoint (presets.tiny()).
+
+    python -m benchmarks.serve [--ckpt DIR] [--requests 48] [--clients 16] [--max-tokens 32]
+
+Last line: JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+QUESTIONS = ("What is in the image?", "Describe the image.", "What digit is written in the box?",
+             "How many dots are inside the circle?", "Which corner holds the tiny x?",
+             "Is the box left or right of the circle?")
+
+
+def _messages(i: int) -> list:
+    from PIL import Image
+    rng = np.random.default_rng(i)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(buf, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": QUESTIONS[i % len(QUESTIONS)]}]}]
+
+
+def _start(ckpt: Path, max_tokens: int, clients: int, log) -> tuple[subprocess.Popen, int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "infllava_jax.serve", "--ckpt", str(ckpt), "--port", str(port), "--model-name", "m",
+           "--batch-sizes", f"1,4,{clients}", "--length-buckets", "128", "--image-buckets", "1",
+           "--max-tokens-buckets", str(max_tokens), "--max-pending", str(4 * clients)]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    import httpx2 as httpx
+    for _ in range(1800):   # bounded: 30 min of compiling on a loaded machine
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}; see {log.name}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc, port
+        except httpx.TransportError:
+            time.sleep(1)
+    raise SystemExit("server not ready")
+
+
+def _phase(port: int, requests: list, clients: int, max_tokens: int) -> dict:
+    """Send every request once from `clients` threads; answers, latencies, wall time."""
+    import openai
+    answers, latency, tokens, lock, nxt = [None] * len(requests), [0.0] * len(requests), [0] * len(requests), \
+        threading.Lock(), iter(range(len(requests)))
+
+    def client():
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
+        while True:
+            with lock:
+                i = next(nxt, None)
+            if i is None:
+                return
+            t = time.perf_counter()
+            r = c.chat.completions.create(model="m", messages=requests[i], max_tokens=max_tokens, temperature=0)
+            latency[i], answers[i], tokens[i] = time.perf_counter() - t, r.choices[0].message.content, \
+                r.usage.completion_tokens
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {"clients": clients, "requests_per_s": len(requests) / wall, "tokens_per_s": sum(tokens) / wall,
+            "p50_s": float(np.percentile(latency, 50)), "p99_s": float(np.percentile(latency, 99)),
+            "wall_s": wall, "answers": answers}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", default="", help="a checkpoint directory (default: a random tiny one)")
+    p.add_argument("--requests", type=int, default=48)
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=32)
+    a = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(a.ckpt) if a.ckpt else Path(tmp) / "tiny-random"
+        if not a.ckpt:
+            from infllava_jax import presets
+            from infllava_jax.api import InfLlava
+            InfLlava.init(presets.tiny(), tokenizer="tiny").save_pretrained(ckpt)
+        requests = [_messages(i) for i in range(a.requests)]
+        with open(Path(tmp) / "server.log", "w") as log:
+            t = time.perf_counter()
+            proc, port = _start(ckpt, a.max_tokens, a.clients, log)
+            startup = time.perf_counter() - t
+            try:
+                seq = _phase(port, requests, 1, a.max_tokens)
+                conc = _phase(port, requests, a.clients, a.max_tokens)
+            finally:
+                proc.terminate()
+                proc.wait(60)
+    same = sum(x == y for x, y in zip(seq.pop("answers"), conc.pop("answers")))
+    out = {"ckpt": a.ckpt or "random tiny (presets.tiny())", "requests": a.requests, "max_tokens": a.max_tokens,
+           "startup_s": round(startup, 1), "sequential": seq, "concurrent": conc,
+           "throughput_ratio": conc["requests_per_s"] / seq["requests_per_s"], "same_answers": f"{same}/{a.requests}",
+           "cpus": os.cpu_count()}
+    print(f"{'':<22}{'requests/s':>12}{'tokens/s':>12}{'p50 s':>9}{'p99 s':>9}")
+    for name, r in (("sequential (1 client)", seq), (f"{a.clients} clients", conc)):
+        print(f"{name:<22}{r['requests_per_s']:>12.2f}{r['tokens_per_s']:>12.1f}{r['p50_s']:>9.3f}{r['p99_s']:>9.3f}")
+    print(f"throughput ratio {out['throughput_ratio']:.2f}x; answers equal to sequential greedy: {out['same_answers']}; "
+          f"server start-up (compiling) {startup:.0f} s")
+    print(json.dumps(out))
+    return 0 if same == a.requests else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
