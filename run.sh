@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Newcomer entry point. Creates (or reuses) ./.venv from the requirements files, then:
-#   bash run.sh study [args]  the main job: the miniature INF-LLaVA study (infllava_jax/study.py)
+#   bash run.sh study [args]  the main job: the miniature INF-LLaVA study (infllava_jax/study/)
 #   bash run.sh demo [args]   a one-minute tour of the model API with random weights
 #   bash run.sh test [args]   the test suite (pytest; extra args go to pytest)
 set -euo pipefail

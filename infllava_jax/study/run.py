@@ -3,7 +3,7 @@
     python -m infllava_jax.study [OUT] [--rows a,b] [--seeds N] [--scale F] [--probe] [--fresh] ...
 
 On a fake 8-device mesh (XLA_FLAGS=--xla_force_host_platform_device_count=8, set here if unset):
-  1. data: the synthetic high-resolution VQA set (infllava_jax/data/scenes.py) in OUT/data;
+  1. data: the synthetic high-resolution VQA set (study/scenes.py) in OUT/data;
   2. stage 0, once for every row: the tiny vision tower is pretrained on the train split
      (study/stage0.py), the tiny model's "CLIP", in OUT/vision;
   3. for every row of study/recipe.py (plain 84 px, local crops only, strided crops only, DCM + DEM
