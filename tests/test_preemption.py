@@ -187,6 +187,17 @@ def test_signal_names():
         signal_number("SIGFOO")
 
 
+def test_launch_scripts_configure_the_signal():
+    """Slurm sends the signal train.py is told to handle; the TPU script passes the same flag;
+    docs/preemption.md's timing command parses."""
+    sbatch = (ROOT / "scripts" / "train_slurm.sbatch").read_text()
+    assert "#SBATCH --signal=USR1@120" in sbatch and "PREEMPTION_SIGNAL=${PREEMPTION_SIGNAL:-SIGUSR1}" in sbatch
+    assert '--config.preemption_signal="${PREEMPTION_SIGNAL:-SIGUSR1}"' in (ROOT / "scripts" / "train_tpu_pod.sh").read_text()
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "preemption_timing.py"), "--help"], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0 and "--signal" in p.stdout
+
+
 def test_second_ctrl_c_ends_at_once(tmp_path):
     """The first Ctrl-C asks for a stop at the step boundary; a second one ends the process at
     once with 130 and one line, no KeyboardInterrupt traceback."""
