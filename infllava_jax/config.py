@@ -64,8 +64,9 @@ class InfLlavaConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        if d["llm"]["lora"] is None:        # checkpoints without adapters keep their config.json
-            del d["llm"]["lora"]
+        for field in ("lora", "quant"):     # checkpoints without adapters / quantization keep their config.json
+            if d["llm"][field] is None:
+                del d["llm"][field]
         d["format_version"] = FORMAT_VERSION
         return d
 

@@ -18,13 +18,26 @@ import jax.numpy as jnp
 Dtype = Any
 LAYERS = "layers"  # logical name of the scanned layer axis
 
-# Named remat policies (config field `remat_policy`).
+# Names of the decoder layer's projection outputs (jax.ad_checkpoint.checkpoint_name tags in
+# llama.py, MaxText's names): what the named remat policies below keep for the backward pass.
+ATTENTION_NAMES = ("query_proj", "key_proj", "value_proj", "out_proj")
+MLP_NAMES = ("mlpwi_0", "mlpwi_1", "mlpwo")
+_save = jax.checkpoint_policies.save_only_these_names
+
+# Named remat policies (config field `remat_policy`), from the most memory to the least:
+# "none" keeps every activation, "full" none (the layer's forward runs again in the backward).
+# The named ones keep the tagged projection outputs of each decoder layer and recompute the rest
+# (norms, RoPE, attention scores, SiLU); in the vision tower and the DEM (no tags) they are "full".
 REMAT_POLICIES: dict[str, Callable | None] = {
     "none": None,  # no rematerialisation
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "offload_dots": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+    "save_qkv_proj": _save(*ATTENTION_NAMES[:3]),
+    "save_attention": _save(*ATTENTION_NAMES),
+    "save_mlp": _save(*MLP_NAMES),
+    "minimal": _save(*ATTENTION_NAMES, *MLP_NAMES),   # every projection output
 }
 
 

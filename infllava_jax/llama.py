@@ -38,8 +38,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name   # the tags layers.REMAT_POLICIES save by name
 
-from . import keymap
+from . import keymap, quant
 from .attention import dot_product_attention
 from .layers import dense, layer_stack, unroll_layers
 from .lora import LoraConfig, LoraDense
@@ -103,6 +104,7 @@ class LlamaConfig:
     remat_policy: str = "none"    # a key of layers.REMAT_POLICIES
     attention_impl: str = "xla"   # see attention.IMPLS
     lora: LoraConfig | None = None  # adapters on the target projections (lora.py); a dict is accepted
+    quant: str | None = None      # weight-only quantized projections: "int8" | "int4" (quant.py)
 
     def __post_init__(self):
         if isinstance(self.lora, Mapping):
@@ -111,6 +113,8 @@ class LlamaConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if isinstance(self.rope_scaling, Mapping):
             object.__setattr__(self, "rope_scaling", _rope_scaling_from_dict(self.rope_scaling))
+        if self.quant is not None:
+            quant.parse(self.quant)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"{self.num_attention_heads} heads not a multiple of "
                              f"{self.num_key_value_heads} kv heads")
@@ -270,9 +274,10 @@ class LlamaAttention(nn.Module):
         B, T, _ = x.shape
         N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         bias = cfg.attention_bias
-        q = _dense(cfg, N * H, ("embed", "heads"), "q_proj", bias)(x).reshape(B, T, N, H)
-        k = _dense(cfg, K * H, ("embed", "kv_heads"), "k_proj", bias)(x).reshape(B, T, K, H)
-        v = _dense(cfg, K * H, ("embed", "kv_heads"), "v_proj", bias)(x).reshape(B, T, K, H)
+        q = checkpoint_name(_dense(cfg, N * H, ("embed", "heads"), "q_proj", bias)(x), "query_proj")
+        k = checkpoint_name(_dense(cfg, K * H, ("embed", "kv_heads"), "k_proj", bias)(x), "key_proj")
+        v = checkpoint_name(_dense(cfg, K * H, ("embed", "kv_heads"), "v_proj", bias)(x), "value_proj")
+        q, k, v = q.reshape(B, T, N, H), k.reshape(B, T, K, H), v.reshape(B, T, K, H)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:  # write this chunk into the layer's cache, attend over all slots
             k_cache, v_cache = kv
@@ -285,7 +290,7 @@ class LlamaAttention(nn.Module):
                    else dict(causal=True, segment_ids=segment_ids))
         out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), impl=cfg.attention_impl, **masking)
         out = _dense(cfg, cfg.hidden_size, ("heads", "embed"), "o_proj", bias)(out.reshape(B, T, N * H))
-        return out, kv
+        return checkpoint_name(out, "out_proj"), kv
 
 
 class LlamaMLP(nn.Module):
@@ -294,9 +299,9 @@ class LlamaMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        gate = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
-        up = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)
-        return _dense(cfg, cfg.hidden_size, ("mlp", "embed"), "down_proj")(nn.silu(gate) * up)
+        gate = checkpoint_name(_dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x), "mlpwi_0")
+        up = checkpoint_name(_dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x), "mlpwi_1")
+        return checkpoint_name(_dense(cfg, cfg.hidden_size, ("mlp", "embed"), "down_proj")(nn.silu(gate) * up), "mlpwo")
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -393,9 +398,10 @@ class LlamaForCausalLM(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.model = LlamaModel(cfg)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head")
+        widths = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.head_dim)
+        self.model = quant.wrap(LlamaModel(cfg), cfg.quant, widths)
+        if not cfg.tie_word_embeddings:   # (unnamed: setup names it)
+            self.lm_head = quant.wrap(_dense(cfg, cfg.vocab_size, ("embed", "vocab"), None), cfg.quant, widths)
 
     def embed(self, input_ids):
         return self.model.embed(input_ids)

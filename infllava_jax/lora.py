@@ -87,7 +87,7 @@ class LoraDense(nn.Module):
                        (r, self.features), jnp.float32)
         lead, x = x.shape[:-1], x.reshape(-1, d_in)     # rows x in, as layers.Dense
         xc, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = xc @ kernel
+        y = jax.lax.dot_general(xc, kernel, (((1,), (0,)), ((), ())))   # a quantized base: quant.py
         if bias is not None:
             y += bias
         h = nn.Dropout(self.lora.dropout)(x, deterministic=not self.has_rng("dropout"))

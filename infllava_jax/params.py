@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from infllava_jax import lora, sharding as sharding_lib
+from infllava_jax import lora, quant, sharding as sharding_lib
 from infllava_jax.checkpoint import load_part
 from infllava_jax.config import InfLlavaConfig
 from infllava_jax.model import InfLlavaModel
@@ -83,3 +83,14 @@ def load_parts(params: dict, parts: dict[str, str], config: InfLlavaConfig, mesh
     `parts[name]` (e.g. {"vision_tower": DIR}), restored onto its shardings in `config`."""
     target = abstract_sharded(config, mesh)
     return {**params, **{name: load_part(path, name, target[name]) for name, path in parts.items()}}
+
+
+def quantize(config: InfLlavaConfig, params, spec: str, mesh=None):
+    """(config with `llm.quant=spec`, its parameters) from an unquantized model's: the target
+    projections' kernels quantized with qwix (quant.py), onto the quantized config's shardings."""
+    if config.llm.quant is not None:
+        raise ValueError(f"the model is quantized already (quant={config.llm.quant!r})")
+    qconfig = config.replace(llm=config.llm.replace(quant=spec))
+    like = abstract_params(qconfig)
+    return qconfig, jax.jit(lambda p: quant.quantize_tree(p, like),
+                            out_shardings=param_shardings(qconfig, mesh))(params)
