@@ -118,3 +118,25 @@ def sentencepiece_tokenizer_dir(d: Path, vocab_size: int = 420) -> int:
         {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<unk>", "unk_token": "<unk>"}, indent=2))
     (d / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}))
     return vocab_size
+
+
+def llava_hf_dir(d: Path, tok_dir: Path, n_tokens: int, seed: int = 7):
+    """llava-hf/llava-1.5-7b-hf as downloaded: a tiny random LlavaForConditionalGeneration
+    (save_pretrained), the Vicuna tokenizer files of `tok_dir`, preprocessor_config.json; the
+    vocabulary padded beyond the tokenizer as llava-hf's is. Returns (our config, torch model)."""
+    import torch
+    import transformers
+    from infllava_jax import conversation, presets
+    from tests.test_convert import hf_vision_config, randomize_
+    cfg = presets.tiny(grid=None, vocab_size=n_tokens + 2)
+    image_id = json.loads((Path(tok_dir) / "added_tokens.json").read_text())["<image>"]
+    lc = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**hf_vision_config(cfg)),
+                                  text_config=transformers.LlamaConfig(**cfg.llm.to_hf()), image_token_index=image_id,
+                                  vision_feature_layer=-2, vision_feature_select_strategy="default",
+                                  projector_hidden_act="gelu")
+    torch.manual_seed(0)
+    model = randomize_(transformers.LlavaForConditionalGeneration(lc), seed=seed)
+    model.save_pretrained(d)
+    conversation.copy_tokenizer_files(tok_dir, d)
+    (Path(d) / "preprocessor_config.json").write_text(json.dumps({"crop_size": {"height": 84, "width": 84}}))
+    return cfg, model

@@ -128,22 +128,8 @@ def test_stage1_start_carries_the_llama_tokenizer(hf_dirs, toks, tmp_path, capsy
 @pytest.fixture(scope="module")
 def llava_hf(toks, tmp_path_factory):
     """llava-hf/llava-1.5-7b-hf as downloaded: weights + config + the Vicuna tokenizer files."""
-    import torch
-    import transformers
-    from tests.test_convert import hf_vision_config, randomize_
-    d, n = toks["vicuna"]
-    cfg = presets.tiny(grid=None, vocab_size=n + 2)   # llava-hf pads its vocabulary beyond the tokenizer
-    image_id = json.loads((d / "added_tokens.json").read_text())["<image>"]
-    lc = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**hf_vision_config(cfg)),
-                                  text_config=transformers.LlamaConfig(**cfg.llm.to_hf()), image_token_index=image_id,
-                                  vision_feature_layer=-2, vision_feature_select_strategy="default",
-                                  projector_hidden_act="gelu")
-    torch.manual_seed(0)
-    model = randomize_(transformers.LlavaForConditionalGeneration(lc), seed=7)
     src = tmp_path_factory.mktemp("llava") / "llava-1.5-7b-hf"
-    model.save_pretrained(src)
-    conversation.copy_tokenizer_files(d, src)
-    (src / "preprocessor_config.json").write_text(json.dumps({"crop_size": {"height": 84, "width": 84}}))
+    cfg, model = fixtures.llava_hf_dir(src, *toks["vicuna"])
     return cfg, model, src
 
 
