@@ -58,22 +58,26 @@ def score_main(argv) -> int:
 
 
 def _sweep_flags(argv):
-    from absl import flags
-    from ml_collections import config_flags
+    """--config configs/eval.py[:k=v,...] and --config.<field>=VALUE (infllava_jax/overrides.py, as in
+    train.py and plan), --ckpt, --data, --out; every key and value checked before anything runs."""
+    from infllava_jax import overrides
+    from infllava_jax.evaluation.config import check
 
-    fv = flags.FlagValues()
-    argv = ["eval.py"] + list(argv)
-    config_flags.DEFINE_config_file("config", None, "configs/eval.py:tasks=...,res=...", flag_values=fv,
-                                    lock_config=True, sys_argv=argv)
-    flags.DEFINE_string("ckpt", None, "checkpoint directory (InfLlava.save_pretrained / python -m convert)",
-                        flag_values=fv)
-    flags.DEFINE_string("data", None, "data root: <task>.jsonl / <task>.parquet / <task>/ per task", flag_values=fv)
-    flags.DEFINE_string("out", None, "output directory", flag_values=fv)
-    fv(argv)
-    missing = [n for n in ("config", "ckpt", "data", "out") if getattr(fv, n) is None]
-    if missing:
-        raise SystemExit(f"eval.py: missing --{', --'.join(missing)} (see python eval.py --help)")
-    return fv
+    p = overrides.ArgumentParser(prog="eval.py", add_help=False)
+    for name, what in (("ckpt", "checkpoint directory (InfLlava.save_pretrained / python -m convert)"),
+                       ("data", "data root: <task>.jsonl / <task>.parquet / <task>/ per task"),
+                       ("out", "output directory")):
+        p.add_argument(f"--{name}", required=True, help=what)
+    try:
+        spec, sets, rest = overrides.split_argv(list(argv))
+        if spec is None:
+            raise overrides.ConfigError("--config: missing; e.g. --config configs/eval.py:tasks=pope,res=336+1008")
+        a = p.parse_args(rest)
+        a.config = overrides.apply(overrides.load_config(spec), sets)
+        check(a.config)
+    except overrides.ConfigError as e:
+        overrides.fail("eval.py", e)
+    return a
 
 
 def sweep_main(argv) -> int:

@@ -25,9 +25,11 @@ import sys
 from pathlib import Path
 
 from absl import app, flags
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:args]", lock_config=True)
+# --config FILE[:args] and --config.<field>=VALUE are read by infllava_jax/overrides.py (as in eval.py
+# and plan); the flag is defined for --help only
+flags.DEFINE_string("config", None, "configs/<name>.py[:k=v,...], then --config.<field>=VALUE for any field "
+                    "(docs/configuration.md)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl, tensorboard/, final/")
 # multi-process (infllava_jax/distributed.py); unset: JAX_* variables, then Slurm / Open MPI / TPU pod detection
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator service")
@@ -48,14 +50,42 @@ _COMPILE_TIMEOUT = flags.DEFINE_integer("compile_timeout", 3600, "multi-process:
                                         "steps that compile")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "print the resolved multi-process settings and batch layout as "
                              "JSON and exit (starts nothing)")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 log = logging.getLogger("infllava_jax")
+_CFG = []   # the checked config, set by parse_flags
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """Every flag, config key and value checked before anything runs or is created: a bad one is
+    one line `train.py: error: ...` and exit 2 (overrides.py)."""
+    from infllava_jax import overrides
+    from infllava_jax.training import defaults
+    try:
+        spec, sets, rest = overrides.split_argv(argv[1:])
+        flags.FLAGS(argv[:1] + rest)
+        cfg = overrides.apply(overrides.load_config(spec) if spec else _no_config(), sets)
+        defaults.check(cfg)
+    except (overrides.ConfigError, flags.Error) as e:
+        overrides.fail("train.py", e)
+    _CFG.append(cfg)
+    return argv[:1]
+
+
+def _no_config():
+    from infllava_jax.overrides import ConfigError
+    raise ConfigError("--config: missing; e.g. --config configs/tiny.py (docs/configuration.md)")
+
+
+def _data_settings(cfg) -> dict:
+    """The data pipeline's settings from config.data (DataConfig field names; "" and () = the stage's / default)."""
+    from infllava_jax.data.config import from_training
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in from_training(dict(cfg.data)).items()}
 
 
 def main(_):
     from infllava_jax import distributed
 
-    cfg = _CONFIG.value
+    cfg = _CFG[0]
     cluster = distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                   _LOCAL_DEVICES.value, _DISTRIBUTED.value)
     if _DRY_RUN.value:   # what this process would do; the launch recipes' dry runs print it
@@ -65,7 +95,7 @@ def main(_):
                           "global_batch": cfg.global_batch, "micro_batch_per_process": cfg.micro_batch,
                           "accumulation_steps": accum if accum and not rem else
                           f"invalid: global_batch is not micro_batch x {P} processes x an integer",
-                          "mesh": dict(cfg.mesh)}))
+                          "mesh": dict(cfg.mesh), "data": _data_settings(cfg)}))
         return
     logging.getLogger().setLevel(logging.WARNING)
     log.setLevel(logging.INFO)
@@ -96,4 +126,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

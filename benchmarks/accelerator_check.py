@@ -157,8 +157,7 @@ def train_step(mode: dict) -> dict:
 def start_plan(mode: dict) -> subprocess.Popen:
     n, micro = jax.device_count(), mode["micro"]
     cmd = [sys.executable, "-m", "infllava_jax.plan", "--config", mode["config"], "--mesh", f"fsdp={n}",
-           "--micro-batch", str(micro), *[a for kv in [*mode["sets"], f"global_batch={micro * n}"]
-                                           for a in ("--set", kv)]]
+           "--micro-batch", str(micro), *[f"--config.{kv}" for kv in [*mode["sets"], f"global_batch={micro * n}"]]]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 
 from convert.errors import ConversionError
@@ -87,6 +88,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    if args.verify and importlib.util.find_spec("torch") is None:   # decided before anything is written
+        print("error: --verify runs the PyTorch reference, and torch is not installed: "
+              "pip install -r requirements-dev.txt (or leave out --verify)", file=sys.stderr)
+        return 2
     from infllava_jax.checkpoint import CheckpointError
     from infllava_jax.errors import one_line
     try:

@@ -251,6 +251,7 @@ def atomic_directory(path: str | os.PathLike, fill: Callable[[Path], None], *, o
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        tmp.chmod(0o777 & ~_umask())     # mkdtemp's 0700 -> what mkdir gives: the user's umask
     try:
         fill(tmp)
         if multi:
@@ -262,6 +263,12 @@ def atomic_directory(path: str | os.PathLike, fill: Callable[[Path], None], *, o
     finally:
         if first:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _commit(tmp: Path, path: Path) -> None:

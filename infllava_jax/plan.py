@@ -2,7 +2,7 @@
 from shapes only, on fake CPU devices laid out as the target mesh.
 
     python -m infllava_jax.plan --config configs/stage2_8b.py --mesh fsdp=8 [--micro-batch 4]
-    python -m infllava_jax.plan --config configs/stage2_8b.py --set lora.rank=128 --mesh fsdp=1 \
+    python -m infllava_jax.plan --config configs/stage2_8b.py --config.lora.rank=128 --mesh fsdp=1 \
         --micro-batch 1 --no-hoist                   # LoRA: bf16 frozen base, adapters + DEM + projector train
 
 Prints per-device memory (arguments, outputs, temporaries, peak) from XLA's memory analysis,
@@ -12,7 +12,6 @@ model needs only compile-time memory here.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -24,26 +23,16 @@ HOISTING_PASSES = ("while-loop-invariant-code-motion", "while-loop-expensive-inv
 
 
 def load_config(spec: str):
-    """`configs/<name>.py[:args]` -> its ConfigDict (the config files import `configs`: run from
-    the repository root or with the package installed)."""
-    import importlib.util
-    path, _, arg = spec.partition(":")
-    mod_spec = importlib.util.spec_from_file_location("plan_config", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod.get_config(arg or None)
+    """`configs/<name>.py[:args]` -> its ConfigDict (overrides.load_config; run from the
+    repository root, where the config files import `configs`)."""
+    from infllava_jax import overrides
+    return overrides.load_config(spec)
 
 
 def apply_sets(cfg, sets):
-    """cfg with `key.sub=value` overrides (the value takes the existing entry's type)."""
-    for kv in sets:
-        k, _, v = kv.partition("=")
-        node = cfg
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = type(node[leaf])(v) if not isinstance(node[leaf], bool) else v.lower() in ("1", "true")
-    return cfg
+    """cfg with `key.sub=value` overrides, as `--config.key.sub=value` sets them (overrides.apply)."""
+    from infllava_jax import overrides
+    return overrides.apply(cfg, dict(kv.partition("=")[::2] for kv in sets))
 
 
 def train_step_setup(cfg, mesh_shape: dict[str, int], micro_batch_per_device: int) -> dict:
@@ -59,7 +48,7 @@ def train_step_setup(cfg, mesh_shape: dict[str, int], micro_batch_per_device: in
 
     mesh = sharding.make_mesh(mesh_shape)
     mc = model_config(cfg, len(load_tokenizer(cfg.tokenizer or None)))
-    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    data_parallel = sharding.data_parallel_size(mesh)
     micro_global = micro_batch_per_device * data_parallel
     accum = max(1, cfg.global_batch // micro_global)
     if accum * micro_global != cfg.global_batch:
@@ -115,18 +104,38 @@ def plan(cfg, mesh_shape: dict[str, int], micro_batch_per_device: int, mfu: floa
     }
 
 
+def _config_and_args(ap, argv):
+    """(the checked config, the other arguments): --config FILE[:args] and --config.<field>=VALUE as
+    train.py reads them (overrides.py); a bad one is one line and exit 2."""
+    import sys
+
+    from infllava_jax import overrides
+    from infllava_jax.training import defaults
+    try:
+        spec, sets, rest = overrides.split_argv(list(sys.argv[1:] if argv is None else argv))
+        args = ap.parse_args(rest)
+        if spec is None:
+            raise overrides.ConfigError("--config: missing; e.g. --config configs/stage2_8b.py")
+        cfg = overrides.apply(overrides.load_config(spec), sets)
+        defaults.check(cfg, batches=False)     # --micro-batch is the plan's
+    except overrides.ConfigError as e:
+        overrides.fail(ap.prog, e)
+    return cfg, args
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", required=True, help="configs/<name>.py[:args]")
+    from infllava_jax.overrides import ArgumentParser   # one-line errors, exit 2
+    ap = ArgumentParser(prog="python -m infllava_jax.plan", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", help="configs/<name>.py[:args], then --config.<field>=VALUE for any field "
+                    "(e.g. --config.runtime.remat_policy=dots; docs/configuration.md)")
     ap.add_argument("--mesh", default="fsdp=8", help="e.g. fsdp=8 or data=4,fsdp=8 (fake devices)")
     ap.add_argument("--micro-batch", type=int, default=None, help="sequences per device per micro-step")
     ap.add_argument("--mfu", type=float, default=0.4, help="assumed MFU for the implied step time")
-    ap.add_argument("--set", action="append", default=[], help="config override key=value (e.g. runtime.remat_policy=dots)")
     ap.add_argument("--no-hoist", action="store_true",
                     help="disable XLA's while-loop invariant code motion: the CPU backend has no bf16 dot, so it "
                          "upcasts bf16 weights to f32 and hoists those copies out of the layer scan, all layers at "
                          "once (GPUs and TPUs multiply bf16 natively); use it for a frozen bf16 base (LoRA)")
-    args = ap.parse_args(argv)
+    cfg, args = _config_and_args(ap, argv)
     from infllava_jax import sharding
     mesh_shape = sharding.parse_mesh(args.mesh)
     n = math.prod(mesh_shape.values())
@@ -134,7 +143,6 @@ def main(argv=None) -> int:
     if args.no_hoist:
         os.environ["XLA_FLAGS"] += f" --xla_disable_hlo_passes={','.join(HOISTING_PASSES)}"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    cfg = apply_sets(load_config(args.config), args.set)
     mb = args.micro_batch or max(1, cfg.micro_batch // n)
     r = plan(cfg, mesh_shape, mb, args.mfu)
     print(f"{r['config']} {r['stage']}: {r['params'] / 1e9:.2f} B params on mesh {r['mesh']} "

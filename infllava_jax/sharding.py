@@ -39,6 +39,12 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
 )
+BATCH_AXES: tuple[str, ...] = dict(LOGICAL_RULES)["act_batch"]   # the mesh axes a batch is split over
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """Rows a batch is split into: the product of the mesh's BATCH_AXES sizes."""
+    return int(np.prod([dict(mesh.shape).get(a, 1) for a in BATCH_AXES]))
 
 
 def parse_mesh(spec: str | Mapping[str, int] | None) -> dict[str, int]:
@@ -109,9 +115,9 @@ def logical_to_shardings(logical_specs, mesh: Mesh, shapes=None):
 
 
 def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
-    """Batch arrays: the batch axis over (data, fsdp), everything else replicated."""
+    """Batch arrays: the batch axis over BATCH_AXES (data, fsdp), everything else replicated."""
     spec = [None] * ndim
-    spec[batch_axis] = ("data", "fsdp")
+    spec[batch_axis] = BATCH_AXES
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 

@@ -20,7 +20,7 @@ ARGS = ["--config", str(ROOT / "configs" / "tiny.py"), "--mesh", "fsdp=2", "--mi
 
 def test_lora_plan_has_no_optimizer_state_for_the_language_model():
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, "-m", "infllava_jax.plan", *ARGS, "--set", "lora.rank=4", "--no-hoist"],
+    out = subprocess.run([sys.executable, "-m", "infllava_jax.plan", *ARGS, "--config.lora.rank=4", "--no-hoist"],
                          cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
     lora_plan = json.loads(out.strip().splitlines()[-1])
     full = plan(apply_sets(load_config(ARGS[1]), []), {"fsdp": 2}, 2, 0.4)

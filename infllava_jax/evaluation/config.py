@@ -1,10 +1,11 @@
 """The evaluation sweep's config: every field eval.py reads with its default, and the
-`tasks=...,res=...` argument of `--config configs/eval.py:ARGS` (list values joined with "+").
+`tasks=...,res=...` argument of `--config configs/eval.py:ARGS` (list values joined with "+";
+overrides.py), and the check of every value (`check`).
 What the fields mean: configs/eval.py.
 """
 from ml_collections import ConfigDict
 
-_LISTS = {"tasks": str, "res": int, "length_buckets": int, "image_buckets": int}
+from infllava_jax import overrides
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
@@ -32,13 +33,30 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.workers = 4                   # image decoding / preprocessing threads
     c.progress = True
     c.model_id = "infllava_jax"
-    for part in filter(None, (p.strip() for p in (arg or "").split(","))):
-        key, sep, value = part.partition("=")
-        if not sep or key not in c:
-            raise ValueError(f"configs/eval.py: bad argument {part!r}; expected key=value with key in {sorted(c)}")
-        if key in _LISTS:
-            c[key] = tuple(_LISTS[key](v) for v in value.split("+") if v)
-        else:
-            typ = type(c[key])
-            c[key] = (value.lower() in ("1", "true", "yes")) if typ is bool else typ(value)
+    for key, value in overrides.parse_arg(arg, **c).items():
+        c[key] = value
     return c
+
+
+def check(c: ConfigDict) -> None:
+    """Every value in its accepted set or range (overrides.ConfigError naming the first that is not)."""
+    overrides.check(c, RULES)
+
+
+def _tasks(names) -> str | None:
+    from infllava_jax.evaluation.tasks import TASKS
+    unknown = [t for t in names if t not in TASKS]
+    return (f"unknown task {unknown[0]!r}; accepted: {', '.join(TASKS)}{overrides.did_you_mean(unknown[0], TASKS)}"
+            if unknown else None if names else "expected at least one task")
+
+
+def _resolutions(res) -> str | None:
+    bad = [r for r in res if not isinstance(r, int) or r < 336 or r % 336]
+    return f"expected multiples of 336 (336 * grid n), e.g. 336+672+1008; got {bad}" if bad or not res else None
+
+
+RULES = {"tasks": _tasks, "res": _resolutions, "batch_size": [1, None], "limit": [0, None],
+         "max_new_tokens": [0, None], "pixels": ("", "released", "native"), "image_mode": ("", "pad", "square"),
+         "dtype": ("", "float32", "bfloat16", "float16"), "temperature": [0, None], "top_p": [0, 1],
+         "workers": [1, None]}
+

@@ -109,11 +109,11 @@ class Generator:
                  image_buckets=IMAGE_BUCKETS):
         self.params = params
         self.mesh = mesh if mesh is not None else sharding_lib.make_mesh("data=-1")
-        self.dp = int(self.mesh.shape["data"] * self.mesh.shape["fsdp"])
+        self.dp = sharding_lib.data_parallel_size(self.mesh)
         self.batch_size = int(-(-max(1, batch_size) // self.dp) * self.dp)
         self.pad_id, self.stop_ids = int(pad_id), tuple(int(s) for s in stop_ids)
         self.length_buckets, self.image_buckets = tuple(length_buckets), tuple(image_buckets)
-        self._batch_sh = NamedSharding(self.mesh, PartitionSpec(("data", "fsdp")))
+        self._batch_sh = NamedSharding(self.mesh, PartitionSpec(sharding_lib.BATCH_AXES))
         self._repl = NamedSharding(self.mesh, PartitionSpec())
         self._compiled: dict = {}
         self.compile_seconds = 0.0

@@ -25,15 +25,38 @@ import orbax.checkpoint as ocp
 log = logging.getLogger("infllava_jax")
 COUNTS_FILE = "counts.json"
 
-# Orbax writes a replicated array as one slice per replica, each slice cut by its own compiled XLA
-# program (~8 ms to compile each, once per shape): on a data-parallel mesh the first save of even a
-# tiny model took 8 s. Arrays under 4 MiB are written whole by one replica instead.
-ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
-    min_slice_bytes_for_replica_parallel=4 << 20), override=True)
+
+
+def _register_array_handler() -> None:
+    """Orbax writes a replicated array as one slice per replica, each slice cut by its own compiled
+    XLA program (~8 ms to compile each, once per shape): on a data-parallel mesh the first save of
+    even a tiny model took 8 s. Arrays under 4 MiB are written whole by one replica instead. Done
+    when the first TrainCheckpoints is made (not at import), without Orbax's warning that the
+    jax.Array handler is replaced: that replacement is this one, on purpose."""
+    if getattr(_register_array_handler, "done", False):
+        return
+    quiet = _DropMessage("Type handler registry type")
+    logging.getLogger("absl").addFilter(quiet)
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+            min_slice_bytes_for_replica_parallel=4 << 20), override=True)
+    finally:
+        logging.getLogger("absl").removeFilter(quiet)
+    _register_array_handler.done = True
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
 
 
 class TrainCheckpoints:
     def __init__(self, workdir: str | Path, keep: int = 3, async_save: bool = True):
+        _register_array_handler()
         self.dir = Path(workdir).absolute() / "checkpoints"
         for tmp in sorted(self.dir.glob("*.orbax-checkpoint-tmp*")) if self.dir.exists() else ():
             log.warning("ignoring half-written checkpoint %s (the run stopped while saving it)", tmp)

@@ -1,7 +1,16 @@
 """The training config's defaults: every key train.py reads (configs/<name>.py start from
-`base_config()` and change what differs), and the `name.py:k=v,k2=v2` argument parser the config
-files share (big_vision style)."""
+`base_config()` and change what differs), the `name.py:k=v,k2=v2` argument parser the config
+files share (big_vision style), and the check of every value (`check`, run by train.py and plan
+before anything is created). docs/configuration.md lists the fields."""
 from ml_collections import ConfigDict
+
+from infllava_jax import overrides, presets
+from infllava_jax.attention import IMPLS
+from infllava_jax.data import config as data_config
+from infllava_jax.data.images import MODES
+from infllava_jax.data.template import TEMPLATES
+from infllava_jax.layers import LAYER_LOOPS, REMAT_POLICIES
+from infllava_jax.training import step as step_parts
 
 
 def base_config() -> ConfigDict:
@@ -26,25 +35,17 @@ def base_config() -> ConfigDict:
                             "layer_loop": "auto", "attention_impl": "xla"})  # InfLlavaConfig.with_runtime
     c.tokenizer = ""                # HF tokenizer dir; "" = the built-in tiny BPE
 
-    c.data = ConfigDict()
-    c.data.synthetic = False        # generate the demo dataset into WORKDIR/../data if path is ""
-    c.data.path = ""                # LLaVA JSON (or ArrayRecord dir)
-    c.data.image_folder = ""
-    c.data.max_len = 2048           # after splicing (docs/model.md §6)
-    c.data.buckets = ()             # spliced lengths to pad to; () = max_len / 4, / 2, 3/4, 1
-    c.data.num_threads = 16
-    c.data.image_mode = ""          # "pad" | "square"; "" = the stage's (docs/model.md §2: stage 1 square, 2 pad)
-    c.data.image_cache_mb = 0       # > 0: decoded images stay in memory (the study's rows share them)
-    c.data.allow_outside_paths = False   # True: image paths may be absolute or leave image_folder via ".."
-    c.data.max_image_pixels = 1 << 26    # larger images are skipped and counted (too_many_pixels), not decoded
-    c.data.packing = False          # True: several conversations per row up to max_len (data/packing.py)
+    # every DataConfig field a run does not derive (data/config.py; docs/configuration.md), plus two
+    c.data = ConfigDict(data_config.training_defaults())
+    c.data.synthetic = False        # path "": generate the demo dataset into WORKDIR/synthetic_data
     c.data.feature_bank = False     # True (frozen tower only): its features of every image computed once
                                     # and fed instead of pixels (training/feature_bank.py; small image sets)
 
     # LoRA on the language model (infllava_jax/lora.py): rank 0 = off (the stage trains the LLM in
     # full); rank > 0 freezes the LLM base and trains adapters on `targets`. WORKDIR/final is
     # always merged; export="adapters" also writes WORKDIR/final_lora (PEFT + LLaVA files).
-    c.lora = ConfigDict({"rank": 0, "alpha": 16.0, "dropout": 0.0,
+    # quant="int4" | "int8" (QLoRA): the frozen base's projections quantized with qwix (quant.py).
+    c.lora = ConfigDict({"rank": 0, "alpha": 16.0, "dropout": 0.0, "quant": "",
                          "targets": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
                          "export": "merged"})
 
@@ -61,11 +62,58 @@ def base_config() -> ConfigDict:
 
 
 def parse_arg(arg: str | None, **defaults) -> dict:
-    """'a=1,b=x' -> {'a': 1, 'b': 'x'} over `defaults` (values take the defaults' types)."""
-    out = dict(defaults)
-    for kv in filter(None, (arg or "").split(",")):
-        k, _, v = kv.partition("=")
-        if k not in out:
-            raise ValueError(f"config argument {k!r}; expected one of {sorted(out)}")
-        out[k] = type(out[k])(v) if out[k] is not None else v
-    return out
+    """A config file's 'a=1,b=x' argument -> {'a': 1, 'b': 'x'} over `defaults` (overrides.parse_arg)."""
+    return overrides.parse_arg(arg, **defaults)
+
+
+def check(cfg: ConfigDict, batches: bool = True) -> None:
+    """Every value of a training config in its accepted set or range, before anything runs;
+    overrides.ConfigError names the first one that is not. `batches`: also global_batch a
+    multiple of micro_batch (plan sets its own micro-batch)."""
+    overrides.check(cfg, RULES)
+    if batches and cfg.global_batch % cfg.micro_batch:
+        raise overrides.ConfigError(f"config.global_batch={cfg.global_batch} is not a multiple of "
+                                    f"config.micro_batch={cfg.micro_batch} (x processes x accumulation steps)")
+    section = data_config.from_training(dict(cfg.data))
+    try:    # the data section's own checks, on a stand-in data path and model
+        data_config.DataConfig(**{"data_path": "-", "tokens_per_image": 1, **section})
+    except ValueError as e:
+        raise overrides.ConfigError(f"config.data.{e}") from None
+    from infllava_jax.evaluation.config import get_config
+    try:
+        get_config(cfg.eval_config)
+    except overrides.ConfigError as e:
+        raise overrides.ConfigError(f"config.eval_config: {e}") from None
+
+
+def _mesh(shape) -> str | None:
+    bad = {k: v for k, v in dict(shape).items() if not isinstance(v, int) or (v < 1 and v != -1)}
+    if bad or list(dict(shape).values()).count(-1) > 1:
+        return "expected axis sizes >= 1, and at most one -1 (the remaining devices)"
+    return None
+
+
+def _parts(parts) -> str | None:
+    unknown = [p for p in parts if p not in step_parts.PARTS]
+    return f"unknown parts {unknown}; accepted: {', '.join(step_parts.PARTS)}" if unknown else None
+
+
+def _presets(name) -> str | None:
+    names = [n for n, f in vars(presets).items() if callable(f) and getattr(f, "__module__", "") == presets.__name__
+             and not n.startswith("_")]
+    return None if name in names else f"accepted: {', '.join(names)}{overrides.did_you_mean(name, names)}"
+
+
+RULES = {
+    "stage": ("stage1", "stage2"), "also_train": _parts, "mesh": _mesh, "model.preset": _presets,
+    **{k: [1, None] for k in ("total_steps", "global_batch", "micro_batch", "log_every", "checkpoint_every",
+                              "keep_checkpoints", "loss_chunk")},
+    "eval_every": [0, None], "seed": [0, None],
+    "runtime.dtype": ("float32", "bfloat16", "float16"), "runtime.remat_policy": tuple(REMAT_POLICIES),
+    "runtime.layer_loop": LAYER_LOOPS, "runtime.attention_impl": IMPLS,
+    "data.template": ("", *TEMPLATES), "data.image_mode": ("", *MODES),
+    "lora.rank": [0, None], "lora.alpha": [0, None], "lora.dropout": [0, 1], "lora.export": ("merged", "adapters"),
+    "lora.quant": ("", "int8", "int4"),
+    "optimizer.lr": [0, None], "optimizer.warmup_ratio": [0, 1], "optimizer.weight_decay": [0, None],
+    "optimizer.max_grad_norm": [0, None],
+}

@@ -28,7 +28,7 @@ from infllava_jax import params as params_lib
 from infllava_jax.data.examples import JsonRecordProcessor, image_paths
 from infllava_jax.data.template import TemplateError
 from infllava_jax.model import InfLlavaModel
-from infllava_jax.sharding import LOGICAL_RULES, batch_sharding
+from infllava_jax.sharding import LOGICAL_RULES, batch_sharding, data_parallel_size
 
 log = logging.getLogger("infllava_jax")
 
@@ -75,7 +75,7 @@ def build(config, params, records, processor: JsonRecordProcessor, mesh, batch: 
         with nn.logical_axis_rules(LOGICAL_RULES):
             return model.apply({"params": p}, px, method=InfLlavaModel.tower_features)
 
-    rows = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+    rows = data_parallel_size(mesh)
     batch = -(-batch // rows) * rows           # the batch splits over the mesh's batch axes
     chunks = [rels[i:i + batch] for i in range(0, len(rels), batch)]
     out, index, errors, last = [], {}, {}, t0

@@ -134,7 +134,7 @@ def data_config(cfg, mc: InfLlavaConfig, workdir: Path, per_process_batch: int) 
 def accumulation_steps(cfg, mesh) -> int:
     """Micro-batches per step: global_batch = micro_batch x processes x this."""
     P = jax.process_count()
-    rows = mesh.shape["data"] * mesh.shape["fsdp"]          # the batch axis is split over data x fsdp
+    rows = sharding.data_parallel_size(mesh)                # the batch axis is split over data x fsdp
     if (cfg.micro_batch * P) % rows:
         raise ValueError(f"config.micro_batch={cfg.micro_batch} x {P} processes does not split "
                          f"over the mesh's data x fsdp = {rows} devices ({dict(mesh.shape)})")
