@@ -51,11 +51,12 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     from infllava_jax.errors import InputError, one_line
     try:
+        if a.image_dir is not None and not a.image_dir.is_dir():
+            raise InputError(f"--image-dir {a.image_dir}: not a directory")
+        _check_port(a.host, a.port)   # before minutes of compiling
         engine = load_engine(a, batch_sizes=a.batch_sizes, batch_wait_s=a.batch_wait_ms / 1000,
                              max_pending=a.max_pending)
         name = a.model_name or Path(a.ckpt).resolve().name
-        if a.image_dir is not None and not a.image_dir.is_dir():
-            raise InputError(f"--image-dir {a.image_dir}: not a directory")
     except InputError as e:
         print(f"serve: error: {one_line(e, 1000)}", file=sys.stderr)
         return 2
@@ -71,6 +72,16 @@ def main(argv=None) -> int:
     finally:
         engine.close()
     return 0
+
+
+def _check_port(host: str, port: int) -> None:
+    import socket
+    from infllava_jax.errors import InputError
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise InputError(f"--host {host} --port {port}: cannot listen there ({e.strerror})") from None
 
 
 def load_engine(a, **limits):

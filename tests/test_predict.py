@@ -43,7 +43,7 @@ def tmp(tmp_path_factory):
     lines = [_line("a", _png(1)),
              "{not json",                                                   # 2
              _line("b", _png(2), text="Describe the image."),
-             json.dumps({"messages": []}),                                  # 4: no id
+             _line("x", _png(9)).replace('"id": "x", ', ''),                # 4: no id
              _line(7, "local.png"),                                         # a path next to the input file
              _line("a", _png(3)),                                           # 6: repeated id
              _line("c", "data:image/png;base64,bm90IGFuIGltYWdl"),          # 7: not an image

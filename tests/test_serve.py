@@ -18,7 +18,7 @@ import openai
 import pytest
 from PIL import Image
 
-pytestmark = pytest.mark.slow   # the server compiles its programs before it listens (~1-2 min on 2 cores)
+slow = pytest.mark.slow   # the server compiles its programs before it listens (~1-2 min on 2 cores)
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "What is in the image?"
@@ -94,6 +94,7 @@ def good(server):
     return r
 
 
+@slow
 def test_models_health_and_plain_answer(server):
     c = server["client"]
     assert [m.id for m in c.models.list()] == ["tiny"]
@@ -106,6 +107,7 @@ def test_models_health_and_plain_answer(server):
     assert ask(c, user(png_url()), max_tokens=20).choices[0].message.content == ch.message.content   # greedy
 
 
+@slow
 def test_streamed_answer_equals_plain(server):
     c = server["client"]
     for max_tokens, stop in ((30, None), (30, ["e"])):
@@ -120,6 +122,7 @@ def test_streamed_answer_equals_plain(server):
             assert "e" not in text
 
 
+@slow
 def test_two_images_and_a_local_path(server):
     c = server["client"]
     r = ask(c, user(png_url(seed=1), png_url(seed=2, fmt="JPEG")))
@@ -130,6 +133,7 @@ def test_two_images_and_a_local_path(server):
     assert r.usage.prompt_tokens == 87
 
 
+@slow
 def test_concurrent_answers_equal_sequential(server):
     c = server["client"]
     msgs = [user(png_url(seed=10 + i), text=q) for i, q in enumerate(
@@ -148,6 +152,7 @@ def test_concurrent_answers_equal_sequential(server):
     assert together == alone and len(set(alone)) > 1   # different questions, each its own answer
 
 
+@slow
 def test_sampling_is_seeded(server):
     c = server["client"]
     a = ask(c, user(png_url()), temperature=1.0, top_p=0.9, seed=7, max_tokens=16).choices[0].message.content
@@ -181,6 +186,7 @@ def _bad_requests(root: Path):
     ]
 
 
+@slow
 def test_bad_requests_then_a_good_one(server):
     c = server["client"]
     for name, kw, code, param in _bad_requests(server["root"]):
@@ -197,6 +203,7 @@ def test_bad_requests_then_a_good_one(server):
     good(server)
 
 
+@slow
 def test_malformed_json_and_non_object(server):
     url = f"http://127.0.0.1:{server['port']}/v1/chat/completions"
     for body in (b'{"model": "tiny", "messages": [', b"[1, 2]", b"\xff\xfe"):
@@ -207,6 +214,7 @@ def test_malformed_json_and_non_object(server):
     assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
+@slow
 def test_client_disconnects_mid_stream(server):
     url = f"http://127.0.0.1:{server['port']}/v1/chat/completions"
     body = {"model": "tiny", "messages": user(png_url(seed=5)), "max_tokens": 256, "temperature": 0, "stream": True}
@@ -222,6 +230,7 @@ def test_client_disconnects_mid_stream(server):
     assert httpx.get(f"http://127.0.0.1:{server['port']}/health").json()["pending"] == 0
 
 
+@slow
 def test_full_queue_gets_429_then_serves(server):
     c, port = server["client"], server["port"]
     long = dict(messages=user(png_url(seed=5)), max_tokens=256)
@@ -242,3 +251,20 @@ def test_full_queue_gets_429_then_serves(server):
         t.join(120)
     assert len(results) == 4 and all(r.choices[0].finish_reason == "length" for r in results)
     good(server)
+
+
+def test_bad_arguments_exit_2_with_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "infllava_jax.serve", *map(str, a)], cwd=ROOT, env=env,
+                                    capture_output=True, text=True, timeout=300)
+    r = run("--ckpt", tmp_path / "nothing", "--port", free_port())
+    assert r.returncode == 2 and r.stderr.strip() == f"serve: error: --ckpt {tmp_path / 'nothing'}: no config.json " \
+                                                     f"(not a checkpoint directory)"
+    r = run("--ckpt", tmp_path, "--image-dir", tmp_path / "none", "--port", free_port())
+    assert r.returncode == 2 and r.stderr.strip().endswith("none: not a directory")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        r = run("--ckpt", tmp_path, "--port", s.getsockname()[1])
+    assert r.returncode == 2 and "cannot listen there" in r.stderr and "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []

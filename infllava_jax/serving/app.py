@@ -37,6 +37,11 @@ def create_app(engine: Engine, model_name: str, *, image_dir: Path | None = None
         return JSONResponse(APIError(e.status_code, str(e.detail), code=str(e.status_code)).body(),
                             status_code=e.status_code)
 
+    @app.exception_handler(Exception)
+    async def bug(request, e: Exception):   # ours, not the client's: logged with its traceback by uvicorn
+        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}", type="server_error",
+                                     code="internal_error").body(), status_code=500)
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "pending": engine.pending}
