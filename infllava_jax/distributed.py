@@ -271,6 +271,15 @@ def initialize(cluster: Cluster, *, initialization_timeout: int = 300, heartbeat
     return cluster
 
 
+def barrier(name: str, timeout_s: float) -> None:
+    """Wait until every process gets here (the coordination service's barrier: host-side, no
+    collective), at most `timeout_s`. A no-op with one process."""
+    import jax
+    if jax.process_count() > 1:
+        from orbax.checkpoint import multihost
+        multihost.get_barrier_sync_fn()(key=name, timeout_ms=int(timeout_s * 1000))
+
+
 def fail_fast(exc: BaseException, what: str) -> None:
     """Multi-process: log `exc` with a clear message and end this process at once with
     EXIT_FAILED (no shutdown barrier: the other processes' collectives then fail fast too)."""

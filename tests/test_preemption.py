@@ -33,9 +33,10 @@ SIGNAL_AFTER = 4           # the signal goes out once metrics.jsonl holds this s
 EXACT = ("loss", "grad_norm", "lr", "supervised_tokens", "seq_len", "skipped_steps", "bad_samples")
 VARIANTS = {"plain": [], "packing+lora": ["--config.data.packing=True", "--config.lora.rank=4"]}
 
-# run train.py with TrainCheckpoints.save patched: after the save of a step >= AT_STEP has started
-# (Orbax's temporary directory exists, the write goes on in the background), process PROCESS
-# kills itself (kill -9) or hangs (heartbeats still flow)
+# run train.py with TrainCheckpoints.save patched (IN_SAVE=MODE:STEP:PROCESS): in the save of a
+# step >= STEP, process PROCESS kills itself (kill) once the write has started (Orbax's temporary
+# directory exists, the write goes on in the background), or hangs before writing its part
+# (hang; alive, heartbeats still flow)
 IN_SAVE = """
 import os, runpy, signal, sys, time
 import jax
@@ -43,12 +44,14 @@ from infllava_jax.training import checkpoints
 mode, at, who = os.environ["IN_SAVE"].split(":")
 original = checkpoints.TrainCheckpoints.save
 def save(self, step, state, counts):
-    original(self, step, state, counts)
-    if step >= int(at) and jax.process_index() == int(who):
-        print(f"IN_SAVE {mode} at step {step}", file=sys.stderr, flush=True)
-        if mode == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
+    now = step >= int(at) and jax.process_index() == int(who)
+    if now and mode == "hang":
+        print(f"IN_SAVE hang at step {step}", file=sys.stderr, flush=True)
         time.sleep(3600)
+    original(self, step, state, counts)
+    if now and mode == "kill":
+        print(f"IN_SAVE kill at step {step}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
 checkpoints.TrainCheckpoints.save = save
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
@@ -113,6 +116,14 @@ def signal_at(workdir, procs, sig, to=(0,), after=SIGNAL_AFTER):
     return time.time()
 
 
+def wait_for(procs, i, text):
+    """Until process i's log holds `text` (a log line, not a fixed sleep)."""
+    deadline = time.time() + 600
+    while text not in procs[i][1].read_text():
+        assert time.time() < deadline and all(p.poll() is None for p, _ in procs), procs[i][1].read_text()[-3000:]
+        time.sleep(0.05)
+
+
 def rows(workdir) -> list[dict]:
     return [json.loads(x) for x in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
@@ -171,11 +182,12 @@ def reference(tmp_path_factory, data, variant, processes=1):
     return _REFERENCE[key]
 
 
-def stopped_step(text: str, sig: str) -> int:
-    line = [x for x in text.splitlines() if x.startswith("train.py: stopped by")]
-    assert len(line) == 1, text[-3000:]
-    assert "run the same command to resume from it" in line[0] and (sig in line[0]), line
-    return int(line[0].split(" at step ")[1].split(";")[0])
+def stopped_step(text: str, sig: str, runs: int = 1) -> int:
+    """The step of the last "stopped by" line in a log of `runs` stopped runs (one line each)."""
+    lines = [x for x in text.splitlines() if x.startswith("train.py: stopped by")]
+    assert len(lines) == runs, text[-3000:]
+    assert "run the same command to resume from it" in lines[-1] and (sig in lines[-1]), lines
+    return int(lines[-1].split(" at step ")[1].split(";")[0])
 
 
 # ----------------------------------------------------------------------------- fast
@@ -230,6 +242,39 @@ def test_metrics_resume_holds_each_step_once(tmp_path):
     assert [r["loss"] for r in rows(tmp_path)] == [1, 2, 3, 40, 50, 60, 70, 80]
     tb = tensorboard_steps(tmp_path)["loss"]
     assert tb == {1: [1], 2: [2], 3: [3], 4: [40], 5: [50], 6: [60], 7: [70], 8: [80]}
+
+
+def test_restore_latest_falls_back_and_never_starts_silently_from_zero(tmp_path, caplog):
+    import jax
+    import jax.numpy as jnp
+
+    from infllava_jax.training.checkpoints import TrainCheckpoints
+    ckpts = TrainCheckpoints(tmp_path, keep=3, async_save=False)
+    for step in (1, 2, 3):
+        ckpts.save(step, {"w": jnp.full((4,), float(step))}, {"good": step})
+    ckpts.close()
+    target = {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}
+
+    def damage(step):
+        for f in (tmp_path / "checkpoints" / str(step) / "state").rglob("*"):
+            if f.is_file():
+                f.write_bytes(b"damaged")
+
+    damage(3)
+    ckpts = TrainCheckpoints(tmp_path, keep=3, async_save=False)
+    with caplog.at_level("WARNING", logger="infllava_jax"):
+        step, state, counts = ckpts.restore_latest(target)
+    assert (step, state["w"].tolist(), counts) == (2, [2.0] * 4, {"good": 2})
+    assert f"checkpoint {tmp_path / 'checkpoints' / '3'} is unreadable" in caplog.text
+    assert (tmp_path / "checkpoints" / "3.unreadable").is_dir() and ckpts.latest_step() == 2
+    ckpts.save(3, {"w": jnp.full((4,), 30.0)}, {"good": 30})      # the step is written again
+    assert ckpts.restore_latest(target)[0] == 3
+    ckpts.close()
+    for step in (1, 2, 3):
+        damage(step)
+    with pytest.raises(Exception):                                  # none restores: the error, not step 0
+        TrainCheckpoints(tmp_path, keep=3, async_save=False).restore_latest(target)
+    assert TrainCheckpoints(tmp_path / "new").restore_latest(target) == (0, None, None)
 
 
 # ----------------------------------------------------------------------------- one process
@@ -320,18 +365,28 @@ def test_two_processes_stop_at_one_step(tmp_path_factory, data, variant):
     steps = {stopped_step(out[0][1], "preemption notice"), stopped_step(out[1][1], "SIGUSR1")}
     (step,) = steps
     assert SIGNAL_AFTER < step < STEPS and [r["step"] for r in rows(w)] == list(range(1, step + 1))
+    # the resumed run gets SIGUSR1 while it restores: both processes stop after its first step
+    procs = start(w, command(w, data, variant, 2))
+    wait_for(procs, 1, f"resumed from {w / 'checkpoints' / str(step)} at step {step}")
+    procs[1][0].send_signal(signal.SIGUSR1)
+    out = finish(procs)
+    assert [rc for rc, _ in out] == [0, 0], out[0][1][-3000:] + out[1][1][-3000:]
+    assert {stopped_step(out[0][1], "preemption notice", 2), stopped_step(out[1][1], "SIGUSR1", 2)} == {step + 1}
     out = run(w, command(w, data, variant, 2))
-    assert all(f"at step {step}" in text for _, text in out)
+    assert all(f"at step {step + 1}" in text for _, text in out)
     check_once(w, rows(ref))
     check_same_params(ref, w)
 
 
 @pytest.mark.slow
 def test_hung_peer_inside_the_checkpoint_write(tmp_path_factory, data):
-    """Process 1 hangs (alive, heartbeats flowing) inside the preemption checkpoint's write:
-    process 0 exits non-zero within --step_timeout, it does not wait forever."""
+    """Process 1 hangs (alive, heartbeats flowing) inside the preemption checkpoint's write,
+    before writing its part: process 0 exits non-zero within --step_timeout (its watchdog, or the
+    failed collective once process 1's own watchdog ends it); it never says the checkpoint is
+    written."""
     w = tmp_path_factory.mktemp("w")
-    procs = start(w, command(w, data, "plain", 2, "--step_timeout=30", "--config.export_final=False",
+    procs = start(w, command(w, data, "plain", 2, "--step_timeout=30", "--heartbeat_timeout=10",
+                             "--config.export_final=False",
                              driver=IN_SAVE), {"IN_SAVE": f"hang:{SIGNAL_AFTER + 1}:1"})
     try:
         signal_at(w, procs, signal.SIGTERM, to=(0,))
@@ -346,3 +401,4 @@ def test_hung_peer_inside_the_checkpoint_write(tmp_path_factory, data):
     assert "IN_SAVE hang at step" in procs[1][1].read_text()
     assert rc != 0 and elapsed < 90, (rc, elapsed, text[-3000:])
     assert "FATAL (watchdog)" in text or "usually means another process died or hung" in text, text[-3000:]
+    assert "train.py: stopped by" not in text

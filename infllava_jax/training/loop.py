@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infllava_jax import lora, params as params_lib, presets, sharding
+from infllava_jax import distributed, lora, params as params_lib, presets, sharding
 from infllava_jax.api import InfLlava
 from infllava_jax.checkpoint import load_config
 from infllava_jax.config import InfLlavaConfig
@@ -65,7 +65,7 @@ def model_config(cfg, vocab_size: int) -> InfLlavaConfig:
         mc = getattr(presets, preset)(**kw)
     if vocab_size > mc.llm.vocab_size:
         raise ValueError(f"tokenizer has {vocab_size} tokens but the model's vocabulary is {mc.llm.vocab_size}")
-    mc = mc.replace(llm=mc.llm.replace(lora=lora.from_settings(cfg.get("lora"))))
+    mc = mc.replace(llm=mc.llm.replace(lora=lora.from_settings(cfg.get("lora")), quant=lora.base_quant(cfg.get("lora"))))
     return mc.with_runtime(**cfg.runtime)
 
 
@@ -95,7 +95,7 @@ def init_or_restore(cfg, mc: InfLlavaConfig, mesh, parts, tx, ckpts: TrainCheckp
         log.info("resumed from %s at step %d", ckpts.dir / str(start), start)
         return state, start, counts
     if cfg.init_checkpoint:
-        params = InfLlava.from_pretrained(cfg.init_checkpoint, mesh=mesh).params  # checks keys and shapes
+        params = InfLlava.from_pretrained(cfg.init_checkpoint, mesh=mesh, quant=mc.llm.quant).params  # checks keys and shapes
         log.info("initial weights: %s", cfg.init_checkpoint)
     else:
         params = params_lib.init_params(mc, cfg.seed, mesh)
@@ -267,6 +267,9 @@ class Trainer:
             self.arm(f"step {step} (compiling for micro-batches {shape})", compiling=True)
             t = time.perf_counter()
             self.compiled[shape] = self.step_fn.lower(self.state, batch).compile()
+            # a process that read the compile cache can be minutes ahead of one compiling, and the
+            # first collective's gloo set-up waits only 30 s: meet first (under the compile deadline)
+            distributed.barrier(f"compiled {shape}", self.deadlines.compile_s if self.deadlines else 3600)
             self.compile_seconds += time.perf_counter() - t
             log.info("compiled the train step for micro-batches %s in %.1f s (cache %s)", shape,
                      time.perf_counter() - t, self.cache)
@@ -288,7 +291,7 @@ class Trainer:
             for step in range(self.start + 1, self.cfg.total_steps + 1):
                 metrics = self.run_step(step, self.global_batch())
                 # preempted (all processes agree on the step): the at-end hooks log and save it
-                last = step if self.preemption.reached(step) else self.cfg.total_steps
+                last = step if self.preemption.reached(step - self.start) else self.cfg.total_steps
                 for hook in self.hooks:
                     if hook.due(step, last):
                         hook.fn(step, metrics)
@@ -304,7 +307,7 @@ class Trainer:
         self.ckpts.wait()
         self.ckpts.close()
         self.writer.close()
-        self.preemption.leave(step, self.ckpts.dir / str(step), self.deadlines)
+        self.preemption.leave(step, self.ckpts.dir / str(step))
         return {"steps": step, "resumed_from": self.start, "preempted_at": step,
                 "seconds": round(time.perf_counter() - self.t0, 1), "final_loss": self.final_loss}
 

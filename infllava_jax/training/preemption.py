@@ -70,11 +70,13 @@ class Preemption:
         if self.multi and signum != signal.SIGTERM:
             os.kill(os.getpid(), signal.SIGTERM)  # JAX's notifier tells the other processes
 
-    def reached(self, step: int) -> bool:
-        """Call after every step (every process, every step: JAX's sync counts them)."""
+    def reached(self, steps_done: int) -> bool:
+        """Call after every step, on every process, with the number of steps this run has taken
+        (1, 2, ...: not the global step: JAX's sync starts its count at 0, so after a resume from
+        step k a notice that came before the first call would otherwise wait for step 1 forever)."""
         if self.multi:
             from jax.experimental import multihost_utils
-            return multihost_utils.reached_preemption_sync_point(step)
+            return multihost_utils.reached_preemption_sync_point(steps_done)
         return self.received is not None
 
     @property
@@ -86,20 +88,18 @@ class Preemption:
             signal.signal(s, previous)
         self._previous = {}
 
-    def leave(self, step: int, checkpoint, deadlines=None) -> None:
+    def leave(self, step: int, checkpoint) -> None:
         """After the checkpoint of `step` is complete: the one line, then exit 130 after Ctrl-C
         (0: return, and train.py ends normally)."""
         self.uninstall()
         why = self.received or "a preemption notice (SIGTERM to one of the job's processes)"
         print(f"train.py: stopped by {why} at step {step}; checkpoint {checkpoint} written; "
               "run the same command to resume from it", file=sys.stderr, flush=True)
-        if deadlines:
-            deadlines.disarm()
         if self.exit_code == 0:
-            return
+            return                                # train.py disarms the deadlines and ends with 0
         if not self.multi:
             raise SystemExit(self.exit_code)
-        jax.distributed.shutdown()                # the others leave normally: meet them at the barrier
+        jax.distributed.shutdown()                # the others leave normally: meet them (watchdog armed)
         for h in logging.getLogger().handlers + log.handlers:
             h.flush()
         sys.stdout.flush()
