@@ -100,3 +100,48 @@ def test_training_final_is_used_as_trained(tmp_path):
     usage = json.loads((tmp_path / "eval" / "results.json").read_text())["usage"]
     assert (usage["pixels"], usage["double_bos"], usage["tokenizer"]) == ("native", False, "tiny")
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["results"]["pope"]["1008"]["pixels"] == 252
+
+
+def test_released_convert_sweep_lora_finetune_export_reference(tmp_path):
+    """Released INF-LLaVA (+ its Llama-3 tokenizer) -> convert --verify -> eval.py at 336 and 1008
+    -> LoRA fine-tune with train.py on a LLaVA JSON -> merged final/ -> export --format released
+    -> the PyTorch reference loads the export and gives our logits (convert --verify)."""
+    from convert import formats
+    from convert.export import released_config_json
+    from infllava_jax import conversation, presets
+    from infllava_jax.evaluation import demo_fixtures
+    from infllava_jax.params import abstract_params
+    from tests.test_convert import random_state, write_st
+    from tests.test_multihost import make_clean_dataset
+
+    tok_dir = tmp_path / "Meta-Llama-3-8B-Instruct"
+    n_tok = fixtures.llama3_tokenizer_dir(tok_dir)
+    cfg = presets.tiny(vocab_size=n_tok + 1).replace(pad_token_id=n_tok)     # + <pad>, as released
+    sd = random_state(formats.released_rows(cfg), abstract_params(cfg), seed=0)
+    src = write_st(tmp_path / "INF-LLaVA", sd, shard_bytes=700_000)
+    (src / "config.json").write_text(json.dumps(released_config_json(cfg, "float32")))
+    conversation.copy_tokenizer_files(tok_dir, src)
+    ckpt, final = tmp_path / "ours", tmp_path / "ft" / "final"
+
+    r = run("-m", "convert", src, ckpt, "--verify", "--no-progress")
+    assert "template llama3" in r.stdout and r.stdout.rstrip().endswith("OK")
+    data = demo_fixtures.make_data(tmp_path / "bench", tasks=("pope",))
+    run("eval.py", "--config", "configs/eval.py:tasks=pope,res=336+1008,limit=2,batch_size=2,max_new_tokens=2",
+        "--ckpt", ckpt, "--data", data, "--out", tmp_path / "eval")
+    res = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert sorted(res["results"]["pope"]) == ["1008", "336"]
+    assert (res["usage"]["pixels"], res["usage"]["double_bos"]) == ("released", True)   # the released loader's
+
+    d = make_clean_dataset(tmp_path / "data")
+    run("train.py", "--config", "configs/tiny.py", "--workdir", tmp_path / "ft", "--config.data.synthetic=False",
+        f"--config.data.path={d / 'train.json'}", f"--config.data.image_folder={d}", "--config.total_steps=2",
+        f"--config.init_checkpoint={ckpt}", f"--config.tokenizer={ckpt}", "--config.lora.rank=4",
+        "--config.log_every=1", "--config.checkpoint_every=2", "--config.data.max_len=160")
+    assert json.loads((final / "usage.json").read_text()) == {
+        "template": "llama3", "stop_ids": [], "tokenizer": "files", "pixels": "native", "image_mode": "pad",
+        "double_bos": False}
+    assert (final / "tokenizer.json").read_bytes() == (tok_dir / "tokenizer.json").read_bytes()
+    run("-m", "convert.export", final, tmp_path / "exported", "--format", "released", "--no-progress")
+    assert (tmp_path / "exported" / "tokenizer_config.json").is_file()
+    r = run("-m", "convert", tmp_path / "exported", tmp_path / "reimported", "--verify", "--no-progress")
+    assert r.stdout.rstrip().endswith("OK")
