@@ -35,7 +35,7 @@ def did_you_mean(name: str, options: Iterable[str]) -> str:
     """' (did you mean X?)' for the closest of `options`, or ''."""
     options = list(options)
     close = difflib.get_close_matches(name, options, n=1, cutoff=0.6) or \
-        [o for o in options if name and len(o) >= 3 and (name.startswith(o) or o.startswith(name))][:1]   # res / resolution
+        [o for o in options if name and len(o) >= 3 and (name.startswith(o) or o.startswith(name))][:1]  # resolution
     return f" (did you mean {close[0]}?)" if close else ""
 
 
