@@ -6,14 +6,17 @@ greedy unless the task asks for temperature > 0, outputs decoded with special to
 (lmms-eval strips them before scoring). Requests are grouped by generation kwargs and batched
 through `runner.Generator` (bucketed, jitted, data-parallel).
 
-`loglikelihood` (the *_ppl task variants): the log-probability of the continuation given the
-context (template with the continuation as the assistant answer; the context ids are the
-prompt up to the open assistant header), and whether it is the greedy continuation.
+`loglikelihood` (multiple_choice tasks and the *_ppl variants), as lmms-eval's llava returns it:
+the loss, i.e. the mean negative log-probability per continuation token given the context
+(template with the continuation as the assistant answer, its end token included; the context
+ids are the prompt up to the open assistant header), and whether it is the greedy continuation.
+Lower is better: lmms-eval's multiple_choice picks the choice with the smallest value.
 
-Registration (lmms-eval >= 0.4): the entry point group "lmms_eval.models" with the payload
+Registration (docs/evaluation-lmms.md): the entry point group "lmms_eval.models" with the payload
 `infllava_jax.evaluation.lmms_adapter:manifest`, declared by the small distribution in
 `infllava_jax/evaluation/lmms_plugin/` (`pip install --no-deps -e infllava_jax/evaluation/lmms_plugin`,
-with this repository on PYTHONPATH). Older lmms-eval (2024): `LMMS_EVAL_PLUGINS=infllava_jax.evaluation.lmms_plugin`.
+with this repository importable), or the legacy `LMMS_EVAL_PLUGINS=infllava_jax.evaluation.lmms_plugin`
+(that package's `models` and `tasks`).
 
 The adapter logic (`Adapter`) does not import lmms_eval; `InfLlavaJax` (the class lmms-eval
 loads) exists only when lmms_eval is importable.
@@ -29,8 +32,9 @@ CLASS_PATH = "infllava_jax.evaluation.lmms_adapter.InfLlavaJax"
 DEFAULT_IMAGE_TOKEN = "<image>"
 
 
-def _as_bool(v) -> bool:
-    return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")
+def _batch_size(v) -> int:
+    """lmms-eval's --batch_size (a string; "auto"/"auto:N" have no meaning here: 8)."""
+    return int(v) if str(v).isdigit() and int(v) > 0 else 8
 
 
 class Adapter:
@@ -38,7 +42,7 @@ class Adapter:
 
     def __init__(self, ckpt: str, res: int = 0, batch_size: int = 8, tokenizer: str = "",
                  pixels: str = "", image_mode: str = "", double_bos="", template: str = "", mesh: str = "",
-                 max_new_tokens: int = 1024, model=None, tok=None, **kwargs: Any) -> None:
+                 max_new_tokens: int = 1024, quant: str = "", model=None, tok=None, **kwargs: Any) -> None:
         from infllava_jax.api import InfLlava
         from infllava_jax.conversation import stop_ids
         from infllava_jax.evaluation import prompting
@@ -48,7 +52,7 @@ class Adapter:
         self._lmms_init()
         self.mesh = make_mesh(mesh or "data=-1")
         if model is None:
-            model = InfLlava.from_pretrained(ckpt, mesh=self.mesh)
+            model = InfLlava.from_pretrained(ckpt, mesh=self.mesh, quant=quant or None)   # "int8" | "int4"
         else:  # an in-memory model: its parameters replicated over this (data-parallel) mesh
             import jax
             from jax.sharding import NamedSharding, PartitionSpec
@@ -61,7 +65,7 @@ class Adapter:
         self.config = grid_config(self.model.config, int(res)) if int(res) else self.model.config
         self.tok = tok or prompting.get_tokenizer(tokenizer, ckpt, self.config.llm.vocab_size, self.usage)
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else self.tok.pad_token_id
-        self.gen = Generator(self.model.params, self.mesh, batch_size=int(batch_size), pad_id=pad or 0,
+        self.gen = Generator(self.model.params, self.mesh, batch_size=_batch_size(batch_size), pad_id=pad or 0,
                              stop_ids=stop_ids(self.usage, self.tok))
         self.pixels, self.image_mode, self.double_bos = self.usage.pixels, self.usage.image_mode, self.usage.double_bos
         self.default_max_new_tokens = int(max_new_tokens)
@@ -155,8 +159,10 @@ class Adapter:
             n_ctx = len(ctx) + n_img * (self.config.tokens_per_image - 1)  # after splicing
             pred = logits[n_ctx - 1:n_ctx - 1 + len(targets)].astype(np.float64)
             logp = pred - np.logaddexp.reduce(pred, axis=-1, keepdims=True)
-            ll = float(np.sum(logp[np.arange(len(targets)), targets]))
-            res.append((ll, bool(np.all(np.argmax(pred, -1) == targets))))
+            # lmms-eval's llava returns the loss (mean -log p per continuation token) and its
+            # multiple_choice picks np.argmin: lower is better, as here
+            loss = -float(np.mean(logp[np.arange(len(targets)), targets]))
+            res.append((loss, bool(np.all(np.argmax(pred, -1) == targets))))
         return res
 
     def generate_until_multi_round(self, requests) -> list[str]:
@@ -178,6 +184,19 @@ if _lmms is not None:
     class InfLlavaJax(Adapter, _lmms):
         """lmms-eval model `infllava_jax` (model_args: ckpt, res, batch_size, tokenizer, pixels, ...)."""
         is_simple = True
+
+        def loglikelihood(self, requests):
+            return [_survives_unwrap(r) for r in Adapter.loglikelihood(self, requests)]
+
+    def _survives_unwrap(result):
+        """lmms-eval 0.7.x passes every response through `api.instance.unwrap_generation_output`,
+        which turns a (loss, is_greedy) tuple into its str() and breaks multiple_choice
+        (`lls, is_greedy = zip(*results)`); a GenerationResult's `text` is passed on as it is."""
+        try:
+            from lmms_eval.api.instance import GenerationResult, unwrap_generation_output
+        except ImportError:  # lmms-eval before 0.7: tuples pass unchanged
+            return result
+        return result if unwrap_generation_output(result)[0] == result else GenerationResult(text=result)
 
     try:  # lmms-eval 2024 registry (the entry point / manifest covers newer versions)
         from lmms_eval.api.registry import register_model
