@@ -3,6 +3,9 @@ out like real downloads (tests/fixtures.py: tiny random weights, Llama-3 / Vicun
 
 - LLaVA-1.5: llava-hf download -> `python -m convert --verify` -> chat -> `eval.py` ->
   `python -m convert.export --format hf` -> transformers reloads it: same logits as ours.
+- Released INF-LLaVA -> convert --verify -> eval.py at 336 and 1008 -> LoRA fine-tune -> export
+  released -> the PyTorch reference agrees; HF CLIP + HF Llama-3 -> convert -> stage 1 -> stage 2
+  -> eval.py -> chat.
 - Training: `train.py` -> WORKDIR/final/ carries its usage (tiny tokenizer, native pixels, one
   BOS) -> chat and `eval.py` use it with no flags.
 """
@@ -145,3 +148,40 @@ def test_released_convert_sweep_lora_finetune_export_reference(tmp_path):
     assert (tmp_path / "exported" / "tokenizer_config.json").is_file()
     r = run("-m", "convert", tmp_path / "exported", tmp_path / "reimported", "--verify", "--no-progress")
     assert r.stdout.rstrip().endswith("OK")
+
+
+def test_clip_and_llama_to_stage1_stage2_eval_chat(tmp_path):
+    """HF CLIP + HF Llama-3 (with its tokenizer) -> convert (the stage-1 start) -> train.py stage 1
+    -> stage 2 from stage 1's final/ (its tokenizer travels with it) -> eval.py -> chat."""
+    from infllava_jax import conversation, presets
+    from infllava_jax.evaluation import demo_fixtures
+    from tests.test_convert import clip_model_dir, llama_dir
+    from tests.test_multihost import make_clean_dataset
+
+    tok_dir = tmp_path / "tok"
+    cfg = presets.tiny(vocab_size=fixtures.llama3_tokenizer_dir(tok_dir))
+    clip = clip_model_dir(tmp_path / "clip-vit-large-patch14-336", cfg, vision_only=True)
+    llama = llama_dir(tmp_path / "Meta-Llama-3-8B-Instruct", cfg)
+    conversation.copy_tokenizer_files(tok_dir, llama)
+    w0, s1, s2 = tmp_path / "W0", tmp_path / "stage1", tmp_path / "stage2"
+    run("-m", "convert", clip, w0, "--llm", llama, "--no-progress")
+    d = make_clean_dataset(tmp_path / "data")
+    common = ["--config.data.synthetic=False", f"--config.data.path={d / 'train.json'}",
+              f"--config.data.image_folder={d}", "--config.total_steps=2", "--config.log_every=1",
+              "--config.checkpoint_every=2", "--config.data.max_len=160"]
+    run("train.py", "--config", "configs/tiny.py:stage=1", "--workdir", s1, f"--config.init_checkpoint={w0}",
+        f"--config.tokenizer={w0}", *common)
+    assert json.loads((s1 / "final" / "usage.json").read_text())["image_mode"] == "square"   # stage 1's
+    run("train.py", "--config", "configs/tiny.py", "--workdir", s2, f"--config.init_checkpoint={s1 / 'final'}",
+        f"--config.tokenizer={s1 / 'final'}", *common)
+    final = s2 / "final"
+    usage = json.loads((final / "usage.json").read_text())
+    assert (usage["template"], usage["tokenizer"], usage["pixels"], usage["image_mode"]) == \
+        ("llama3", "files", "native", "pad")
+    assert (final / "tokenizer.json").read_bytes() == (tok_dir / "tokenizer.json").read_bytes()
+    data = demo_fixtures.make_data(tmp_path / "bench", tasks=("pope",))
+    run("eval.py", "--config", "configs/eval.py:tasks=pope,res=1008,limit=2,batch_size=2,max_new_tokens=2",
+        "--ckpt", final, "--data", data, "--out", tmp_path / "eval")
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["results"]["pope"]["1008"]["examples"] == 2
+    run("-m", "infllava_jax.chat", "--ckpt", final, "--image", ASTRONAUT, "What is in the image?",
+        "--max-new-tokens", "4")
