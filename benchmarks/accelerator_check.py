@@ -15,7 +15,13 @@
 4. memory: the peak bytes in use per device (`memory_stats()`; none on CPU) next to what
    `python -m infllava_jax.plan` predicts for the same step (a subprocess on fake CPU devices,
    started first so it runs alongside).
+5. with --remat none,minimal,full: the train step of 3. once per remat policy (layers.py), MFU
+   and peak memory per policy next to the plan's prediction for it.
+6. with --quant int8 (or int4): the tiny model's weight-only quantized logits (quant.py, qwix) on
+   the device against its unquantized bf16 logits, per-token KL.
 Prints a table; the last line is a JSON object.
+
+    python -m benchmarks.accelerator_check --remat none,minimal,full --quant int8
 """
 from __future__ import annotations
 
@@ -201,6 +207,8 @@ def table(r: dict) -> str:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="the reduced run on CPU (CI)")
+    ap.add_argument("--remat", default="", help="comma-separated remat policies: the train step once per policy")
+    ap.add_argument("--quant", default="", help='"int8" | "int4": the quantized tiny model against bf16 (KL)')
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     mode = MODES["smoke" if args.cpu_smoke else "full"]
@@ -213,10 +221,46 @@ def main(argv=None) -> dict:
     planned = plan_result(plan_proc)
     r["memory"] = {"peak_gib_used": r["train_step"].get("peak_gib_used_per_device"),
                    "plan_peak_gib": planned.get("peak_gib_per_device"), "plan_error": planned.get("error")}
+    if args.remat:
+        r["remat"] = section(remat_policies, mode, args.remat.split(","))
+    if args.quant:
+        r["quant"] = section(quantized, args.quant)
+        print(f"quant {args.quant}: KL vs bf16 mean {r['quant'].get('kl_mean')} max {r['quant'].get('kl_max')}")
     r["seconds"] = time.perf_counter() - t0
     print(table(r))
     print(json.dumps(r))
     return r
+
+
+def remat_policies(mode: dict, policies: list[str]) -> dict:
+    """The train step per remat policy, with the plan's peak for the same setting."""
+    out = {}
+    for p in policies:
+        m = {**mode, "sets": [*[s for s in mode["sets"] if not s.startswith("runtime.remat_policy=")],
+                              f"runtime.remat_policy={p}"]}
+        proc = start_plan(m)
+        step = section(train_step, m)
+        out[p] = {**step, "plan_peak_gib": plan_result(proc).get("peak_gib_per_device")}
+        if "mfu" in step:
+            print(f"remat {p:<14} MFU {100 * step['mfu']:.1f}%  step {step['step_s']:.3f} s  peak used "
+                  f"{step['peak_gib_used_per_device']}  planned {out[p]['plan_peak_gib']}", flush=True)
+    return out
+
+
+def quantized(spec: str) -> dict:
+    """The tiny model in bf16 against the same weights quantized (`spec`), on the device: KL."""
+    cfg = presets.tiny().with_runtime(dtype="bfloat16")
+    params = params_lib.init_params(cfg, 0)
+    qcfg, qparams = params_lib.quantize(cfg, params, spec)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, cfg.llm.vocab_size, (1, 128)).astype(np.int32)
+    ids[0, 5] = IMAGE_TOKEN_INDEX
+    pixels = rng.normal(size=(1, 3, *cfg.image_size)).astype(np.float32)
+    a = np.asarray(InfLlava(cfg, params)(ids, pixels), np.float64)[0]
+    b = np.asarray(InfLlava(qcfg, qparams)(ids, pixels), np.float64)[0]
+    log_p, log_q = (x - np.logaddexp.reduce(x, axis=-1, keepdims=True) for x in (a, b))
+    kl = np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)
+    return {"quant": spec, "kl_mean": float(kl.mean()), "kl_max": float(kl.max()), "tokens": int(kl.size)}
 
 
 def section(fn, *args) -> dict:

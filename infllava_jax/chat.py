@@ -93,12 +93,13 @@ def main(argv=None) -> int:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pixels", default="", choices=("",) + conversation.PIXELS, help='"" = the checkpoint\'s')
+    p.add_argument("--quant", default="", help='"" = as saved; "int8" | "int4": weight-only quantized language model')
     a = p.parse_args(argv)
     from infllava_jax.errors import InputError, one_line
     from infllava_jax.evaluation.datasets import open_image
     try:
         image = open_image(a.image, where=a.image)   # capped before decoding, any mode -> RGB
-        model = InfLlava.from_pretrained(a.ckpt, tokenizer=a.tokenizer or None)
+        model = InfLlava.from_pretrained(a.ckpt, tokenizer=a.tokenizer or None, quant=a.quant or None)
         model.usage = model.usage.override(template=a.template, pixels=a.pixels)
         _answer(model, image, a)
     except InputError as e:

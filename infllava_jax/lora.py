@@ -22,9 +22,10 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import qwix
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from infllava_jax import keymap
+from infllava_jax import keymap, quant
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTERS = ("lora_A", "lora_B")
@@ -63,6 +64,14 @@ def from_settings(settings: Mapping[str, Any] | None) -> LoraConfig | None:
                       targets=tuple(settings.get("targets", PROJECTIONS)))
 
 
+def base_quant(settings: Mapping[str, Any] | None) -> str | None:
+    """The `lora` block's `quant` (QLoRA: the frozen base quantized, quant.py), or None."""
+    spec = (settings or {}).get("quant") or None
+    if spec is not None and not int(settings.get("rank", 0)):
+        raise ValueError(f"lora.quant={spec!r} quantizes the frozen base of LoRA: it needs lora.rank > 0")
+    return spec
+
+
 class LoraDense(nn.Module):
     """nn.Dense (same `kernel` / `bias` leaves, same computation) plus the LoRA delta (eq. 3).
     Dropout on the adapter's input is active only when a "dropout" rng is given."""
@@ -92,7 +101,10 @@ class LoraDense(nn.Module):
             y += bias
         h = nn.Dropout(self.lora.dropout)(x, deterministic=not self.has_rng("dropout"))
         h, a, b = nn.dtypes.promote_dtype(h, a, b, dtype=self.dtype)
-        return (y + (h @ a @ b) * jnp.asarray(self.lora.scaling, y.dtype)).reshape(*lead, self.features)
+        # einsum, not @: a quantized base's qwix rule (quant.py) matches dot_general only, so the
+        # adapters stay in their dtype
+        delta = jnp.einsum("nr,ro->no", jnp.einsum("ni,ir->nr", h, a), b)
+        return (y + delta * jnp.asarray(self.lora.scaling, y.dtype)).reshape(*lead, self.features)
 
 
 # ----------------------------------------------------------------------------- trees
@@ -117,7 +129,10 @@ def combine(*trees: dict) -> dict:
 
 
 def merged_config(config):
-    """The same model without adapters (what `merge` returns the parameters of)."""
+    """The same model without adapters (what `merge` returns the parameters of); a quantized base
+    (QLoRA) merges into a plain model in the compute dtype."""
+    if config.llm.quant is not None:
+        return config.replace(llm=config.llm.replace(lora=None, quant=None, param_dtype=config.llm.dtype))
     return config.replace(llm=config.llm.replace(lora=None))
 
 
@@ -130,6 +145,8 @@ def merge(config, params: dict, like: dict) -> dict:
     out = {}
     for path, spec in flatten_dict(like).items():
         w = flat[path]
+        if quant.is_quantized(w):    # QLoRA's base
+            w = qwix.dequantize(w.array).astype(jnp.float32)
         if path[-1] == "kernel" and path[:-1] + ("lora_A",) in flat:
             a, b = flat[path[:-1] + ("lora_A",)], flat[path[:-1] + ("lora_B",)]
             w = w.astype(jnp.float32) + scaling * jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32))

@@ -25,6 +25,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.mesh = ""                     # "" = every device on `data`; e.g. "data=2,fsdp=4"
     c.distributed = False           # multi-host: jax.distributed.initialize() first (TPU pods, SLURM, ...)
     c.dtype = ""                    # "" = as saved; "bfloat16" compute
+    c.quant = ""                    # "" = as saved; "int8" | "int4": weight-only quantized language model (quant.py)
     c.tokenizer = ""                # "" = the checkpoint's tokenizer files; "tiny"; or a directory
     c.scorers = ""                  # e.g. "pope=llava,docvqa=lmms_eval_2024_07"
     c.temperature = 0.0             # 0 = greedy (the protocol); > 0 = sampling with top_p
@@ -57,6 +58,6 @@ def _resolutions(res) -> str | None:
 
 RULES = {"tasks": _tasks, "res": _resolutions, "batch_size": [1, None], "limit": [0, None],
          "max_new_tokens": [0, None], "pixels": ("", "released", "native"), "image_mode": ("", "pad", "square"),
-         "dtype": ("", "float32", "bfloat16", "float16"), "temperature": [0, None], "top_p": [0, 1],
+         "dtype": ("", "float32", "bfloat16", "float16"), "quant": ("", "int8", "int4"), "temperature": [0, None], "top_p": [0, 1],
          "workers": [1, None]}
 

@@ -69,7 +69,7 @@ class Sweep:
     def __init__(self, cfg, ckpt: str, *, model: InfLlava | None = None, tokenizer=None, log=print):
         self.cfg, self.ckpt, self.log = cfg, str(ckpt), log
         self.mesh = sharding_lib.make_mesh(cfg.mesh or "data=-1")   # default: data parallel
-        self.model = model or InfLlava.from_pretrained(ckpt, mesh=self.mesh)
+        self.model = model or InfLlava.from_pretrained(ckpt, mesh=self.mesh, quant=cfg.get("quant") or None)
         self.config = self.model.config.with_runtime(dtype=cfg.dtype or None)
         # the checkpoint's recorded template / pixels / image mode / BOS unless the config names them
         self.usage = self.model.usage.override(template=cfg.get("template", ""), pixels=cfg.pixels,

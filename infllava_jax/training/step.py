@@ -17,8 +17,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+import qwix
 
-from infllava_jax import lora, params as params_lib
+from infllava_jax import lora, params as params_lib, quant
 from infllava_jax.sharding import LOGICAL_RULES
 from infllava_jax.config import InfLlavaConfig
 from infllava_jax.model import InfLlavaModel
@@ -66,9 +67,7 @@ def init_state(params: dict, parts: Sequence[str], tx: optax.GradientTransformat
     dtype (every forward casts them to it anyway: the same numbers, half the bytes in bf16)."""
     train, frozen = split_params(params, parts)
     if config is not None and config.llm.lora is not None and "language_model" in frozen:
-        compute = jnp.dtype(config.llm.dtype)
-        frozen = {**frozen, "language_model": jax.tree.map(
-            lambda x: x.astype(compute) if x.ndim >= 2 else x, frozen["language_model"])}
+        frozen = {**frozen, "language_model": compute_params(config, frozen["language_model"])}
     return {"step": jnp.zeros((), jnp.int32), "params": train, "frozen": frozen, "opt_state": tx.init(train)}
 
 
@@ -76,14 +75,16 @@ def head_kernel(params: dict, config: InfLlavaConfig):
     lm = params["language_model"]
     if config.llm.tie_word_embeddings:
         return lm["model"]["embed_tokens"]["embedding"].T
-    return lm["lm_head"]["kernel"]
+    kernel = lm["lm_head"]["kernel"]     # the chunked loss multiplies by it itself: a quantized one dequantized
+    return qwix.dequantize(kernel.array).astype(config.llm.dtype) if quant.is_quantized(kernel) else kernel
 
 
 def compute_params(config: InfLlavaConfig, params):
     """Mixed precision: matrices cast to the compute dtype while still sharded (gathers move half
     the bytes); norms and biases stay fp32; gradients flow back to the fp32 master."""
     compute = jnp.dtype(config.llm.dtype)
-    return jax.tree.map(lambda x: x.astype(compute) if x.ndim >= 2 else x, params)
+    cast = lambda x: x if quant.is_quantized(x) else x.astype(compute) if x.ndim >= 2 else x   # QLoRA: int base kept
+    return jax.tree.map(cast, params, is_leaf=quant.is_quantized)
 
 
 def make_loss_fn(config: InfLlavaConfig, loss_chunk: int = 512, features: bool = False) -> Callable:
