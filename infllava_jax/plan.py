@@ -3,7 +3,8 @@ from shapes only, on fake CPU devices laid out as the target mesh.
 
     python -m infllava_jax.plan --config configs/stage2_8b.py --mesh fsdp=8 [--micro-batch 4]
     python -m infllava_jax.plan --config configs/stage2_8b.py --config.lora.rank=128 --mesh fsdp=1 \
-        --micro-batch 1 --no-hoist                   # LoRA: bf16 frozen base, adapters + DEM + projector train
+        --micro-batch 1                              # LoRA: bf16 frozen base, adapters + DEM + projector train
+    python -m infllava_jax.plan --config configs/stage2_8b.py --mesh fsdp=1 --fit 24   # search (fit.py)
 
 Prints per-device memory (arguments, outputs, temporaries, peak) from XLA's memory analysis,
 FLOPs per step (analytic and XLA's count), and the step time implied at a given MFU on H100 and
@@ -104,6 +105,12 @@ def plan(cfg, mesh_shape: dict[str, int], micro_batch_per_device: int, mfu: floa
     }
 
 
+def default_micro_batch(cfg, devices: int) -> int:
+    """Per device: the config's per-process micro-batch over the devices, at most 4 (the 8B
+    configs' 32 per process are 8 devices x 4: one device gets 4, not 32)."""
+    return max(1, min(cfg.micro_batch // devices, 4))
+
+
 def _config_and_args(ap, argv):
     """(the checked config, the other arguments): --config FILE[:args] and --config.<field>=VALUE as
     train.py reads them (overrides.py); a bad one is one line and exit 2."""
@@ -131,23 +138,34 @@ def main(argv=None) -> int:
     ap.add_argument("--mesh", default="fsdp=8", help="e.g. fsdp=8 or data=4,fsdp=8 (fake devices)")
     ap.add_argument("--micro-batch", type=int, default=None, help="sequences per device per micro-step")
     ap.add_argument("--mfu", type=float, default=0.4, help="assumed MFU for the implied step time")
-    ap.add_argument("--no-hoist", action="store_true",
-                    help="disable XLA's while-loop invariant code motion: the CPU backend has no bf16 dot, so it "
-                         "upcasts bf16 weights to f32 and hoists those copies out of the layer scan, all layers at "
-                         "once (GPUs and TPUs multiply bf16 natively); use it for a frozen bf16 base (LoRA)")
+    ap.add_argument("--no-hoist", action="store_true", help="the default (kept for old command lines)")
+    ap.add_argument("--hoist", action="store_true",
+                    help="keep XLA's while-loop invariant code motion (off by default): the CPU backend has no bf16 "
+                         "dot, so it upcasts bf16 weights to f32 and hoists those copies out of the layer scan, all "
+                         "layers at once; GPUs and TPUs multiply bf16 natively, so the plan leaves it off")
+    ap.add_argument("--fit", type=float, default=None, metavar="GIB",
+                    help="search a setting that fits GIB per device (infllava_jax/fit.py)")
+    ap.add_argument("--top", type=int, default=3, help="--fit: stop after this many fitting settings")
+    ap.add_argument("--max-compiles", type=int, default=12, help="--fit: at most this many AOT compiles")
+    ap.add_argument("--max-micro", type=int, default=8, help="--fit: largest micro-batch per device tried")
+    ap.add_argument("--json", action="store_true", help="--fit: only the JSON line")
     cfg, args = _config_and_args(ap, argv)
     from infllava_jax import sharding
     mesh_shape = sharding.parse_mesh(args.mesh)
     n = math.prod(mesh_shape.values())
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"
-    if args.no_hoist:
+    if not args.hoist or args.fit:
         os.environ["XLA_FLAGS"] += f" --xla_disable_hlo_passes={','.join(HOISTING_PASSES)}"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    mb = args.micro_batch or max(1, cfg.micro_batch // n)
+    if args.fit:
+        from infllava_jax import fit
+        return fit.main(cfg, mesh_shape, args, plan, TARGETS["H100"])
+    mb = args.micro_batch or default_micro_batch(cfg, n)
     r = plan(cfg, mesh_shape, mb, args.mfu)
     print(f"{r['config']} {r['stage']}: {r['params'] / 1e9:.2f} B params on mesh {r['mesh']} "
           f"({r['devices']} devices), micro-batch {mb}/device x {r['accumulation_steps']} accumulation steps, "
           f"{r['seq_len']} tokens, remat {r['remat_policy']}, {r['dtype']} compute (compiled in {r['compile_s']:.0f} s)")
+    print("CPU-only f32 copies of bf16 weights: " + ("counted (--hoist)" if args.hoist else "not counted (as on GPU/TPU)"))
     print(f"{'per device':<22}{'GiB':>10}")
     for k in ("argument", "output", "temp", "alias"):
         print(f"  {k:<20}{r[k + '_gib']:>10.2f}")
