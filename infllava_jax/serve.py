@@ -87,12 +87,12 @@ def _check_port(host: str, port: int) -> None:
 def load_engine(a, **limits):
     """The checkpoint (InputError for a missing or broken one) and its engine; `limits` as
     engine.Limits takes them (batch sizes, waiting)."""
-    from infllava_jax import sharding
-    from infllava_jax.api import InfLlava
     from infllava_jax.errors import InputError
-    from infllava_jax.serving.engine import Engine, Limits
     if not (Path(a.ckpt) / "config.json").is_file():
         raise InputError(f"--ckpt {a.ckpt}: no config.json (not a checkpoint directory)")
+    from infllava_jax import sharding
+    from infllava_jax.api import InfLlava
+    from infllava_jax.serving.engine import Engine, Limits
     try:
         mesh = sharding.make_mesh(a.mesh)
     except ValueError as e:
