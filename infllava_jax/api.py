@@ -150,6 +150,8 @@ class InfLlava:
             usage = usage.override(tokenizer="tiny")
         elif self._tokenizer_spec:
             files = self._tokenizer_spec
+        elif usage.tokenizer == "tiny":
+            pass
         elif self.path is not None and usage.tokenizer == "files" and conversation.has_tokenizer(self.path):
             files = self.path
         elif self._tokenizer is not None:

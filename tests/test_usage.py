@@ -180,6 +180,10 @@ def test_tiny_tokenizer_only_when_asked_or_recorded(tmp_path):
     model.save_pretrained(tmp_path / "tiny")                 # recorded "tiny"
     assert _usage(tmp_path / "tiny")["tokenizer"] == "tiny"
     assert len(prompting.get_tokenizer("", str(tmp_path / "tiny"), 512)) <= 512
+    again = InfLlava.from_pretrained(tmp_path / "tiny")
+    assert len(again.tokenizer) <= 512                          # loaded, then saved: still "tiny", no files
+    again.save_pretrained(tmp_path / "tiny2")
+    assert _usage(tmp_path / "tiny2")["tokenizer"] == "tiny" and not (tmp_path / "tiny2" / "tokenizer.json").exists()
     InfLlava(model.config, model.params).save_pretrained(tmp_path / "none")   # no tokenizer at all
     assert _usage(tmp_path / "none")["tokenizer"] == ""
     with pytest.raises(InputError, match="no tokenizer"):
