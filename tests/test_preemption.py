@@ -29,7 +29,7 @@ from tests.test_multihost import env, free_port, make_clean_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8
-SIGNAL_AFTER = 4           # the signal goes out once metrics.jsonl holds this step
+SIGNAL_AFTER = 3           # the signal goes out once metrics.jsonl holds this step (4 steps of margin)
 EXACT = ("loss", "grad_norm", "lr", "supervised_tokens", "seq_len", "skipped_steps", "bad_samples")
 VARIANTS = {"plain": [], "packing+lora": ["--config.data.packing=True", "--config.lora.rank=4"]}
 
