@@ -61,13 +61,22 @@ def is_quantized(leaf) -> bool:
     return isinstance(leaf, WithAux)
 
 
+def held(q: qwix.QArray) -> qwix.QArray:
+    """The QArray as this backend holds it: on CPU an int4 qvalue is stored in int8 (the same
+    values; qtype stays int4). XLA:CPU's ahead-of-time executables (eval's generator, the train
+    loop) expect int4 arguments packed, which no other CPU program makes them."""
+    if q.qvalue.dtype == jax.numpy.int4 and jax.default_backend() == "cpu":
+        return q.replace(qvalue=q.qvalue.astype(jax.numpy.int8))
+    return q
+
+
 def _quantize(w: jax.Array, how) -> qwix.QArray:
     """One kernel [..., in, out] -> QArray; leading (stacked-layer) axes quantized slice by slice."""
     fn = functools.partial(qwix.quantize, qtype=how.qtype, channelwise_axes=how.channelwise_axes,
                            tiled_axes=how.tiled_axes, calibration_method=how.calibration_method)
     for _ in range(w.ndim - 2):
         fn = jax.vmap(fn)
-    return fn(w)
+    return held(fn(w))
 
 
 def quantize_tree(params: dict, like: dict) -> dict:
@@ -101,7 +110,7 @@ def from_saved(tree, like):
     """Inverse of `to_saved`, the static parts (qtype, how) from `like` (abstract params of the
     same config): a quantized checkpoint reloads without quantizing again."""
     def back(spec, x):
-        return spec.replace(array=spec.array.replace(qvalue=x["qvalue"], scale=x["scale"])) if is_quantized(spec) else x
+        return spec.replace(array=held(spec.array.replace(qvalue=x["qvalue"], scale=x["scale"]))) if is_quantized(spec) else x
     return jax.tree.map(back, like, tree, is_leaf=is_quantized)
 
 
