@@ -9,8 +9,10 @@ cuDNN / splash kernels compile only on their devices; the plan compiles the port
 Order: the modes from the one that gives up least; in each, remat from the fastest, and the
 micro-batch doubled from 1 while it fits; the first remat that fits ends the mode. The search
 stops at --top fitting settings or --max-compiles.
-The step time is XLA's FLOP count of the compiled step (remat recompute included) at the
-assumed MFU; the micro-batch changes the number of accumulation steps, not the FLOPs.
+The step time is the plan's (analytic FLOPs, training/flops.py, at the assumed MFU on an H100)
+times REMAT_FLOPS: full remat runs each layer's forward once more (a forward is about a third
+of a step); XLA's own count is no help here (it counts a scanned layer once). The micro-batch
+changes the number of accumulation steps, not the FLOPs.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import json
 
 REMATS = ("none", "minimal", "full")
 REMAT_COST = {"none": "", "minimal": "recomputes attention", "full": "recomputes every layer's forward"}
+REMAT_FLOPS = {"none": 1.0, "minimal": 1.0, "full": 4 / 3}   # "minimal" recomputes attention scores only
 DEFAULT_RANK = 64
 
 
@@ -37,19 +40,17 @@ def _variant(cfg, rank: int, base: str, remat: str):
 
 
 class Search:
-    """`plan_fn`: plan.plan (cfg, mesh_shape, micro-batch, mfu) -> its dict; `peak`: FLOP/s of
-    the device the step time is given for (plan.TARGETS["H100"])."""
+    """`plan_fn`: plan.plan (cfg, mesh_shape, micro-batch, mfu) -> its dict."""
 
-    def __init__(self, cfg, mesh_shape, budget_gib: float, mfu: float, max_micro: int, plan_fn, peak: float,
-                 log=print):
+    def __init__(self, cfg, mesh_shape, budget_gib: float, mfu: float, max_micro: int, plan_fn, log=print):
         self.cfg, self.mesh_shape, self.budget, self.mfu, self.max_micro = cfg, mesh_shape, budget_gib, mfu, max_micro
-        self.plan_fn, self.peak, self.log, self.compiles, self.tried = plan_fn, peak, log, 0, []
+        self.plan_fn, self.log, self.compiles, self.tried = plan_fn, log, 0, []
 
     def compile(self, mode, remat: str, mb: int) -> dict:
         name, rank, base, gives = mode
         r = self.plan_fn(_variant(self.cfg, rank, base, remat), self.mesh_shape, mb, self.mfu)
         self.compiles += 1
-        step_s = r["flops_per_device_xla"] / (self.peak * self.mfu)
+        step_s = r["step_s_H100"] * REMAT_FLOPS[remat]
         give = [g for g in (gives, REMAT_COST[remat], f"{r['accumulation_steps']} accumulation steps"
                             if r["accumulation_steps"] > 1 else "") if g]
         row = {"mode": name, "lora_rank": rank, "base_quant": base or None, "remat_policy": remat,
@@ -81,7 +82,7 @@ class Search:
         return found
 
 
-def main(cfg, mesh_shape, args, plan_fn, peak: float) -> int:
+def main(cfg, mesh_shape, args, plan_fn) -> int:
     n = 1
     for v in mesh_shape.values():
         n *= v
@@ -90,7 +91,7 @@ def main(cfg, mesh_shape, args, plan_fn, peak: float) -> int:
     log(f"--fit {args.fit:g} GiB per device on mesh {mesh_shape} ({n} devices); CPU-only f32 copies of bf16 "
         "weights not counted (XLA's loop-invariant hoisting off, as on GPU/TPU); attention: the portable XLA "
         "implementation")
-    s = Search(cfg, mesh_shape, args.fit, args.mfu, args.max_micro, plan_fn, peak, log)
+    s = Search(cfg, mesh_shape, args.fit, args.mfu, args.max_micro, plan_fn, log)
     found = s.run(args.top, args.max_compiles)
     result = {"budget_gib": args.fit, "mesh": mesh_shape, "devices": n, "mfu_assumed": args.mfu,
               "compiles": s.compiles, "best": found, "tried": s.tried}

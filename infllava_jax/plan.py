@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if args.fit:
         from infllava_jax import fit
-        return fit.main(cfg, mesh_shape, args, plan, TARGETS["H100"])
+        return fit.main(cfg, mesh_shape, args, plan)
     mb = args.micro_batch or default_micro_batch(cfg, n)
     r = plan(cfg, mesh_shape, mb, args.mfu)
     print(f"{r['config']} {r['stage']}: {r['params'] / 1e9:.2f} B params on mesh {r['mesh']} "
