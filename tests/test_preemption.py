@@ -195,8 +195,16 @@ def stopped_step(text: str, sig: str, runs: int = 1) -> int:
 def test_signal_names():
     assert signal_number("USR1") == signal_number("SIGUSR1") == signal.SIGUSR1
     assert signal_number("") is None
-    with pytest.raises(ValueError, match="preemption_signal='SIGFOO' is not a signal name"):
-        signal_number("SIGFOO")
+    for bad in ("SIGFOO", "KILL", "9"):
+        with pytest.raises(ValueError, match=f"preemption_signal='{bad}' is not a signal a process can catch"):
+            signal_number(bad)
+    # train.py: one line, exit 2, nothing created
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny.py"),
+                        "--workdir", "/nonexistent-preemption/w", "--config.preemption_signal=SIGFOO"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "train.py: error: config.preemption_signal='SIGFOO' is not a signal a process can catch" in p.stderr
+    assert not Path("/nonexistent-preemption").exists()
 
 
 def test_launch_scripts_configure_the_signal():

@@ -166,8 +166,8 @@ class Trainer:
         if cfg.lora.rank and cfg.lora.get("export", "merged") == "adapters" and save_adapters is None:
             raise ValueError("lora.export=adapters: pass save_adapters (train.py passes convert.lora_export.save_adapters)")
         self.save_adapters = save_adapters
-        self.workdir.mkdir(parents=True, exist_ok=True)
         self.preemption = Preemption(cfg.get("preemption_signal", "SIGUSR1"))   # SIGTERM, Ctrl-C, ...
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.arm("start-up (model, data, checkpoint restore)", compiling=True)
         _quiet_logs()
         self.cache = cfg.compilation_cache_dir or str(Path.home() / ".cache" / "infllava_jax" / "xla")

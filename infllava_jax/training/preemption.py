@@ -23,20 +23,23 @@ import threading
 
 import jax
 
+from infllava_jax.errors import InputError
+
 log = logging.getLogger("infllava_jax")
 EXIT_INTERRUPTED = 130          # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 def signal_number(name: str) -> signal.Signals | None:
-    """'SIGUSR1' / 'USR1' / '' -> the signal (None for ''); ValueError naming what is accepted."""
+    """'SIGUSR1' / 'USR1' / '' -> the signal (None for ''); InputError naming what is accepted
+    (train.py: one line, exit 2)."""
     if not name:
         return None
     full = name.upper() if name.upper().startswith("SIG") else "SIG" + name.upper()
-    try:
-        return signal.Signals[full]
-    except KeyError:
-        raise ValueError(f"config.preemption_signal={name!r} is not a signal name; expected e.g. SIGUSR1, "
-                         f"SIGUSR2 or '' (SIGTERM and Ctrl-C only)") from None
+    sig = getattr(signal.Signals, full, None) if full.isidentifier() else None
+    if sig is None or sig in (signal.SIGKILL, signal.SIGSTOP):
+        raise InputError(f"config.preemption_signal={name!r} is not a signal a process can catch; expected "
+                         f"e.g. SIGUSR1, SIGUSR2 or '' (SIGTERM and Ctrl-C only)")
+    return sig
 
 
 class Preemption:
@@ -48,7 +51,7 @@ class Preemption:
         self.multi = jax.process_count() > 1
         sigs = {signal.SIGINT} | ({signal.SIGTERM} if not self.multi else set())
         extra = signal_number(extra_signal)
-        if extra is not None and extra != signal.SIGKILL:
+        if extra is not None:
             sigs.add(extra)
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
