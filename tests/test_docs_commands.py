@@ -143,3 +143,17 @@ def test_the_checker_catches_wrong_commands():
         with pytest.raises(AssertionError):
             check(commands(bad)[0])
     check(commands("python train.py --config configs/tiny.py --config.optimizer.lr=1 --workdir W")[0])
+
+
+@pytest.mark.slow   # builds a tiny checkpoint and generates
+def test_the_readme_python_example_runs(tmp_path, monkeypatch, capsys):
+    """README.md's python block, exec'd as written (the checkpoint path substituted)."""
+    from infllava_jax.evaluation import demo_fixtures
+    code = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    assert '"CKPT"' in code
+    demo_fixtures.make_tiny_checkpoint(tmp_path / "ckpt", grid=2)
+    monkeypatch.chdir(ROOT)
+    scope: dict = {}
+    exec(compile(code.replace('"CKPT"', repr(str(tmp_path / "ckpt"))), "README.md", "exec"), scope)
+    from infllava_jax.api import InfLlava
+    assert isinstance(scope["model"], InfLlava) and capsys.readouterr().out.endswith("\n")   # the answer printed
