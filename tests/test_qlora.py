@@ -12,11 +12,9 @@ from flax.traverse_util import flatten_dict
 from convert.lora_export import save_adapters
 from infllava_jax import lora, params as params_lib, presets, quant
 from infllava_jax.api import InfLlava
-from infllava_jax.training import step as step_lib
 from infllava_jax.training.loop import Trainer
-from tests.test_lora import lora_run_config
+from tests.test_lora import fixed_batch_steps, lora_run_config
 from tests.test_multihost import make_clean_dataset
-from tests.test_train_step import _batch
 
 IDS = np.array([[1, 2, -200, 5, 6, 7, 8]])
 
@@ -38,15 +36,7 @@ def test_int4_qlora_steps_lower_the_loss_and_the_merged_model_reloads(tmp_path):
     cfg = presets.tiny()
     qcfg = cfg.replace(llm=cfg.llm.replace(lora=lora.LoraConfig(rank=4, alpha=8.0), quant="int4"))
     params = params_lib.init_params(qcfg, seed=5)
-    parts = step_lib.trainable_parts("stage1", with_lora=True)
-    tx, schedule = step_lib.make_optimizer(1e-2, 30, warmup_ratio=0.0)
-    state = step_lib.init_state(params, parts, tx, qcfg)
-    step = jax.jit(step_lib.make_train_step(qcfg, tx, schedule, loss_chunk=16))
-    batch = _batch(A=1, b=2, seed=7)
-    losses = []
-    for _ in range(8):
-        state, m = step(state, batch)
-        losses.append(float(m["loss"]))
+    state, losses = fixed_batch_steps(qcfg, params)
     assert losses[-1] < 0.8 * losses[0], losses
     trained = lora.combine(state["frozen"], state["params"])
     merged_cfg = lora.merged_config(qcfg)

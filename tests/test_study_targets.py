@@ -77,7 +77,7 @@ def test_position_and_object_targets(scenes):
         assert (x == np.array([4, 4, 4, 5, 5, 5])).all() and (y == np.array([2, 2, 2, 3, 3, 3])[:, None]).all()
         whole = t[0, :, NAMES.index("x")].reshape(6, 6)
         assert (whole == np.arange(6)).all()
-        box = 1 + list(scenes.COLORS).index(rec["colors"]["box"])
+        box = 1 + list(S.COLORS).index(rec["colors"]["box"])
         local = t[np.flatnonzero(fam == "local252"), :, NAMES.index("object")]
-        assert (local == box).sum() == scenes.OBJECT ** 2       # one patch per cell of the box
+        assert (local == box).sum() == S.OBJECT ** 2       # one patch per cell of the box
         assert (t[0, :, NAMES.index("object")] > 0).any()    # the 84 px view sees both objects
