@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from infllava_jax import params as params_lib
 from infllava_jax.data.pipeline import open_source
 from infllava_jax.training import feature_bank, loop
 from tests.test_multihost import make_clean_dataset
@@ -48,6 +49,24 @@ def test_bank_trains_exactly_as_pixels(tmp_path, variant):
     # the trained tower is the initial one, so a next run on the same images (a stage 2) reuses the bank
     records, processor = open_source(loop.data_config(got.cfg, got.mc, got.workdir, 4), got.tok)
     assert feature_bank.build(got.mc, got.params(), records, processor, got.mesh) is got.bank
+    if variant == "paper":   # every view: the local / strided crops' banks are slices of it (the study)
+        check_one_view_banks_are_slices(got, records, processor)
+
+
+def check_one_view_banks_are_slices(got, records, processor):
+    import dataclasses
+    full, N = dict(feature_bank._LAST), got.mc.dem.num_crops
+    for views, start in (("local", 0), ("strided", N)):
+        mc = dataclasses.replace(got.mc, dem=dataclasses.replace(got.mc.dem, views=views))
+        params = {**params_lib.init_params(mc, seed=0), "vision_tower": got.params()["vision_tower"]}
+        sliced = feature_bank.build(mc, params, records, processor, got.mesh)
+        np.testing.assert_array_equal(sliced.features, got.bank.features[:, start:start + N])
+        feature_bank._LAST.clear()          # now computed from the pixels of that view alone
+        fresh = feature_bank.build(mc, params, records, processor, got.mesh)
+        feature_bank._LAST.clear()
+        feature_bank._LAST.update(full)
+        assert fresh is not sliced and fresh.rows == sliced.rows and fresh.shape == sliced.shape == (N, *got.bank.shape[1:])
+        np.testing.assert_allclose(sliced.features, fresh.features, rtol=1e-5, atol=1e-5)
 
 
 def test_bank_needs_a_frozen_tower(tmp_path):

@@ -37,7 +37,7 @@ def _recipe(row: str, a, seed: int) -> dict:
     grid, views, variant, res = study_cfg.ROWS[row]
     return {"row": row, "grid": grid, "views": views, "variant": variant, "res": res, "seed": seed, "n_train": a.n_train,
             "n_test": a.n_test, "stage0": _stage0_recipe(a), "batch": study_cfg.BATCH,
-            **{f"stage{k}_lr": v for k, v in study_cfg.LR.items()},
+            **{f"stage{k}_lr": v for k, v in study_cfg.LR.items()}, "lr_mult": study_cfg.LR_MULT,
             **{f"stage{k}_steps": getattr(a, f"stage{k}_steps") or round(a.scale * study_cfg.STEPS[k])
                for k in (1, 2)}}
 
@@ -346,7 +346,7 @@ def main(argv=None) -> int:
     vision = stage0(a, out)
     log.info("stage 0: held-out accuracy %s", json.dumps(vision["holdout_accuracy"]))
 
-    runs, jobs = {row: [] for row in a.rows}, [(s, row) for s in range(a.seeds) for row in a.rows]
+    runs, jobs = {row: [] for row in a.rows}, [(s, row) for row in _job_order(a.rows) for s in range(a.seeds)]
     for i, (seed, row) in enumerate(jobs):
         runs[row].append(run_row(row, seed, a, out))
         m, elapsed = runs[row][-1]["metrics"], time.perf_counter() - t0
@@ -355,6 +355,13 @@ def main(argv=None) -> int:
                  elapsed, elapsed / (i + 1) * (len(jobs) - i - 1))
     report(out, aggregate(runs), prior, vision, a, time.perf_counter() - t0)
     return 0
+
+
+def _job_order(rows: list[str]) -> list[str]:
+    """The rows in the order that lets them share the feature bank (training/feature_bank.py): the
+    seeds of one row in a row, the rows of every view before the one-view rows that slice it."""
+    from infllava_jax.study import recipe as study_cfg
+    return sorted(rows, key=lambda row: study_cfg.ROWS[row][1] != "both")
 
 
 def report(out: Path, results: dict, prior: dict, vision: dict, a, total: float) -> None:

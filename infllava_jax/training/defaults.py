@@ -51,6 +51,8 @@ def base_config() -> ConfigDict:
 
     c.loss_chunk = 512
     c.optimizer = ConfigDict({"lr": 2e-5, "warmup_ratio": 0.03, "weight_decay": 0.0, "max_grad_norm": 1.0})
+    # a part's learning rate = lr x its factor (e.g. --config.optimizer.lr_mult.spatial_embed=3)
+    c.optimizer.lr_mult = ConfigDict({p: 1.0 for p in step_parts.PARTS})
     c.eval_every = 0                # > 0: score eval_config on eval_data every N steps (in-memory params)
     c.eval_config = "tasks=pope,res=1008,limit=64"   # configs/eval.py arguments
     c.eval_data = ""                # directory of the eval tasks' local files
@@ -115,5 +117,5 @@ RULES = {
     "lora.rank": [0, None], "lora.alpha": [0, None], "lora.dropout": [0, 1], "lora.export": ("merged", "adapters"),
     "lora.quant": ("", "int8", "int4"),
     "optimizer.lr": [0, None], "optimizer.warmup_ratio": [0, 1], "optimizer.weight_decay": [0, None],
-    "optimizer.max_grad_norm": [0, None],
+    "optimizer.max_grad_norm": [0, None], **{f"optimizer.lr_mult.{p}": [0, None] for p in step_parts.PARTS},
 }

@@ -59,15 +59,19 @@ def build(config, params, records, processor: JsonRecordProcessor, mesh, batch: 
     """Features of every distinct image of `records`, loaded as `processor` loads them (same
     size, mode, normalisation), through `config`'s tower with `params` cast as the train step
     casts them (training/step.compute_params). The process keeps the last bank: a run with the
-    same tower weights, views and images (the study's stage 2 after its stage 1) reuses it."""
+    same tower weights, views and images (the study's stage 2 after its stage 1) reuses it, and a
+    run of the local or strided crops alone slices them from a bank of all the views of its grid."""
     from infllava_jax.training.step import compute_params
     rels = list(dict.fromkeys(r for rec in records for r in _paths(rec)))
     tower = {"vision_tower": params_lib.rebox(config, compute_params(config, params))["vision_tower"]}
-    key = (_fingerprint(tower), config.vision, config.dem, config.select_layer, processor.spec.image_size,
-           processor.spec.image_mode, processor.images, tuple(sorted(rels)))
+    key = (_fingerprint(tower), config.vision, config.image_size, config.select_layer, processor.spec.image_size,
+           processor.spec.image_mode, processor.images, tuple(sorted(rels)), _layout(config.dem))
     if key in _LAST:
         log.info("feature bank: reusing this process's last bank (same tower weights, views and images)")
         return _LAST[key]
+    derived = _one_view_of_last(key)
+    if derived is not None:
+        return derived
     model, t0 = InfLlavaModel(config), time.perf_counter()
 
     @jax.jit
@@ -115,6 +119,33 @@ def build(config, params, records, processor: JsonRecordProcessor, mesh, batch: 
     _LAST.clear()
     _LAST[key] = FeatureBank(features, index, errors)
     return _LAST[key]
+
+
+def _layout(dem) -> tuple:
+    """What `tower_features` stacks for this DEM config (docs/model.md §2-4), as part of a bank's key."""
+    if dem is None:
+        return ("whole",)
+    if dem.views != "both":
+        return (dem.nH, dem.nW, dem.views)
+    if dem.use_fast_path:
+        return (dem.nH, dem.nW, "fast", dem.low_is_centre_strided_crop, dem.fast_path_crop_indices)
+    return (dem.nH, dem.nW, "both")     # N local crops, N strided crops, the low-res view
+
+
+def _one_view_of_last(key) -> FeatureBank | None:
+    """The local (or strided) crops' bank, sliced from the last bank when that one holds every
+    crop of the same grid (the study's DCM + DEM row before its one-view rows); else None."""
+    *same, layout = key
+    if len(layout) != 3 or layout[2] not in ("local", "strided"):
+        return None
+    nH, nW, views = layout
+    full = _LAST.get((*same, (nH, nW, "both")))
+    if full is None:
+        return None
+    N = nH * nW
+    start = 0 if views == "local" else N
+    log.info("feature bank: the %s crops' features taken from this process's last bank (all views)", views)
+    return FeatureBank(np.ascontiguousarray(full.features[:, start:start + N]), full.rows, full.errors)
 
 
 def _fingerprint(tree) -> str:

@@ -181,7 +181,8 @@ class Trainer:
         self.parts = trainable_parts(cfg, self.mc)
         o = cfg.optimizer
         self.tx, schedule = step_lib.make_optimizer(o.lr, cfg.total_steps, o.warmup_ratio, o.weight_decay,
-                                                    max_grad_norm=o.max_grad_norm or None)
+                                                    max_grad_norm=o.max_grad_norm or None,
+                                                    lr_mult=dict(o.get("lr_mult", {})))
         self.ckpts = TrainCheckpoints(self.workdir, keep=cfg.keep_checkpoints)
         self.state, self.start, counts = init_or_restore(cfg, self.mc, self.mesh, self.parts, self.tx, self.ckpts)
         self.bank = self._feature_bank()

@@ -51,14 +51,26 @@ def split_params(params: dict, parts: Sequence[str]) -> tuple[dict, dict]:
 
 
 def make_optimizer(lr: float, total_steps: int, warmup_ratio: float = 0.03, weight_decay: float = 0.0,
-                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, max_grad_norm: float | None = 1.0):
-    """AdamW with linear warmup (3%) then cosine decay to 0, as the released scripts. -> (tx, schedule)"""
+                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, max_grad_norm: float | None = 1.0,
+                   lr_mult: dict[str, float] | None = None):
+    """AdamW with linear warmup (3%) then cosine decay to 0, as the released scripts. -> (tx, schedule)
+    lr_mult {part: factor}: that top-level part's updates (weight decay included) scaled by factor,
+    i.e. its learning rate is lr x factor; a part that does not train is simply not there."""
     warmup = max(1, int(round(warmup_ratio * total_steps)))
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1), 0.0)
     tx = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    if lr_mult and any(f != 1 for f in lr_mult.values()):
+        tx = optax.chain(tx, scale_parts(dict(lr_mult)))
     if max_grad_norm:
         tx = optax.chain(optax.clip_by_global_norm(max_grad_norm), tx)
     return tx, schedule
+
+
+def scale_parts(factors: dict[str, float]) -> optax.GradientTransformation:
+    """Multiplies the updates of each top-level part named in `factors` (the others unchanged)."""
+    def update(updates, state, params=None):
+        return {k: jax.tree.map(lambda u, f=factors.get(k, 1.0): u * f, v) for k, v in updates.items()}, state
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def init_state(params: dict, parts: Sequence[str], tx: optax.GradientTransformation,
