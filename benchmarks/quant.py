@@ -4,12 +4,13 @@
    nothing allocated), the language model and the rest.
 2. Greedy generation speed on this machine (a random ~0.1 B decoder behind the tiny vision
    path), tokens/s and the ratio against the unquantized model measured in the same run.
-3. With --ckpt and --data (a trained checkpoint and its scenes directory, e.g. the tiny config's
-   WORKDIR/final and WORKDIR/synthetic_data): the hires_synth test-split accuracy per setting, and
-   the mean per-token KL(unquantized || quantized) of the answer-position logits.
+3. With --ckpt and --data (a trained checkpoint and its scenes directory, e.g. the study's
+   dcm_dem_1008 stage2/final and its data directory): the hires_synth test-split accuracy per
+   setting (and per question type), and the mean per-token KL(unquantized || quantized) of the
+   next-token distributions at the reference answer's tokens, teacher-forced.
 
     python -m benchmarks.quant
-    python -m benchmarks.quant --skip-8b --ckpt W/final --data W/synthetic_data --limit 100
+    python -m benchmarks.quant --skip-8b --skip-speed --ckpt RUN/stage2/final --data STUDY/data
 """
 from __future__ import annotations
 
@@ -64,38 +65,60 @@ def speed(new_tokens: int, repeats: int) -> list[tuple]:
     return rows
 
 
-def _kl(ref: InfLlava, q: InfLlava, data: str, limit: int) -> float:
-    """Mean over answer positions of KL(softmax ref || softmax q), teacher-forced on the test
-    questions (prompt + reference answer, as eval formats them)."""
+def _answer_logprobs(models: list[InfLlava], data: str, limit: int):
+    """Per test question: each model's log-softmax at the positions that predict the reference
+    answer's tokens and its end of turn, teacher-forced (prompt + answer, as training formats them)."""
+    from infllava_jax import conversation
+    from infllava_jax.data import template
     from infllava_jax.evaluation import prompting
     from infllava_jax.evaluation.datasets import open_image
     from infllava_jax.evaluation.runner import pixel_size
     from infllava_jax.pixels import preprocess
-    rows = [json.loads(x) for x in open(f"{data}/test.jsonl").read().splitlines()[:limit]]
+    ref = models[0]
+    rows = [json.loads(x) for x in open(f"{data}/test.jsonl").read().splitlines()[:limit or None]]
     tok = prompting.get_tokenizer("", None, ref.config.llm.vocab_size, ref.usage)
-    kls = []
     for r in rows:
         img = preprocess(open_image(r["image"], data, r["image"]), pixel_size(ref.config, "native"), ref.usage.image_mode)
-        ids = prompting.encode(tok, r["question"], 1, usage=ref.usage)
+        prompt = prompting.encode(tok, r["question"], 1, usage=ref.usage)
+        answer = template.tokenize(r["answer"] + conversation.answer_end(ref.usage.template), tok)
+        ids = np.asarray([list(prompt) + answer])
         px = np.moveaxis(np.asarray(img, np.float32), -1, 0)[None]
-        a, b = ref(np.asarray([ids]), px)[0, -1], q(np.asarray([ids]), px)[0, -1]
-        la, lb = jax.nn.log_softmax(a), jax.nn.log_softmax(b)
-        kls.append(float(jnp.sum(jnp.exp(la) * (la - lb))))
-    return float(np.mean(kls))
+        yield r["type"], [jax.nn.log_softmax(m(ids, px)[0, -len(answer) - 1:-1].astype(np.float32)) for m in models]
+
+
+def kl_per_token(ckpt: str, data: str, limit: int, settings) -> dict:
+    """setting -> (mean KL(unquantized || quantized) per answer token, at the first answer token,
+    share of answer tokens whose argmax differs)."""
+    models = [InfLlava.from_pretrained(ckpt)] + [InfLlava.from_pretrained(ckpt, quant=s) for s in settings]
+    per_token = {s: [] for s in settings}
+    first = {s: [] for s in settings}
+    flips = {s: [] for s in settings}
+    for _, (la, *lqs) in _answer_logprobs(models, data, limit):
+        for s, lq in zip(settings, lqs):
+            kl = np.asarray(jnp.sum(jnp.exp(la) * (la - lq), axis=-1))
+            per_token[s].extend(kl.tolist())
+            first[s].append(float(kl[0]))
+            flips[s].extend((np.argmax(la, -1) != np.argmax(lq, -1)).tolist())
+    return {s: (float(np.mean(per_token[s])), float(np.mean(first[s])), float(np.mean(flips[s]))) for s in settings}
 
 
 def accuracy(ckpt: str, data: str, limit: int) -> list[tuple]:
+    """(setting, tile, accuracy, per-type accuracies, KL per token, KL at the first answer token,
+    argmax flips): eval's hires_synth sweep at res 1008 with native pixels, as the study scores it."""
     from infllava_jax.evaluation import config as eval_cfg, sweep
-    ref = InfLlava.from_pretrained(ckpt)
+    cfg = InfLlava.from_pretrained(ckpt).config.llm
+    widths = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.head_dim)
+    kls = kl_per_token(ckpt, data, limit, [s for s in SETTINGS if s])
     rows = []
     for s in SETTINGS:
         ecfg = eval_cfg.get_config(f"tasks=hires_synth,res=1008,pixels=native,double_bos=false,batch_size=32,"
                                    f"progress=false,limit={limit},quant={s or ''}")
         with tempfile.TemporaryDirectory() as out:
             summary = sweep.run(ecfg, ckpt=ckpt, data=data, out=out, log=lambda *a: None)
-        acc = summary["results"]["hires_synth"]["1008"]["metrics"]["accuracy"]
-        kl = 0.0 if s is None else _kl(ref, InfLlava.from_pretrained(ckpt, quant=s), data, limit)
-        rows.append((s or "as saved", acc, kl))
+        m = summary["results"]["hires_synth"]["1008"]["metrics"]
+        types = {k[len("accuracy_"):]: v for k, v in m.items() if k.startswith("accuracy_")}
+        tile = quant.tile_size(s, widths) if s else None
+        rows.append((s or "as saved", tile, m["accuracy"], types, *(kls[s] if s else (0.0, 0.0, 0.0))))
     return rows
 
 
@@ -121,10 +144,15 @@ def main() -> None:
         for s, tps, nbytes in rows:
             print(f"{s:7s}  {tps:8.1f}  {tps / rows[0][1]:6.2f}x  {nbytes / 2 ** 20:8.1f}")
     if a.ckpt:
-        print(f"\n{a.ckpt}: hires_synth test accuracy and KL(unquantized || quantized) at the answer position")
-        for s, acc, kl in accuracy(a.ckpt, a.data, a.limit):
-            print(f"{s:8s}  accuracy {100 * acc:5.1f}  KL {kl:.2e}")
-
+        rows = accuracy(a.ckpt, a.data, a.limit)
+        print(f"\n{a.ckpt}: hires_synth test split ({a.limit or 'all'} questions), accuracy %, and "
+              "KL(unquantized || quantized) of the next-token distributions at the reference answer's tokens")
+        print("setting   tile  accuracy  vs saved  " + "  ".join(f"{t:>6s}" for t in rows[0][3])
+              + "  KL/token  KL first  argmax flips")
+        for s, tile, acc, types, kl, kl0, flip in rows:
+            print(f"{s:8s}  {str(tile or '-'):4s}  {100 * acc:8.2f}  {100 * (acc - rows[0][2]):+8.2f}  "
+                  + "  ".join(f"{100 * v:6.1f}" for v in types.values())
+                  + f"  {kl:8.2e}  {kl0:8.2e}  {100 * flip:10.2f}%")
 
 if __name__ == "__main__":
     main()

@@ -105,6 +105,18 @@ def plan(cfg, mesh_shape: dict[str, int], micro_batch_per_device: int, mfu: floa
     }
 
 
+def state_gib(cfg, mesh_shape: dict[str, int]) -> float:
+    """GiB per device of the train state alone (trained parameters, frozen base, optimizer
+    moments), from shapes and shardings without compiling: a lower bound of the step's peak
+    (an int4 value counts half a byte, as an accelerator holds it)."""
+    import jax
+
+    s = train_step_setup(cfg, mesh_shape, 1)
+    sizes = jax.tree.map(lambda x, sh: math.prod(sh.shard_shape(x.shape)) * jax.dtypes.itemsize_bits(x.dtype) // 8,
+                         s["state"], s["state_shardings"])
+    return sum(jax.tree.leaves(sizes)) / GiB
+
+
 def default_micro_batch(cfg, devices: int) -> int:
     """Per device: the config's per-process micro-batch over the devices, at most 4 (the 8B
     configs' 32 per process are 8 devices x 4: one device gets 4, not 32)."""
@@ -131,6 +143,7 @@ def _config_and_args(ap, argv):
 
 
 def main(argv=None) -> int:
+    from infllava_jax import fit
     from infllava_jax.overrides import ArgumentParser   # one-line errors, exit 2
     ap = ArgumentParser(prog="python -m infllava_jax.plan", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", help="configs/<name>.py[:args], then --config.<field>=VALUE for any field "
@@ -149,6 +162,12 @@ def main(argv=None) -> int:
     ap.add_argument("--max-compiles", type=int, default=12, help="--fit: at most this many AOT compiles")
     ap.add_argument("--max-micro", type=int, default=8, help="--fit: largest micro-batch per device tried")
     ap.add_argument("--json", action="store_true", help="--fit: only the JSON line")
+    ap.add_argument("--modes", type=fit.choices(fit.MODES), default=list(fit.MODES),
+                    help=f"--fit: training modes searched (default {','.join(fit.MODES)})")
+    ap.add_argument("--remat", type=fit.choices(fit.REMATS), default=list(fit.REMATS),
+                    help=f"--fit: remat policies searched (default {','.join(fit.REMATS)})")
+    ap.add_argument("--attention", type=fit.choices(fit.ATTENTIONS), default=list(fit.ATTENTIONS),
+                    help=f"--fit: attention implementations searched (default {','.join(fit.ATTENTIONS)})")
     cfg, args = _config_and_args(ap, argv)
     from infllava_jax import sharding
     mesh_shape = sharding.parse_mesh(args.mesh)
@@ -158,8 +177,7 @@ def main(argv=None) -> int:
         os.environ["XLA_FLAGS"] += f" --xla_disable_hlo_passes={','.join(HOISTING_PASSES)}"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if args.fit:
-        from infllava_jax import fit
-        return fit.main(cfg, mesh_shape, args, plan)
+        return fit.main(cfg, mesh_shape, args, plan, state_gib)
     mb = args.micro_batch or default_micro_batch(cfg, n)
     r = plan(cfg, mesh_shape, mb, args.mfu)
     print(f"{r['config']} {r['stage']}: {r['params'] / 1e9:.2f} B params on mesh {r['mesh']} "
