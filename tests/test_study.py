@@ -90,6 +90,20 @@ def test_study_rows_and_configs():
     assert (c2.model.grid, c2.total_steps, c2.also_train, c2.seed) == (0, 7, (), 3)
     with pytest.raises(ValueError, match="row="):
         study_cfg.get_config("row=nope")
+    # one recipe for every row: the DEM's learning rate x3 (rows without a DEM have no such part)
+    for row in study_cfg.ROWS:
+        for stage in (1, 2):
+            o = study_cfg.get_config(f"row={row},stage={stage}").optimizer
+            assert dict(o.lr_mult) == {"vision_tower": 1.0, "spatial_embed": 3.0, "mm_projector": 1.0,
+                                       "language_model": 1.0} and o.lr == study_cfg.LR[stage]
+
+
+def test_rows_run_in_the_order_that_shares_feature_banks():
+    """Every view's rows first (dcm_dem_1008's bank holds local_only's and strided_only's crops)."""
+    from infllava_jax.study.run import _job_order
+    assert _job_order(list(study_cfg.ROWS)) == ["plain_336", "dcm_dem_672", "dcm_dem_1008", "local_only",
+                                                "strided_only"]
+    assert _job_order(["strided_only", "dcm_dem_1008"]) == ["dcm_dem_1008", "strided_only"]
 
 
 def _row(prior, acc, **by_type):
