@@ -72,9 +72,16 @@ def _renice(pid: int, nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, int(tid), nice)
 
 
+def _batches(port: int) -> dict:
+    import httpx2 as httpx
+    return httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()["batches"]
+
+
 def _phase(port: int, requests: list, clients: int, max_tokens: int) -> dict:
-    """Send every request once from `clients` threads; answers, latencies, wall time."""
+    """Send every request once from `clients` threads; answers, latencies, wall time, and the
+    batches the server ran for them ({rows: count})."""
     import openai
+    before = _batches(port)
     answers, latency, tokens, lock, nxt = [None] * len(requests), [0.0] * len(requests), [0] * len(requests), \
         threading.Lock(), iter(range(len(requests)))
 
@@ -97,7 +104,8 @@ def _phase(port: int, requests: list, clients: int, max_tokens: int) -> dict:
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    return {"clients": clients, "requests_per_s": len(requests) / wall, "tokens_per_s": sum(tokens) / wall,
+    batches = {k: v - before.get(k, 0) for k, v in _batches(port).items() if v != before.get(k, 0)}
+    return {"clients": clients, "batches": batches, "requests_per_s": len(requests) / wall, "tokens_per_s": sum(tokens) / wall,
             "p50_s": float(np.percentile(latency, 50)), "p99_s": float(np.percentile(latency, 99)),
             "wall_s": wall, "answers": answers}
 
@@ -135,9 +143,10 @@ def main(argv=None) -> int:
            "startup_s": round(startup, 1), "sequential": seq, "concurrent": conc,
            "throughput_ratio": conc["requests_per_s"] / seq["requests_per_s"], "same_answers": f"{same}/{a.requests}",
            "cpus": os.cpu_count(), "nice": a.nice, "load_avg_1min": os.getloadavg()[0]}
-    print(f"{'':<22}{'requests/s':>12}{'tokens/s':>12}{'p50 s':>9}{'p99 s':>9}")
+    print(f"{'':<22}{'requests/s':>12}{'tokens/s':>12}{'p50 s':>9}{'p99 s':>9}  batches run (rows: count)")
     for name, r in (("sequential (1 client)", seq), (f"{a.clients} clients", conc)):
-        print(f"{name:<22}{r['requests_per_s']:>12.2f}{r['tokens_per_s']:>12.1f}{r['p50_s']:>9.3f}{r['p99_s']:>9.3f}")
+        print(f"{name:<22}{r['requests_per_s']:>12.2f}{r['tokens_per_s']:>12.1f}{r['p50_s']:>9.3f}{r['p99_s']:>9.3f}"
+              f"  {r['batches']}")
     print(f"throughput ratio {out['throughput_ratio']:.2f}x; answers equal to sequential greedy: {out['same_answers']}; "
           f"server start-up (compiling) {startup:.0f} s; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus")
     print(json.dumps(out))

@@ -1,6 +1,6 @@
 """Answer a JSONL file of chat requests offline, batched, resumable (docs/serving.md).
 
-    python -m infllava_jax.predict --ckpt DIR --input requests.jsonl --output answers.jsonl
+    python -m infllava_jax.predict --ckpt DIR --input requests.jsonl --output answers.jsonl [--quant int8|int4]
 
 Each input line is a `POST /v1/chat/completions` body with an `id` (string or number); each
 output line is {"id", "text", "finish_reason", "usage"}. Lines are decoded in batches of

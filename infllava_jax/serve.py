@@ -1,6 +1,7 @@
 """Serve a checkpoint over an OpenAI-compatible HTTP API (docs/serving.md).
 
     python -m infllava_jax.serve --ckpt DIR [--mesh data=-1] [--host 127.0.0.1] [--port 8000] [--image-dir DIR]
+                                 [--quant int8|int4]
 
 `POST /v1/chat/completions` (messages with text and image_url parts, max_tokens, temperature,
 top_p, stop, seed, stream), `GET /v1/models`, `GET /health`. Requests that arrive together are
@@ -28,6 +29,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="checkpoint directory (config.json + params/)")
     p.add_argument("--tokenizer", default="", help='"" = the checkpoint\'s, "tiny", or a tokenizer directory')
     p.add_argument("--mesh", default="data=-1", help="device mesh, e.g. data=-1 or data=2,fsdp=4 (sharding.py)")
+    p.add_argument("--quant", default="", help='"" = as saved; "int8" | "int4" (optionally /TILE): the language '
+                                               'model\'s weights quantized at load (quant.py)')
     p.add_argument("--image-dir", type=Path, default=None,
                    help="image_url paths are allowed only inside this directory (default: none allowed)")
     p.add_argument("--length-buckets", type=int_list, default=(256, 1024), help="prompt lengths (ids) compiled")
@@ -46,6 +49,8 @@ def main(argv=None) -> int:
     p.add_argument("--model-name", default="", help="the id clients pass as `model` (default: the checkpoint's name)")
     p.add_argument("--batch-sizes", type=int_list, default=(1, 4, 16), help="batch sizes compiled (max = batch limit)")
     p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits to fill")
+    p.add_argument("--batch-max-wait-ms", type=float, default=100.0,
+                   help="how long it waits at most while received requests are still being prepared")
     p.add_argument("--max-pending", type=int, default=64, help="requests waiting or decoding; more get 429")
     p.add_argument("--max-body-bytes", type=int, default=32 << 20)
     a = p.parse_args(argv)
@@ -55,6 +60,7 @@ def main(argv=None) -> int:
             raise InputError(f"--image-dir {a.image_dir}: not a directory")
         _check_port(a.host, a.port)   # before minutes of compiling
         engine = load_engine(a, batch_sizes=a.batch_sizes, batch_wait_s=a.batch_wait_ms / 1000,
+                             batch_max_wait_s=a.batch_max_wait_ms / 1000,
                              max_pending=a.max_pending)
         name = a.model_name or Path(a.ckpt).resolve().name
     except InputError as e:
@@ -88,6 +94,12 @@ def load_engine(a, **limits):
     """The checkpoint (InputError for a missing or broken one) and its engine; `limits` as
     engine.Limits takes them (batch sizes, waiting)."""
     from infllava_jax.errors import InputError
+    if a.quant:
+        from infllava_jax import quant
+        try:
+            quant.parse(a.quant)
+        except ValueError as e:
+            raise InputError(f"--quant {a.quant}: {e}") from None
     if not (Path(a.ckpt) / "config.json").is_file():
         raise InputError(f"--ckpt {a.ckpt}: no config.json (not a checkpoint directory)")
     from infllava_jax import sharding
@@ -97,7 +109,7 @@ def load_engine(a, **limits):
         mesh = sharding.make_mesh(a.mesh)
     except ValueError as e:
         raise InputError(f"--mesh {a.mesh}: {e}") from None
-    model = InfLlava.from_pretrained(a.ckpt, mesh=mesh, tokenizer=a.tokenizer or None)
+    model = InfLlava.from_pretrained(a.ckpt, mesh=mesh, tokenizer=a.tokenizer or None, quant=a.quant or None)
     model.stop_ids   # the tokenizer and stop ids now: a missing tokenizer is an error here, not per request
     lim = Limits(length_buckets=a.length_buckets, image_buckets=a.image_buckets,
                  token_buckets=a.max_tokens_buckets, **limits)

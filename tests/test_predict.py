@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -89,3 +90,30 @@ def test_bad_arguments_exit_2_and_create_nothing(tmp):
     (tmp / "junk.jsonl").write_text("hello\n")
     r = _predict(tmp, "--input", tmp / "requests.jsonl", "--output", tmp / "junk.jsonl")
     assert r.returncode == 2 and "junk.jsonl:1: not an answer line" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_quant_loads_a_quantized_engine_and_a_bad_one_exits_2(tmp):
+    import argparse
+    from infllava_jax.quant import is_quantized
+    from infllava_jax.serve import add_model_args, load_engine
+    p = argparse.ArgumentParser()
+    add_model_args(p)
+    engine = load_engine(p.parse_args(["--ckpt", str(tmp / "tiny"), "--quant", "int8"]), batch_sizes=(2,))
+    assert engine.model.config.llm.quant == "int8"
+    gen, = engine.generators.values()
+    leaves = jax.tree.leaves(gen.params, is_leaf=is_quantized)
+    assert any(is_quantized(x) for x in leaves)   # the programs run the int8 weights
+    out = tmp / "q" / "out.jsonl"
+    r = _predict(tmp, "--input", tmp / "requests.jsonl", "--output", out, "--quant", "int3")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("predict: error: --quant int3: quant='int3'; expected one of ('int8', 'int4')")
+    assert not out.parent.exists()
+
+
+@pytest.mark.slow
+def test_quant_int8_answers(tmp):
+    out = tmp / "int8.jsonl"
+    r = _predict(tmp, "--input", tmp / "requests.jsonl", "--output", out, "--quant", "int8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["id"] for x in rows] == ["a", "b", 7, "e"] and all(1 <= x["usage"]["completion_tokens"] <= 10 for x in rows)

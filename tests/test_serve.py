@@ -98,7 +98,8 @@ def good(server):
 def test_models_health_and_plain_answer(server):
     c = server["client"]
     assert [m.id for m in c.models.list()] == ["tiny"]
-    assert httpx.get(f"http://127.0.0.1:{server['port']}/health").json() == {"status": "ok", "pending": 0}
+    health = httpx.get(f"http://127.0.0.1:{server['port']}/health").json()
+    assert health["status"] == "ok" and health["pending"] == 0 and set(health) == {"status", "pending", "batches"}
     r = ask(c, user(png_url()), max_tokens=20)
     ch = r.choices[0]
     assert ch.message.role == "assistant" and r.model == "tiny" and r.object == "chat.completion"
@@ -144,12 +145,16 @@ def test_concurrent_answers_equal_sequential(server):
     def run(i):
         together[i] = ask(c, msgs[i], max_tokens=16).choices[0].message.content
 
+    batches = lambda: httpx.get(f"http://127.0.0.1:{server['port']}/health").json()["batches"]
+    before = batches()
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(msgs))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
     assert together == alone and len(set(alone)) > 1   # different questions, each its own answer
+    ran = {k: v - before.get(k, 0) for k, v in batches().items() if v != before.get(k, 0)}
+    assert sum(int(k) * v for k, v in ran.items()) == 4 and sum(ran.values()) < 4, ran   # decoded together
 
 
 @slow
@@ -268,3 +273,39 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path):
         r = run("--ckpt", tmp_path, "--port", s.getsockname()[1])
     assert r.returncode == 2 and "cannot listen there" in r.stderr and "Traceback" not in r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_batch_waits_for_requests_still_being_prepared(monkeypatch):
+    """The engine's batch former (no server): a request that is being prepared (images decoded,
+    prompt tokenized) when the batch would close is waited for, up to batch_max_wait_s."""
+    from infllava_jax import presets
+    from infllava_jax.api import InfLlava
+    from infllava_jax.evaluation.runner import Sampling
+    from infllava_jax.serving.engine import Engine, Job, Limits
+    from infllava_jax.serving.prompt import Prepared
+    engine = Engine(InfLlava.init(presets.tiny(), tokenizer="tiny"),
+                    limits=Limits(batch_sizes=(1, 4), batch_wait_s=0.02, batch_max_wait_s=5.0))
+    ran = []
+    monkeypatch.setattr(engine, "decode", lambda jobs: ran.append(len(jobs)) or [None] * len(jobs))
+    job = lambda: Job(Prepared(np.array([1, 2], np.int32), [], ()), 4, Sampling(), bucket=4,
+                      notify=lambda event: None)
+    engine.start()
+    try:
+        with engine.arriving_request():
+            engine.submit(job())
+            time.sleep(0.3)            # far past batch_wait_s: the batch waits for this request
+            assert ran == []
+            engine.submit(job())
+        for _ in range(500):
+            if ran:
+                break
+            time.sleep(0.01)
+        assert ran == [2]
+        engine.submit(job())           # nothing arriving: closes after batch_wait_s, alone
+        for _ in range(500):
+            if len(ran) == 2:
+                break
+            time.sleep(0.01)
+        assert ran == [2, 1] and engine.batch_sizes == {2: 1, 1: 1}
+    finally:
+        engine.close()

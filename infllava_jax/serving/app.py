@@ -44,7 +44,8 @@ def create_app(engine: Engine, model_name: str, *, image_dir: Path | None = None
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "pending": engine.pending}
+        return {"status": "ok", "pending": engine.pending,
+                "batches": {str(k): v for k, v in sorted(engine.batch_sizes.items())}}   # rows: batches run
 
     @app.get("/v1/models")
     async def models():
@@ -53,19 +54,20 @@ def create_app(engine: Engine, model_name: str, *, image_dir: Path | None = None
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = schema.parse(await _body(request, max_body_bytes))
-        if req.model is not None and req.model != model_name:
-            raise APIError(404, f"model {req.model!r} is not served here (GET /v1/models: {model_name!r})",
-                           param="model", code="model_not_found")
-        req.model = model_name
-        stops = req.stop_strings()
-        prepared = await run_in_threadpool(prepare, engine.model, req.messages, load, engine.max_images)
-        seed = secrets.randbits(31) if req.seed is None else req.seed
-        sampling = Sampling(temperature=req.temperature, top_p=req.top_p, seed=seed)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        job = engine.make_job(prepared, req.token_limit(), sampling, stream=req.stream,
-                              notify=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
-        engine.submit(job)
+        with engine.arriving_request():   # a batch being formed waits for this request
+            req = schema.parse(await _body(request, max_body_bytes))
+            if req.model is not None and req.model != model_name:
+                raise APIError(404, f"model {req.model!r} is not served here (GET /v1/models: {model_name!r})",
+                               param="model", code="model_not_found")
+            req.model = model_name
+            stops = req.stop_strings()
+            prepared = await run_in_threadpool(prepare, engine.model, req.messages, load, engine.max_images)
+            seed = secrets.randbits(31) if req.seed is None else req.seed
+            sampling = Sampling(temperature=req.temperature, top_p=req.top_p, seed=seed)
+            job = engine.make_job(prepared, req.token_limit(), sampling, stream=req.stream,
+                                  notify=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+            engine.submit(job)
         ids = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         if req.stream:
             return StreamingResponse(_sse(engine, req, job, events, stops, ids), media_type="text/event-stream")

@@ -3,8 +3,11 @@ runner's jitted generator (`evaluation.runner.Generator`, one `generate.generate
 shape bucket), one batch at a time on one worker thread.
 
 Static batches: the worker takes the oldest waiting request and every waiting request of the
-same program key (new-token bucket, greedy or sampled) up to the largest batch size, waiting at
-most `batch_wait_s` after the oldest one arrived for the batch to fill; the batch runs until all
+same program key (new-token bucket, greedy or sampled) up to the largest batch size. It waits
+`batch_wait_s` after the oldest one arrived for the batch to fill, longer (up to
+`batch_max_wait_s`) while requests the server has received are still being prepared (their body
+read, images decoded, prompt tokenized: `arriving()`), so clients that send together are decoded
+together even when preparing them takes longer than `batch_wait_s`; the batch runs until all
 its rows have stopped (a row that finishes early idles: its slot is refilled only by the next
 batch). Requests that arrive meanwhile wait for the next batch. Sampled requests run alone in
 row 0 (the sample then depends only on the request and its seed, not on what else is in flight).
@@ -17,6 +20,7 @@ hands each streaming request its own row's token.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -42,7 +46,8 @@ class Limits:
     image_buckets: tuple[int, ...] = (1, 4)          # the largest is the most images per request
     token_buckets: tuple[int, ...] = (64, 512)       # the largest is the most new tokens per request
     max_pending: int = 64                            # waiting + decoding; more -> 429
-    batch_wait_s: float = 0.01
+    batch_wait_s: float = 0.01                       # a batch waits this long to fill ...
+    batch_max_wait_s: float = 0.1                    # ... and up to this while requests are being prepared
 
 
 @dataclasses.dataclass
@@ -109,6 +114,8 @@ class Engine:
         self._waiting: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
         self.pending = 0
+        self.arriving = 0                                  # requests received, not yet submitted
+        self.batch_sizes: collections.Counter = collections.Counter()   # batches run, by row count
         self._closed = False
         self._thread: threading.Thread | None = None
 
@@ -137,6 +144,19 @@ class Engine:
     def prompt_tokens(self, prepared: Prepared) -> int:
         n_img = int(np.sum(prepared.ids == IMAGE_TOKEN_INDEX))
         return len(prepared.ids) + n_img * (self.config.tokens_per_image - 1)
+
+    @contextlib.contextmanager
+    def arriving_request(self):
+        """Around a request's preparation and `submit`: the worker waits for it (up to
+        `batch_max_wait_s`) before it closes a batch."""
+        with self._cv:
+            self.arriving += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self.arriving -= 1
+                self._cv.notify_all()
 
     def submit(self, job: Job) -> None:
         """Queue a job for the worker; APIError 429 when `max_pending` jobs are in."""
@@ -175,9 +195,10 @@ class Engine:
             first = self._waiting[0]
             limit = 1 if first.key[1] else self.max_batch
             deadline = first.arrived + self.limits.batch_wait_s
+            cap = first.arrived + max(self.limits.batch_wait_s, self.limits.batch_max_wait_s)
             while True:
                 same = [j for j in self._waiting if j.key == first.key][:limit]
-                left = deadline - time.monotonic()
+                left = (cap if self.arriving else deadline) - time.monotonic()
                 if len(same) >= limit or left <= 0 or self._closed:
                     break
                 self._cv.wait(left)
@@ -188,6 +209,7 @@ class Engine:
     def run(self, jobs: list[Job]) -> None:
         """Decode a batch and notify each job; a failure fails this batch only."""
         live = [j for j in jobs if not j.cancelled]
+        self.batch_sizes[len(live)] += 1
         try:
             for job, result in zip(live, self.decode(live) if live else []):
                 job.notify(("done", result))
