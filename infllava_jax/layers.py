@@ -91,9 +91,12 @@ def layer_stack(parent_block: type[nn.Module], length: int, *, scan: bool, remat
 
     The block is called `block(carry, xs_i, bcast) -> (carry, ys_i)`: `xs` are per-layer
     inputs with a leading layer axis (e.g. a KV cache, or None), `bcast` is shared by all
-    layers (masks, positions). With `scan=True` the parameters are stacked along a leading
-    `layers` axis under `name`; otherwise they live under `name_0`, `name_1`, ... and the
-    result is identical (`stack_layer_params` / `unstack_layer_params` convert the trees).
+    layers (masks, positions). Unrolled or unscanned stacks also take `xs` as a list (layer i's
+    inputs are xs[i]) and then return `ys` as a list: nothing is sliced or stacked (a KV cache
+    carried through a decode loop is updated in place, `llama.init_cache`).
+    With `scan=True` the parameters are stacked along a leading `layers` axis under `name`;
+    otherwise they live under `name_0`, `name_1`, ... and the result is identical
+    (`stack_layer_params` / `unstack_layer_params` convert the trees).
     `unroll` (with `scan=True`, not at init): the same stacked parameters, the layers run one
     after the other (`unroll_layers`). Must be called inside a compact method or setup of the parent.
     """
@@ -116,11 +119,21 @@ def layer_stack(parent_block: type[nn.Module], length: int, *, scan: bool, remat
     def run(carry, xs, bcast):
         ys = []
         for i, layer in enumerate(layers):
-            carry, y = layer(carry, jax.tree.map(lambda a: a[i], xs), bcast)
+            carry, y = layer(carry, _layer_inputs(xs, i), bcast)
             ys.append(y)
-        return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+        return carry, _layer_outputs(xs, ys)
 
     return run
+
+
+def _layer_inputs(xs, i: int):
+    """Layer i's inputs: xs[i] of a per-layer list, else the i-th slice of every leaf."""
+    return xs[i] if isinstance(xs, list) else jax.tree.map(lambda a: a[i], xs)
+
+
+def _layer_outputs(xs, ys: list):
+    """The layers' outputs as their inputs came: a per-layer list, or stacked on a leading axis."""
+    return ys if isinstance(xs, list) else jax.tree.map(lambda *a: jnp.stack(a), *ys)
 
 
 class _Unrolled(nn.Module):
@@ -133,9 +146,9 @@ class _Unrolled(nn.Module):
     def __call__(self, carry, xs, bcast):
         ys = []
         for i in range(self.length):
-            carry, y = self.block(**self.block_kwargs, name=str(i))(carry, jax.tree.map(lambda a: a[i], xs), bcast)
+            carry, y = self.block(**self.block_kwargs, name=str(i))(carry, _layer_inputs(xs, i), bcast)
             ys.append(y)
-        return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+        return carry, _layer_outputs(xs, ys)
 
 
 def _per_layer(length: int, variables: dict) -> dict:

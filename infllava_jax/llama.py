@@ -19,7 +19,10 @@ PyTorch Linear weight converts with a plain transpose (`key_map`, applied by con
 
 KV cache (`init_cache`): a plain dict pytree, jit/scan friendly, static shapes:
 
-    k, v   [num_layers, B, S_max, num_kv_heads, head_dim]   (cache dtype)
+    k, v   [num_layers, B, S_max, num_kv_heads, head_dim]   (cache dtype), when the layers are scanned;
+    kv     [(k_i, v_i) per layer], each [B, S_max, num_kv_heads, head_dim], when they run one by one
+           (unrolled or unscanned: a decode loop then updates each layer's arrays in place; a
+           stacked cache would be sliced, updated and re-stacked, whole, every step)
     valid  [B, S_max] bool    key slot holds a real token (pad slots are never attended)
     index  int32 scalar       next slot to write (shared by the batch: slots are aligned)
     pos    [B] int32          next RoPE position of each row (= real tokens seen so far)
@@ -324,9 +327,13 @@ class LlamaDecoderLayer(nn.Module):
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Any = None) -> dict:
     """Empty KV cache for `max_len` slots (see module docstring for the layout)."""
     dtype = config.jnp_dtype if dtype is None else jnp.dtype(dtype)
-    shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "valid": jnp.zeros((batch, max_len), bool), "index": jnp.zeros((), jnp.int32),
+    shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
+    n = config.num_hidden_layers
+    if config.scan_layers and not unroll_layers(config.layer_loop):
+        kv = {"k": jnp.zeros((n, *shape), dtype), "v": jnp.zeros((n, *shape), dtype)}
+    else:
+        kv = {"kv": [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(n)]}
+    return {**kv, "valid": jnp.zeros((batch, max_len), bool), "index": jnp.zeros((), jnp.int32),
             "pos": jnp.zeros((batch,), jnp.int32)}
 
 
@@ -374,13 +381,14 @@ class LlamaModel(nn.Module):
             valid = jax.lax.dynamic_update_slice(cache["valid"], mask, (0, index))
             q_slot = index + jnp.arange(T, dtype=jnp.int32)
             attn_mask = (jnp.arange(S, dtype=jnp.int32)[None, :] <= q_slot[:, None])[None] & valid[:, None, :]
-            xs = (cache["k"], cache["v"])
+            xs = cache["kv"] if "kv" in cache else (cache["k"], cache["v"])
         x, kv = self.layers(x, xs, (cos, sin, attn_mask, index, segment_ids))
         x = self.norm(x)
         new_cache = None
         if cache is not None:
             seen = jnp.max(jnp.where(mask, positions + 1, 0), axis=1)
-            new_cache = {"k": kv[0], "v": kv[1], "valid": valid, "index": index + T,
+            kv = {"kv": kv} if "kv" in cache else {"k": kv[0], "v": kv[1]}
+            new_cache = {**kv, "valid": valid, "index": index + T,
                          "pos": jnp.maximum(base, seen)}
         return x, new_cache
 

@@ -492,3 +492,23 @@ def test_init_scale_decides_whether_the_tiny_llm_learns_retrieval():
     learns the task (93%)."""
     low, tiny = _retrieval_accuracy(0.02), _retrieval_accuracy(96 ** -0.5)
     assert low < 0.1 and tiny > 0.8, (low, tiny)
+
+
+def test_kv_cache_layouts_decode_alike():
+    """Scanned layers keep a stacked cache, layers run one by one keep one (k, v) per layer (updated
+    in place in a decode loop): both decode the same logits."""
+    cfg, _, params = hf_and_params("default")
+    ids = np.random.default_rng(5).integers(1, cfg.vocab_size, (2, 12))
+    outs = {}
+    for loop in ("scan", "unroll"):
+        c = cfg.replace(layer_loop=loop)
+        cache = init_cache(c, 2, 16)
+        assert ("kv" in cache) == (loop == "unroll") and ("k" in cache) == (loop == "scan")
+        step = jax.jit(lambda c_, x: LlamaForCausalLM(c).apply({"params": params}, x, cache=c_))
+        out, cache = step(cache, ids[:, :8])
+        logits = [np.asarray(out)]
+        for t in range(8, 12):
+            out, cache = step(cache, ids[:, t:t + 1])
+            logits.append(np.asarray(out))
+        outs[loop] = np.concatenate(logits, axis=1)
+    np.testing.assert_allclose(outs["scan"], outs["unroll"], rtol=0, atol=1e-5 * np.abs(outs["scan"]).max())
