@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -71,17 +72,57 @@ def target(cmd: list[str]) -> tuple[tuple[str, ...] | None, list[str]]:
     return None, []
 
 
+# Prints {module: [exit code, output]} for `python -m MODULE --help` of each module named, all in
+# one interpreter: jax and torch are imported once instead of once per program.
+HELP_ALL = r"""
+import contextlib, io, json, runpy, sys, traceback
+out = {}
+for mod in sys.argv[1:]:
+    buf, code = io.StringIO(), None
+    sys.argv = [mod, "--help"]
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        try:
+            runpy.run_module(mod, run_name="__main__", alter_sys=True)
+        except SystemExit as e:
+            code = e.code
+        except BaseException:
+            traceback.print_exc()
+            code = "Traceback"
+    out[mod] = [code, buf.getvalue()]
+sys.__stdout__.write(json.dumps(out))
+"""
+
+
 @functools.lru_cache(maxsize=None)
-def help_flags(run: tuple[str, ...], sub: str | None) -> frozenset[str]:
-    """The flags a program's `--help` lists (absl's `--[no]x` as x and nox)."""
+def module_helps(modules: tuple[str, ...]) -> dict[str, tuple[object, str]]:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    p = subprocess.run([sys.executable, "-c", HELP_ALL, *modules], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return {m: tuple(v) for m, v in json.loads(p.stdout).items()}
+
+
+@functools.lru_cache(maxsize=None)
+def help_text(run: tuple[str, ...], sub: str | None) -> tuple[object, str]:
+    """(exit code, output) of the program's `--help`: the `-m` programs of every documented
+    command in one interpreter, each script (absl flags are global) in its own."""
+    if run[0] == "-m" and sub is None:
+        return module_helps(DOCUMENTED_MODULES)[run[1]] if run[1] in DOCUMENTED_MODULES \
+            else module_helps((run[1],))[run[1]]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     argv = [sys.executable, *run, *([sub] if sub else []), "--help"]
     p = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return p.returncode, p.stdout + p.stderr
+
+
+def help_flags(run: tuple[str, ...], sub: str | None) -> frozenset[str]:
+    """The flags a program's `--help` lists (absl's `--[no]x` as x and nox)."""
+    code, text = help_text(run, sub)
     # absl's --help exits 1 after printing the flags; argparse's exits 0
-    assert p.returncode in (0, 1) and "Traceback" not in p.stderr and "--" in p.stdout + p.stderr, \
-        f"{' '.join(argv)}: exit {p.returncode}\n{p.stderr[-2000:]}"
+    assert code in (0, 1, None) and "Traceback" not in text and "--" in text, \
+        f"{' '.join(run)} --help: exit {code}\n{text[-2000:]}"
     flags = set()
-    for neg, name in re.findall(r"--(\[no\])?([A-Za-z0-9][A-Za-z0-9_.-]*)", p.stdout + p.stderr):
+    for neg, name in re.findall(r"--(\[no\])?([A-Za-z0-9][A-Za-z0-9_.-]*)", text):
         flags |= {name, f"no{name}"} if neg else {name}
     return frozenset(flags)
 
@@ -127,6 +168,22 @@ def check(cmd: list[str]) -> None:
 
 CASES = [(doc.relative_to(ROOT), i, c) for doc in DOCS for block in bash_blocks(doc.read_text())
          for i, c in enumerate(commands(block))]
+
+
+def documented_modules() -> tuple[str, ...]:
+    """The `-m` programs whose `--help` the cases will read (a bad command fails in its own case)."""
+    mods = set()
+    for _, _, cmd in CASES:
+        try:
+            run, args = target(cmd)
+        except AssertionError:
+            continue
+        if run and run[0] == "-m" and any(a.startswith("--") and a != "--" for a in args):
+            mods.add(run[1])
+    return tuple(sorted(mods))
+
+
+DOCUMENTED_MODULES = documented_modules()
 
 
 @pytest.mark.parametrize("doc,i,cmd", CASES, ids=[f"{d}:{' '.join(c)[:60]}" for d, i, c in CASES])
