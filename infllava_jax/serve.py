@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     p.add_argument("--model-name", default="", help="the id clients pass as `model` (default: the checkpoint's name)")
     p.add_argument("--batch-sizes", type=int_list, default=(1, 4, 16), help="batch sizes compiled (max = batch limit)")
     p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits to fill")
-    p.add_argument("--batch-max-wait-ms", type=float, default=100.0,
+    p.add_argument("--batch-max-wait-ms", type=float, default=250.0,
                    help="how long it waits at most while received requests are still being prepared")
     p.add_argument("--max-pending", type=int, default=64, help="requests waiting or decoding; more get 429")
     p.add_argument("--max-body-bytes", type=int, default=32 << 20)

@@ -4,7 +4,8 @@ shape bucket), one batch at a time on one worker thread.
 
 Static batches: the worker takes the oldest waiting request and every waiting request of the
 same program key (new-token bucket, greedy or sampled) up to the largest batch size. It waits
-`batch_wait_s` after the oldest one arrived for the batch to fill, longer (up to
+`batch_wait_s` after the oldest one arrived (or after the previous batch ended, if later: the
+clients just answered send their next requests) for the batch to fill, longer (up to
 `batch_max_wait_s`) while requests the server has received are still being prepared (their body
 read, images decoded, prompt tokenized: `arriving()`), so clients that send together are decoded
 together even when preparing them takes longer than `batch_wait_s`; the batch runs until all
@@ -47,7 +48,7 @@ class Limits:
     token_buckets: tuple[int, ...] = (64, 512)       # the largest is the most new tokens per request
     max_pending: int = 64                            # waiting + decoding; more -> 429
     batch_wait_s: float = 0.01                       # a batch waits this long to fill ...
-    batch_max_wait_s: float = 0.1                    # ... and up to this while requests are being prepared
+    batch_max_wait_s: float = 0.25                   # ... and up to this while requests are being prepared
 
 
 @dataclasses.dataclass
@@ -117,6 +118,7 @@ class Engine:
         self.arriving = 0                                  # requests received, not yet submitted
         self.batch_sizes: collections.Counter = collections.Counter()   # batches run, by row count
         self._closed = False
+        self._last_end = 0.0                               # when the previous batch ended
         self._thread: threading.Thread | None = None
 
     # -- admission ---------------------------------------------------------------------------
@@ -194,8 +196,9 @@ class Engine:
                 return None
             first = self._waiting[0]
             limit = 1 if first.key[1] else self.max_batch
-            deadline = first.arrived + self.limits.batch_wait_s
-            cap = first.arrived + max(self.limits.batch_wait_s, self.limits.batch_max_wait_s)
+            start = max(first.arrived, self._last_end)
+            deadline = start + self.limits.batch_wait_s
+            cap = start + max(self.limits.batch_wait_s, self.limits.batch_max_wait_s)
             while True:
                 same = [j for j in self._waiting if j.key == first.key][:limit]
                 left = (cap if self.arriving else deadline) - time.monotonic()
@@ -220,6 +223,7 @@ class Engine:
         finally:
             with self._cv:
                 self.pending -= len(jobs)
+                self._last_end = time.monotonic()
 
     def decode(self, jobs: list[Job]) -> list[Result]:
         """One program run for jobs of one key (synchronous; predict.py calls it directly)."""
