@@ -1,5 +1,6 @@
-"""`python -m infllava_jax.plan --config ... --mesh fsdp=N --fit GIB`: a setting of the run that
-fits GIB per device, found by compiling candidates ahead of time (plan.plan, from shapes).
+"""`python -m infllava_jax.plan --config ... --mesh fsdp=N --fit GIB[,GIB...]`: a setting of the run
+that fits GIB per device, found by compiling candidates ahead of time (plan.plan, from shapes).
+Several budgets share their compiles (one table and JSON line each).
 
 Searched axes (each can be narrowed: --modes, --remat, --attention):
 - the training mode: full fine-tuning of the config's stage, LoRA with the config's rank or 64,
@@ -59,10 +60,11 @@ class Search:
     plan.state_gib (cfg, mesh_shape) -> GiB per device of the train state."""
 
     def __init__(self, cfg, mesh_shape, budget_gib: float, mfu: float, max_micro: int, plan_fn, state_fn,
-                 remats=REMATS, attentions=ATTENTIONS, log=print):
+                 remats=REMATS, attentions=ATTENTIONS, log=print, plans=None):
         self.cfg, self.mesh_shape, self.budget, self.mfu, self.max_micro = cfg, mesh_shape, budget_gib, mfu, max_micro
         self.plan_fn, self.state_fn, self.remats, self.attentions = plan_fn, state_fn, remats, attentions
         self.log, self.compiles, self.tried, self.skipped, self.cache = log, 0, [], [], {}
+        self.plans = {} if plans is None else plans     # shared by searches of several budgets: compiled once
 
     def compile(self, mode, remat: str, attention: str, mb: int) -> dict:
         key = (mode[0], remat, attention, mb)
@@ -72,8 +74,11 @@ class Search:
 
     def _compile(self, mode, remat: str, attention: str, mb: int) -> dict:
         name, rank, base, gives = mode
-        r = self.plan_fn(_variant(self.cfg, rank, base, remat, attention), self.mesh_shape, mb, self.mfu)
-        self.compiles += 1
+        key = (name, remat, attention, mb)
+        if key not in self.plans:
+            self.plans[key] = self.plan_fn(_variant(self.cfg, rank, base, remat, attention), self.mesh_shape, mb, self.mfu)
+            self.compiles += 1
+        r = self.plans[key]
         step_s = r["step_s_H100"] * REMAT_FLOPS[remat]
         give = [g for g in (gives, REMAT_COST[remat], ATTENTION_COST[attention],
                             f"{r['accumulation_steps']} accumulation steps" if r["accumulation_steps"] > 1 else "") if g]
@@ -91,7 +96,10 @@ class Search:
         """True when the mode cannot fit: its train state alone is over the budget (no compile),
         or its leanest setting compiles over it."""
         name, rank, base, _ = mode
-        state = self.state_fn(_variant(self.cfg, rank, base, self.remats[-1], self.attentions[-1]), self.mesh_shape)
+        key = (name, "state")
+        if key not in self.plans:
+            self.plans[key] = self.state_fn(_variant(self.cfg, rank, base, self.remats[-1], self.attentions[-1]), self.mesh_shape)
+        state = self.plans[key]
         if state > self.budget:
             self.skipped.append({"mode": name, "state_gib_per_device": state})
             self.log(f"  {name:<20} train state alone {state:.2f} GiB per device: over, skipped (no compile)")
@@ -133,16 +141,25 @@ class Search:
 
 
 def main(cfg, mesh_shape, args, plan_fn, state_fn) -> int:
+    """One search per budget of `args.fit` (GiB per device), sharing the compiled plans; a table and
+    a JSON line per budget. Exit 0 when every budget found a setting."""
+    plans, status = {}, 0
+    for budget in args.fit:
+        status = max(status, _main_one(cfg, mesh_shape, args, budget, plan_fn, state_fn, plans))
+    return status
+
+
+def _main_one(cfg, mesh_shape, args, budget: float, plan_fn, state_fn, plans) -> int:
     n = 1
     for v in mesh_shape.values():
         n *= v
     log = (lambda *a: None) if args.json else print
-    log(f"--fit {args.fit:g} GiB per device on mesh {mesh_shape} ({n} devices); CPU-only f32 copies of bf16 "
+    log(f"--fit {budget:g} GiB per device on mesh {mesh_shape} ({n} devices); CPU-only f32 copies of bf16 "
         "weights not counted (XLA's loop-invariant hoisting off, as on GPU/TPU)")
-    s = Search(cfg, mesh_shape, args.fit, args.mfu, args.max_micro, plan_fn, state_fn,
-               tuple(args.remat), tuple(args.attention), log)
+    s = Search(cfg, mesh_shape, budget, args.mfu, args.max_micro, plan_fn, state_fn,
+               tuple(args.remat), tuple(args.attention), log, plans)
     found = s.run(modes(cfg, tuple(args.modes)), args.top, args.max_compiles)
-    result = {"budget_gib": args.fit, "mesh": mesh_shape, "devices": n, "mfu_assumed": args.mfu,
+    result = {"budget_gib": budget, "mesh": mesh_shape, "devices": n, "mfu_assumed": args.mfu,
               "compiles": s.compiles, "best": found, "tried": s.tried, "skipped": s.skipped}
     if not args.json:
         print(f"\n{'best settings':<22}{'remat':<9}{'attention':<10}{'micro':>6}{'accum':>6}{'peak GiB':>10}"
@@ -151,9 +168,21 @@ def main(cfg, mesh_shape, args, plan_fn, state_fn) -> int:
             print(f"{r['mode']:<22}{r['remat_policy']:<9}{r['attention_impl']:<10}{r['micro_batch_per_device']:>6}"
                   f"{r['accumulation_steps']:>6}{r['peak_gib_per_device']:>10.2f}{r['step_s_H100']:>13.2f}  {r['gives_up']}")
         if not found:
-            print(f"nothing tried fits {args.fit:g} GiB per device ({s.compiles} compiles): more devices (--mesh)")
+            print(f"nothing tried fits {budget:g} GiB per device ({s.compiles} compiles): more devices (--mesh)")
     print(json.dumps(result))
     return 0 if found else 1
+
+
+def budgets(text: str) -> list[float]:
+    """argparse type: GiB per device, one or a comma-separated list (e.g. 24,40,80)."""
+    try:
+        out = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        out = []
+    if not out or min(out) <= 0:
+        import argparse
+        raise argparse.ArgumentTypeError(f"{text!r}: expected GiB per device, e.g. 24 or 24,40,80")
+    return out
 
 
 def choices(allowed: tuple[str, ...]):

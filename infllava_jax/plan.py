@@ -74,13 +74,14 @@ def train_step_setup(cfg, mesh_shape: dict[str, int], micro_batch_per_device: in
 def plan(cfg, mesh_shape: dict[str, int], micro_batch_per_device: int, mfu: float) -> dict:
     import jax
 
-    from infllava_jax import attention
+    from infllava_jax import attention, quant
     from infllava_jax.training import flops
 
-    s = train_step_setup(cfg, mesh_shape, micro_batch_per_device)
+    with quant.as_accelerator():                        # int4 packed, as the accelerator holds it
+        s = train_step_setup(cfg, mesh_shape, micro_batch_per_device)
     mesh, mc, n_dev = s["mesh"], s["mc"], s["mesh"].devices.size
     t = time.perf_counter()
-    with jax.set_mesh(mesh), attention.unblocked():     # attention as the accelerator compiles it
+    with jax.set_mesh(mesh), attention.unblocked(), quant.as_accelerator():   # attention as the accelerator compiles it
         compiled = s["step"].lower(s["state"], s["batch"]).compile()
     compile_s = time.perf_counter() - t
     mem = compiled.memory_analysis()
@@ -111,7 +112,9 @@ def state_gib(cfg, mesh_shape: dict[str, int]) -> float:
     (an int4 value counts half a byte, as an accelerator holds it)."""
     import jax
 
-    s = train_step_setup(cfg, mesh_shape, 1)
+    from infllava_jax import quant
+    with quant.as_accelerator():
+        s = train_step_setup(cfg, mesh_shape, 1)
     sizes = jax.tree.map(lambda x, sh: math.prod(sh.shard_shape(x.shape)) * jax.dtypes.itemsize_bits(x.dtype) // 8,
                          s["state"], s["state_shardings"])
     return sum(jax.tree.leaves(sizes)) / GiB
@@ -156,8 +159,8 @@ def main(argv=None) -> int:
                     help="keep XLA's while-loop invariant code motion (off by default): the CPU backend has no bf16 "
                          "dot, so it upcasts bf16 weights to f32 and hoists those copies out of the layer scan, all "
                          "layers at once; GPUs and TPUs multiply bf16 natively, so the plan leaves it off")
-    ap.add_argument("--fit", type=float, default=None, metavar="GIB",
-                    help="search a setting that fits GIB per device (infllava_jax/fit.py)")
+    ap.add_argument("--fit", type=fit.budgets, default=None, metavar="GIB",
+                    help="search a setting that fits GIB per device, or each of GIB,GIB,... (infllava_jax/fit.py)")
     ap.add_argument("--top", type=int, default=3, help="--fit: stop after this many fitting settings")
     ap.add_argument("--max-compiles", type=int, default=12, help="--fit: at most this many AOT compiles")
     ap.add_argument("--max-micro", type=int, default=8, help="--fit: largest micro-batch per device tried")

@@ -15,6 +15,7 @@ each layer's slice quantized on its own, as qwix sees it inside the scan).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -61,13 +62,36 @@ def is_quantized(leaf) -> bool:
     return isinstance(leaf, WithAux)
 
 
+_AS_ACCELERATOR = [False]
+
+
 def held(q: qwix.QArray) -> qwix.QArray:
     """The QArray as this backend holds it: on CPU an int4 qvalue is stored in int8 (the same
     values; qtype stays int4). XLA:CPU's ahead-of-time executables (eval's generator, the train
-    loop) expect int4 arguments packed, which no other CPU program makes them."""
-    if q.qvalue.dtype == jax.numpy.int4 and jax.default_backend() == "cpu":
-        return q.replace(qvalue=q.qvalue.astype(jax.numpy.int8))
-    return q
+    loop) expect int4 arguments packed, which no other CPU program makes them. Works on arrays
+    and on shapes (ShapeDtypeStruct); not under `as_accelerator()`."""
+    v = q.qvalue
+    if v.dtype != jax.numpy.int4 or jax.default_backend() != "cpu" or _AS_ACCELERATOR[0]:
+        return q
+    if isinstance(v, jax.ShapeDtypeStruct):
+        return q.replace(qvalue=jax.ShapeDtypeStruct(v.shape, jax.numpy.int8, sharding=v.sharding))
+    return q.replace(qvalue=v.astype(jax.numpy.int8))
+
+
+def hold(tree):
+    """`tree` (parameters or their shapes) with every quantized kernel as this backend holds it (`held`)."""
+    return jax.tree.map(lambda x: x.replace(array=held(x.array)) if is_quantized(x) else x, tree, is_leaf=is_quantized)
+
+
+@contextlib.contextmanager
+def as_accelerator():
+    """Shapes and programs as a GPU/TPU holds int4 (packed, half a byte), also on CPU: for what is
+    compiled to be measured, not run (the plan's memory)."""
+    saved, _AS_ACCELERATOR[0] = _AS_ACCELERATOR[0], True
+    try:
+        yield
+    finally:
+        _AS_ACCELERATOR[0] = saved
 
 
 def _quantize(w: jax.Array, how) -> qwix.QArray:

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infllava_jax import distributed, lora, params as params_lib, presets, sharding
+from infllava_jax import distributed, lora, params as params_lib, presets, quant, sharding
 from infllava_jax.api import InfLlava
 from infllava_jax.checkpoint import load_config
 from infllava_jax.config import InfLlavaConfig
@@ -106,6 +106,7 @@ def init_or_restore(cfg, mc: InfLlavaConfig, mesh, parts, tx, ckpts: TrainCheckp
     if mc.llm.lora is not None and cfg.init_checkpoint:    # a checkpoint has no adapters: fresh ones
         params = lora.combine(params, params_lib.init_adapters(mc, cfg.seed, mesh))
         log.info("LoRA %s: fresh adapters (seed %d)", mc.llm.lora, cfg.seed)
+    params = quant.hold(params)        # int4 in int8 on CPU, as the step is compiled (quant.held)
     state = jax.jit(lambda p: step_lib.init_state(p, parts, tx, mc), out_shardings=shardings)(params)
     return state, 0, None
 

@@ -11,14 +11,14 @@ from typing import Sequence
 import jax
 import optax
 
-from infllava_jax import params as params_lib, sharding
+from infllava_jax import params as params_lib, quant, sharding
 from infllava_jax.config import InfLlavaConfig
 from infllava_jax.training import step as step_lib
 
 
 def state_shardings(config: InfLlavaConfig, parts: Sequence[str], tx: optax.GradientTransformation, mesh):
     """(abstract train state, matching tree of NamedShardings); `parts` train."""
-    abstract_params = params_lib.abstract_params(config)
+    abstract_params = quant.hold(params_lib.abstract_params(config))    # int4 in int8 on CPU (quant.held)
     p_sh = params_lib.param_shardings(config, mesh)
     abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, parts, tx, config), abstract_params)
     train_sh, frozen_sh = step_lib.split_params(p_sh, parts)
