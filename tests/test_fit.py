@@ -109,3 +109,20 @@ def test_fit_reports_settings_under_the_budget_and_rejects_the_rest():
     # a budget nothing meets: exit 1, said in one line
     r = _fit("--fit", "0.0001", "--max-compiles", "1")
     assert r.returncode == 1 and "nothing tried fits" in r.stdout, r.stdout[-2000:]
+
+
+def test_several_budgets_share_their_compiles(capsys):
+    """--fit 16,40: the second budget reuses the first one's compiles (one plan per setting)."""
+    import argparse
+    cfg = load_config(str(ROOT / "configs" / "tiny.py"))
+    peaks = {(m, r, a, 1): {"none": 30, "minimal": 20, "full": 10}[r] for m in ("LoRA r=64",)
+             for r in fit.REMATS for a in fit.ATTENTIONS}
+    fake = _FakePlans(peaks, {"full": 99.0, "adapters": 5.0})
+    args = argparse.Namespace(fit=[16.0, 40.0], json=True, mfu=0.4, max_micro=1, remat=list(fit.REMATS),
+                              attention=["chunked"], modes=["full", "lora"], top=1, max_compiles=12)
+    assert fit.main(cfg, {"fsdp": 1}, args, fake.plan, fake.state) == 0
+    # 16: full remat (10) fits, none (30) and minimal (20) over; 40: none fits, all three already compiled
+    assert fake.calls == [("LoRA r=64", r, "chunked", 1) for r in ("full", "none", "minimal")]
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert [(x["budget_gib"], x["compiles"], x["best"][0]["remat_policy"]) for x in lines] == \
+        [(16.0, 3, "full"), (40.0, 0, "none")]
