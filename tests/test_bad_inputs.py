@@ -99,6 +99,7 @@ def test_the_pipeline_counts_new_reasons(root, tmp_path):
     assert stats["good"] == 2 and stats["bad"]["too_many_pixels"] == 1 and stats["bad"]["outside_folder"] == 1
 
 
+@pytest.mark.slow   # a train.py subprocess
 def test_train_py_prints_one_line_for_a_broken_data_file(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"id": "a", "conversations": QUESTION}) + "\n{not json\n")

@@ -246,6 +246,7 @@ def test_released_bin_shards_with_clip_dir_cli_verify(tmp_path, capsys):
     assert_same_tensors(src, tmp_path / "back")
 
 
+@pytest.mark.slow
 def test_released_bf16_verify_and_round_trip(tmp_path):
     cfg = presets.tiny()
     sd = random_state(formats.released_rows(cfg), abstract_params(cfg), seed=2, dtype=BF16)
@@ -278,6 +279,7 @@ def test_verify_fails_on_a_wrong_conversion(released, tmp_path, monkeypatch, cap
     assert "FAILED" in out
 
 
+@pytest.mark.slow
 def test_original_llava15_released_layout(tmp_path):
     """liuhaotian/llava-v1.5-* files: the released layout without model.spatial_embed.*"""
     cfg = presets.tiny(grid=None)

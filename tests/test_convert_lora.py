@@ -107,6 +107,7 @@ def test_peft_lora_checkpoint_converts_with_parity(lora_checkpoint, tmp_path, ca
         np.testing.assert_array_equal(got[k], c["others"][k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_our_lora_export_loads_in_peft_with_parity(tmp_path):
     """save_adapters (what train.py writes with lora.export=adapters) -> PeftModel.from_pretrained on
     the base, equal to our unmerged forward; re-reading the directory gives lora.merge's weights."""

@@ -68,6 +68,7 @@ def test_build_settings_must_match(data_root, tok, built):
         make_dataset(config(data_root, data_path=path, image_mode="square"), tok, process_index=0, process_count=1)
 
 
+@pytest.mark.slow   # worker processes
 def test_worker_processes(data_root, tok, built):
     """mp_prefetch workers decode; bad samples are dropped after them: same batches, exact resume."""
     (path, _), _ = built

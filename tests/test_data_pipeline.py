@@ -16,6 +16,7 @@ from infllava_jax.pixels import preprocess
 from infllava_jax.splice import IGNORE_INDEX, IMAGE_TOKEN_INDEX, splice_attention_mask, splice_layout
 from tests.test_data_common import (CLEAN, IMAGE_SIZE, MAX_LEN, T, assert_batches_equal,  # noqa: F401
                                     bad_json_records, config, data_root, take, tok)
+from tests.tiers import slow
 
 
 def batches(cfg, tok, p=0, P=1):
@@ -188,7 +189,7 @@ def test_bad_sample_limit_counts_from_the_first_sample():
     assert _read_until_limit([0] * 290 + [1] * 3)[0] == 293             # 3 of 293 is over
 
 
-@pytest.mark.parametrize("num_threads", [0, 4])
+@pytest.mark.parametrize("num_threads", [4, *slow(0)])
 def test_resume_exactly(data_root, tok, num_threads):
     cfg = config(data_root, name="bad.json", num_epochs=None, max_bad_fraction=1.0, num_threads=num_threads)
     straight = iter(batches(cfg, tok))

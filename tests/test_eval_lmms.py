@@ -196,6 +196,7 @@ def test_chat_stream_equals_greedy_generation(adapter):
     assert streamed.strip() == prompting.decode(ad.tok, toks)
 
 
+@pytest.mark.slow   # only with lmms-eval installed
 def test_with_real_lmms_eval(adapter):
     lmms_eval = pytest.importorskip("lmms_eval.api.model")
     assert issubclass(lmms_adapter.InfLlavaJax, lmms_eval.lmms)

@@ -65,6 +65,7 @@ def test_adapters_shard_like_their_base():
     assert tuple(q) == (None, "fsdp", None)
 
 
+@pytest.mark.slow
 def test_base_is_frozen_without_optimizer_state_and_adapters_train():
     params = with_adapters(params_lib.init_params(CFG, seed=2))
     tx, schedule = step_lib.make_optimizer(1e-2, 10, warmup_ratio=0.0)
@@ -117,6 +118,7 @@ def test_merge_is_w_plus_scaled_ab_and_equals_the_adapter_forward():
     np.testing.assert_allclose(m, a, rtol=0, atol=1e-4 * np.abs(a).max())
 
 
+@pytest.mark.slow
 def test_dropout_needs_an_rng_and_is_off_without_one():
     cfg = CFG.replace(llm=CFG.llm.replace(lora=lora.LoraConfig(rank=4, dropout=0.5)))
     params = with_adapters(params_lib.init_params(CFG, seed=4), b_scale=0.05)

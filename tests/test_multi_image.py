@@ -112,6 +112,7 @@ def _by_hand(params, ids, images):
     return np.asarray(out[0])
 
 
+@pytest.mark.slow
 def test_model_rows_equal_per_image_reference(data_root, tok):
     """The pipeline's batch of 3-, 1- and 0-image rows through the model: each row's logits equal
     the row built by hand from single-image encodings; the 1-image row equals the existing

@@ -22,6 +22,7 @@ from infllava_jax.training.loss import shift_labels
 from tests.test_data_common import (CLEAN, IMAGE_SIZE, MAX_LEN, T, config, data_root, take,  # noqa: F401
                                     tok)
 from tests.test_multi_image import MULTI, _write
+from tests.tiers import slow
 
 CFG = presets.tiny()
 
@@ -58,7 +59,7 @@ def test_segment_positions_and_labels_never_cross_a_boundary():
     np.testing.assert_array_equal(shift_labels(labels)[0, :3], [11, 12, 20])     # unpacked: unchanged
 
 
-@pytest.mark.parametrize("impl", ["xla", "chunked", "splash"])
+@pytest.mark.parametrize("impl", ["xla", "chunked", *slow("splash")])
 def test_segment_attention_equals_separate_rows(impl, monkeypatch):
     """Packed attention == each segment attended alone (causal); padding segment 0 ignored."""
     monkeypatch.setattr(attention, "QUERY_CHUNK", 16)                 # several chunks of 16 queries
@@ -124,7 +125,7 @@ def unpacked_reference(batches):
     return params, _grads(CFG, batches[0], params)
 
 
-@pytest.mark.parametrize("impl", ["xla", "chunked", "splash"])
+@pytest.mark.parametrize("impl", ["chunked", *slow("xla", "splash")])
 def test_packed_loss_and_grads_equal_unpacked(batches, unpacked_reference, impl, monkeypatch):
     """The same conversations packed (fewer rows, several segments and images each) and unpacked:
     the token-mean loss, the token count and every gradient agree to rtol 1e-5."""
@@ -177,7 +178,7 @@ def test_packed_bad_samples_counted_like_unpacked(data_root, tok):
     assert counts[0] == counts[1] and counts[0]["bad_total"] > 0
 
 
-@pytest.mark.parametrize("num_threads", [0, 3])
+@pytest.mark.parametrize("num_threads", [3, *slow(0)])
 def test_packed_resume_exactly(data_root, tok, num_threads):
     """Iterator state (get_state/set_state) and the trainer's position resume (start=k) both give
     the uninterrupted run's packed batches."""
@@ -195,6 +196,7 @@ def test_packed_resume_exactly(data_root, tok, num_threads):
             assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
 
 
+@pytest.mark.slow   # elastic: two trainer runs
 def test_trainer_resumes_packed_run_on_another_mesh(tmp_path):
     """train() with data.packing: a run resumed from its step-2 checkpoint on 2 devices instead of 4
     logs the uninterrupted run's losses (the packed rows are a function of the step)."""

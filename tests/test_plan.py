@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import jax
+import pytest
 
 from infllava_jax import params as params_lib
 from infllava_jax.data.tokenizer import load_tokenizer
@@ -18,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--config", str(ROOT / "configs" / "tiny.py"), "--mesh", "fsdp=2", "--micro-batch", "2"]
 
 
+@pytest.mark.slow   # compiles a LoRA step
 def test_lora_plan_has_no_optimizer_state_for_the_language_model():
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-m", "infllava_jax.plan", *ARGS, "--config.lora.rank=4", "--no-hoist"],

@@ -38,6 +38,7 @@ def setup():
 
 
 @pytest.mark.parametrize("loop", ["scan", pytest.param("unroll", marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_gradients_equal_across_policies(setup, loop):
     cfg, params, ids = setup
     ref_loss, ref = jax.jit(jax.value_and_grad(_loss(cfg.replace(layer_loop=loop), ids)))(params)

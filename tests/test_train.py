@@ -47,6 +47,7 @@ def _losses(workdir):
     return {r["step"]: r["loss"] for r in rows}   # a re-logged step after resume keeps the last value
 
 
+@pytest.mark.slow   # two train.py processes, one killed
 def test_sigkill_and_resume_is_exact(tmp_path, dataset):
     ref = tmp_path / "ref"
     subprocess.run(_cmd(ref, dataset), env=_env(), check=True, capture_output=True)
@@ -82,6 +83,7 @@ def jax_leaves(tree):
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
+@pytest.mark.slow   # a training run with evals
 def test_periodic_eval_uses_in_memory_params(tmp_path, dataset):
     from infllava_jax.evaluation import demo_fixtures
     data = demo_fixtures.make_data(tmp_path / "eval_data", tasks=("pope",))

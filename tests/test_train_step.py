@@ -11,6 +11,7 @@ from infllava_jax.sharding import batch_sharding, make_mesh
 from infllava_jax.splice import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from infllava_jax.training import step as step_lib
 from infllava_jax.training.loss import cross_entropy_sum, shift_labels
+from tests.tiers import slow
 
 CFG = presets.tiny()
 
@@ -43,11 +44,12 @@ def reference():
     return params, batch, (float(loss), int(count), jax.device_get(grads))
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
+@pytest.mark.parametrize("shape", [(2, 2, 2), *slow(((8, 1, 1),), ((2, 4, 1),))])
 def test_mesh_matches_single_device(reference, shape):
     check_mesh(reference, shape, CFG)
 
 
+@pytest.mark.slow
 def test_splash_attention_in_the_sharded_step(reference):
     """Every attention through splash (Pallas interpret mode) inside the scanned, rematerialised
     layers and the accumulation scan, shard_map'ed over a 2 x 2 x 2 mesh: the xla reference's
@@ -113,6 +115,7 @@ def test_batch_without_supervised_tokens_is_skipped_not_trained():
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), new["params"], state["params"]))
 
 
+@pytest.mark.slow
 def test_chunked_loss_equals_full_logits_loss():
     params = params_lib.init_params(CFG, seed=4)
     b = jax.tree.map(lambda x: x[0], _batch(A=1, b=2, L=37))
