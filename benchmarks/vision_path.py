@@ -34,6 +34,7 @@ The last line of the output is a JSON object.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import math
@@ -257,6 +258,8 @@ def dem_memory(px: int) -> dict:
 # ----------------------------------------------------------------------------- main
 
 def main():
+    argparse.ArgumentParser(prog="python -m benchmarks.vision_path", description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()   # --help, no flags
     print(f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} device(s)), "
           f"torch {torch.__version__} ({THREADS} threads), "
           f"jax_default_matmul_precision={jax.config.jax_default_matmul_precision!r} (default)")
