@@ -66,12 +66,8 @@ def build(config, params, records, processor: JsonRecordProcessor, mesh, batch: 
     tower = {"vision_tower": params_lib.rebox(config, compute_params(config, params))["vision_tower"]}
     key = (_fingerprint(tower), config.vision, config.image_size, config.select_layer, processor.spec.image_size,
            processor.spec.image_mode, processor.images, tuple(sorted(rels)), _layout(config.dem))
-    if key in _LAST:
-        log.info("feature bank: reusing this process's last bank (same tower weights, views and images)")
-        return _LAST[key]
-    derived = _one_view_of_last(key)
-    if derived is not None:
-        return derived
+    if (bank := _from_last(key)) is not None:
+        return bank
     model, t0 = InfLlavaModel(config), time.perf_counter()
 
     @jax.jit
@@ -132,9 +128,13 @@ def _layout(dem) -> tuple:
     return (dem.nH, dem.nW, "both")     # N local crops, N strided crops, the low-res view
 
 
-def _one_view_of_last(key) -> FeatureBank | None:
-    """The local (or strided) crops' bank, sliced from the last bank when that one holds every
-    crop of the same grid (the study's DCM + DEM row before its one-view rows); else None."""
+def _from_last(key) -> FeatureBank | None:
+    """The last bank if it was built from the same; the local (or strided) crops' bank sliced
+    from it when it holds every crop of the same grid (the study's DCM + DEM row before its
+    one-view rows); else None."""
+    if key in _LAST:
+        log.info("feature bank: reusing this process's last bank (same tower weights, views and images)")
+        return _LAST[key]
     *same, layout = key
     if len(layout) != 3 or layout[2] not in ("local", "strided"):
         return None
