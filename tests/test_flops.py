@@ -6,12 +6,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from infllava_jax import attention, presets
 from infllava_jax.params import abstract_params
 from infllava_jax.training import flops, step as step_lib
 
 
+@pytest.mark.slow   # compiles an unrolled step
 def test_analytic_step_flops_match_xlas_count():
     """A stage-2 step of a model wide enough for its matmuls to dominate, compiled with no loop
     (XLA's cost analysis counts a loop body once): XLA counts what the analytic figure leaves out

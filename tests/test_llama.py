@@ -308,6 +308,7 @@ def test_greedy_generate_matches_hf(name):
         assert int(one_len[0]) == int(ref_lens[i])
 
 
+@pytest.mark.slow
 def test_generate_from_embeds_and_sampling():
     cfg, _, params = hf_and_params("default")
     model = LlamaForCausalLM(cfg)

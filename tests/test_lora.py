@@ -36,6 +36,7 @@ def with_adapters(params, seed=1, b_scale=0.0):
     return lora.combine(jax.device_get(params), ad)
 
 
+@pytest.mark.slow
 def test_step0_is_the_base_model_exactly():
     base = params_lib.init_params(CFG, seed=0)
     params = with_adapters(base)
@@ -155,6 +156,7 @@ def lora_run_config(data, steps=6):
     return c
 
 
+@pytest.mark.slow
 def test_lora_training_loop_export_and_resume(tmp_path):
     data = make_clean_dataset(tmp_path / "data")
     cfg = lora_run_config(data)
@@ -207,6 +209,7 @@ def test_lora_steps_lower_the_loss_on_a_fixed_batch():
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_train_step_applies_lora_dropout_with_a_key_per_step():
     cfg = CFG.replace(llm=CFG.llm.replace(lora=lora.LoraConfig(rank=4, dropout=0.5)))
     params = with_adapters(params_lib.init_params(CFG, seed=6), b_scale=0.05)

@@ -14,6 +14,7 @@ from infllava_jax import params as params_lib, quant
 from infllava_jax.api import InfLlava
 from infllava_jax.errors import InputError
 from infllava_jax.evaluation import demo_fixtures
+from tests.tiers import slow
 
 ROOT = Path(__file__).resolve().parents[1]
 IDS = np.array([[1, 2, -200, 5, 6, 7, 8], [3, -200, 9, 10, 11, 12, 13]])
@@ -40,7 +41,7 @@ def _kernels(tree):
     return {p: v for p, v in flatten_dict(tree).items() if quant.is_quantized(v)}
 
 
-@pytest.mark.parametrize("spec,dtype,tile,max_kl", [("int8", "int8", None, 1e-3), ("int4", "int4", 32, 3e-2)])
+@pytest.mark.parametrize("spec,dtype,tile,max_kl", [("int8", "int8", None, 1e-3), *slow(("int4", "int4", 32, 3e-2))])
 def test_quantized_model_is_close_and_its_kernels_small(ckpt, spec, dtype, tile, max_kl):
     ref = InfLlava.from_pretrained(ckpt)
     q = InfLlava.from_pretrained(ckpt, quant=spec)

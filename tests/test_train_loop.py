@@ -6,6 +6,7 @@ import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from configs import tiny
 from infllava_jax.splice import IGNORE_INDEX
@@ -32,6 +33,7 @@ class BlankOneStep:
         return getattr(self.it, name)
 
 
+@pytest.mark.slow   # a training loop run
 def test_steps_run_under_the_transfer_guard_and_skips_are_counted(tmp_path, monkeypatch, caplog):
     """21 steps, logging every 10 and one skipped step: the host reads the device at the log
     steps only (every read of a jax.Array's value is recorded with the step it happens in), an

@@ -82,6 +82,7 @@ def check_mesh(reference, shape, cfg):
     assert q.addressable_shards[0].data.size < q.size or shape[1] * shape[2] == 1
 
 
+@pytest.mark.slow
 def test_frozen_parts_have_no_optimizer_state_and_step_updates_only_trainable():
     params = params_lib.init_params(CFG, seed=2)
     tx, schedule = step_lib.make_optimizer(1e-2, 10, warmup_ratio=0.0)
@@ -104,6 +105,7 @@ def test_frozen_parts_have_no_optimizer_state_and_step_updates_only_trainable():
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), new["frozen"], state["frozen"]))
 
 
+@pytest.mark.slow
 def test_batch_without_supervised_tokens_is_skipped_not_trained():
     params = params_lib.init_params(CFG, seed=3)
     tx, schedule = step_lib.make_optimizer(1e-2, 10, warmup_ratio=0.0)
@@ -147,6 +149,7 @@ def test_stage_names_extra_trainable_parts():
         trainable_parts("stage1", ("dem",))
 
 
+@pytest.mark.slow
 def test_lr_mult_scales_one_parts_updates():
     """optimizer.lr_mult: the DEM's update is exactly 3x the plain one's, every other part's the
     same; the override reaches it from the command line, and a part name that is not one is refused."""

@@ -12,6 +12,7 @@ from infllava_jax import vision
 from infllava_jax.layers import stack_layer_params, unstack_layer_params
 from infllava_jax.vision import CLIPVisionConfig, CLIPVisionTransformer, clip_vit_l14_336, init_params
 from tests.partitioning import assert_all_partitioned
+from tests.tiers import slow
 
 
 def select_features(config: CLIPVisionConfig, params, pixel_values, select_layer: int = -2):
@@ -144,7 +145,7 @@ def test_scanned_equals_unscanned():
         assert rel_err(u, v) <= 1e-6
 
 
-@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("scan", [False, *slow(True)])
 def test_remat_full_matches_none(scan):
     tiny = {**TINY, "num_hidden_layers": 2}  # compiling backward passes dominates this test
     cfgs = [CLIPVisionConfig(**tiny, scan_layers=scan, remat_policy=r) for r in ("none", "full")]
