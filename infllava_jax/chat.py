@@ -65,13 +65,17 @@ def stream(model: InfLlava, tokenizer, image, question: str, *, config: InfLlava
             failed.append(e)
         tokens.put(None)
 
-    threading.Thread(target=run, daemon=True).start()
-    while (tok := tokens.get()) is not None and tok not in stops:
-        out.append(tok)
-        text = tokenizer.decode(out, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            yield text[len(shown):]
-            shown = text
+    worker = threading.Thread(target=run, name="infllava-chat", daemon=True)
+    worker.start()
+    try:
+        while (tok := tokens.get()) is not None and tok not in stops:
+            out.append(tok)
+            text = tokenizer.decode(out, skip_special_tokens=True)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                yield text[len(shown):]
+                shown = text
+    finally:   # the program may still run past a stop id: a thread left inside XLA aborts the exit
+        worker.join()
     if failed:
         raise failed[0]
     text = tokenizer.decode(out, skip_special_tokens=True)
