@@ -205,3 +205,14 @@ def test_square_image_modes_agree():
     np.testing.assert_array_equal(preprocess(img, 336, "pad"), preprocess(img, 336, "square"))
     with pytest.raises(ValueError):
         preprocess(img, 336, "crop")
+
+
+def test_preprocess_normalises_every_byte_as_the_formula():
+    """The byte -> float table gives the bits of rescale (float64, then fp32) and normalise (fp32)."""
+    img = np.stack(np.meshgrid(np.arange(256), np.arange(3), indexing="ij"), -1)[..., 0]   # (256, 3)
+    img = np.stack([np.roll(img[:, 0], 85 * c) for c in range(3)], -1).astype(np.uint8)      # every byte, every channel
+    img = np.tile(img[:, None], (1, 256, 1))                                                  # 256 x 256, rows constant
+    ours = preprocess(img, 256, "square")       # no resize (same size): the bytes reach the table as they are
+    x = (img.astype(np.float64) * (1 / 255)).astype(np.float32)
+    want = (x - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
+    assert ours.dtype == np.float32 and np.array_equal(ours, want)

@@ -99,7 +99,7 @@ def test_models_health_and_plain_answer(server):
     c = server["client"]
     assert [m.id for m in c.models.list()] == ["tiny"]
     health = httpx.get(f"http://127.0.0.1:{server['port']}/health").json()
-    assert health["status"] == "ok" and health["pending"] == 0 and set(health) == {"status", "pending", "batches"}
+    assert health["status"] == "ok" and health["pending"] == 0 and set(health) == {"status", "pending", "busy_s", "batches"}
     r = ask(c, user(png_url()), max_tokens=20)
     ch = r.choices[0]
     assert ch.message.role == "assistant" and r.model == "tiny" and r.object == "chat.completion"
@@ -309,3 +309,21 @@ def test_a_batch_waits_for_requests_still_being_prepared(monkeypatch):
         assert ran == [2, 1] and engine.batch_sizes == {2: 1, 1: 1}
     finally:
         engine.close()
+    assert not engine._thread.is_alive()    # close() waits for the worker: none left inside XLA at exit
+
+
+@slow
+def test_throughput_benchmark_runs_and_checks_its_answers():
+    """`python -m benchmarks.serve` as docs/serving.md runs it, small: both phases, every
+    concurrent answer compared with its sequential one (exit 1 otherwise), the CPU accounting."""
+    repo = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-m", "benchmarks.serve", "--requests", "6", "--clients", "3",
+                        "--max-tokens", "4"], cwd=repo, capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["same_answers"] == "6/6" and out["throughput_ratio"] > 0
+    for phase in ("sequential", "concurrent"):
+        p = out[phase]
+        assert sum(int(k) * v for k, v in p["batches"].items()) == 6      # every request decoded once
+        assert 0 < p["decoding"] <= 1 and p["server_cpu_ms"] > 0 and p["client_cpu_ms"] > 0

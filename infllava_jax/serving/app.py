@@ -44,7 +44,7 @@ def create_app(engine: Engine, model_name: str, *, image_dir: Path | None = None
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "pending": engine.pending,
+        return {"status": "ok", "pending": engine.pending, "busy_s": round(engine.busy_s, 4),   # decoding
                 "batches": {str(k): v for k, v in sorted(engine.batch_sizes.items())}}   # rows: batches run
 
     @app.get("/v1/models")

@@ -15,14 +15,17 @@ row 0 (the sample then depends only on the request and its seed, not on what els
 
 Programs are bounded and compiled by `warmup()` before the first request: batch sizes x prompt
 length buckets x image-count buckets x new-token buckets, greedy, plus the same at batch size 1
-sampled. Every step's tokens reach the host through the program's `on_token` callback, which
-hands each streaming request its own row's token.
+sampled, each twice: a batch with a streaming request runs the program whose every step hands
+its tokens to the host (the `on_token` callback gives each streaming request its own row's
+token); a batch with none runs the one without that callback, which never waits for Python
+between steps (the callback needs the GIL, which the server's request threads hold often).
 """
 from __future__ import annotations
 
 import collections
 import contextlib
 import dataclasses
+import itertools
 import logging
 import threading
 import time
@@ -117,6 +120,7 @@ class Engine:
         self.pending = 0
         self.arriving = 0                                  # requests received, not yet submitted
         self.batch_sizes: collections.Counter = collections.Counter()   # batches run, by row count
+        self.busy_s = 0.0                                  # seconds the worker spent decoding batches
         self._closed = False
         self._last_end = 0.0                               # when the previous batch ended
         self._thread: threading.Thread | None = None
@@ -180,9 +184,12 @@ class Engine:
         self._thread.start()
 
     def close(self) -> None:
+        """Stop taking batches and wait for the running one (a thread left inside XLA aborts the exit)."""
         with self._cv:
             self._closed = True
             self._cv.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
 
     def _serve(self) -> None:
         while (jobs := self._next_batch()) is not None:
@@ -213,6 +220,7 @@ class Engine:
         """Decode a batch and notify each job; a failure fails this batch only."""
         live = [j for j in jobs if not j.cancelled]
         self.batch_sizes[len(live)] += 1
+        t0 = time.perf_counter()
         try:
             for job, result in zip(live, self.decode(live) if live else []):
                 job.notify(("done", result))
@@ -224,15 +232,17 @@ class Engine:
             with self._cv:
                 self.pending -= len(jobs)
                 self._last_end = time.monotonic()
+                self.busy_s += time.perf_counter() - t0
 
     def decode(self, jobs: list[Job]) -> list[Result]:
         """One program run for jobs of one key (synchronous; predict.py calls it directly)."""
         gen = self.generators[bucket(len(jobs), tuple(self.generators))]
         reqs = [Request(j.prepared.ids.copy(), list(j.prepared.images)) for j in jobs]
         self._sink.jobs = jobs
+        sink = self._sink if any(j.stream for j in jobs) else None   # no stream: no per-step host callback
         try:
             out = gen.generate(self.config, reqs, max_new_tokens=jobs[0].bucket, sampling=jobs[0].sampling,
-                               batch_index=0, on_token=self._sink)
+                               batch_index=0, on_token=sink)
         finally:
             self._sink.jobs = []
         return [self._result(j, toks) for j, toks in zip(jobs, out)]
@@ -251,14 +261,14 @@ class Engine:
         greedy, sampled = Sampling(), Sampling(temperature=1.0, seed=0)
         plan = [(b, s) for b in self.generators for s in (greedy, sampled) if s is greedy or b == min(self.generators)]
         t0, done = time.perf_counter(), 0
-        total = len(plan) * len(self.limits.length_buckets) * len(self.limits.image_buckets) * len(self.limits.token_buckets)
+        total = 2 * len(plan) * len(self.limits.length_buckets) * len(self.limits.image_buckets) * len(self.limits.token_buckets)
         for b, s in plan:
             for L in self.limits.length_buckets:
                 for k in self.limits.image_buckets:
                     ids = np.array([0] * (L - k) + [IMAGE_TOKEN_INDEX] * k, np.int32)
                     images = [np.zeros((size, size, 3), np.float32)] * k
-                    for n in self.limits.token_buckets:
-                        job = Job(Prepared(ids, images, self.stop_ids), n, s, bucket=n)
+                    for n, stream in itertools.product(self.limits.token_buckets, (False, True)):
+                        job = Job(Prepared(ids, images, self.stop_ids), n, s, bucket=n, stream=stream)
                         self.decode([job] * b)
                         done += 1
                         progress(f"warm-up: {done}/{total} programs compiled ({time.perf_counter() - t0:.1f} s)")
