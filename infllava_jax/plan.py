@@ -173,7 +173,12 @@ def main(argv=None) -> int:
                     help=f"--fit: attention implementations searched (default {','.join(fit.ATTENTIONS)})")
     cfg, args = _config_and_args(ap, argv)
     from infllava_jax import sharding
-    mesh_shape = sharding.parse_mesh(args.mesh)
+    try:
+        mesh_shape = sharding.parse_mesh(args.mesh)
+    except ValueError as e:
+        ap.error(f"--mesh: {e}")
+    if not mesh_shape or min(mesh_shape.values()) < 1:
+        ap.error(f"--mesh {args.mesh}: the plan needs every axis's size (it fakes that many devices)")
     n = math.prod(mesh_shape.values())
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"
     if not args.hoist or args.fit:

@@ -56,7 +56,10 @@ def parse_mesh(spec: str | Mapping[str, int] | None) -> dict[str, int]:
         shape = {}
         for part in filter(None, (spec or "").replace("+", ",").split(",")):
             k, _, v = part.replace(":", "=").partition("=")
-            shape[k.strip()] = int(v)
+            try:
+                shape[k.strip()] = int(v)
+            except ValueError:
+                raise ValueError(f"mesh {spec!r}: {part!r} is not AXIS=SIZE with a whole-number size") from None
     unknown = set(shape) - set(MESH_AXES)
     if unknown:
         raise ValueError(f"mesh axes {sorted(unknown)}; expected some of {MESH_AXES}")

@@ -68,6 +68,10 @@ SLOW = {
     "eval_missing_file": (EVAL + ["--config", "configs/evl.py"], "eval.py", ["configs/evl.py", "did you mean"]),
     "plan_old_set_flag": (PLAN + ["--config", "configs/tiny.py", "--set", "lora.rank=4"],
                           "python -m infllava_jax.plan", ["--set"]),
+    "plan_mesh_size_not_a_number": (PLAN + ["--config", "configs/tiny.py", "--mesh", "fsdp=x"],
+                                    "python -m infllava_jax.plan", ["--mesh", "'fsdp=x'", "whole-number size"]),
+    "plan_mesh_size_left_open": (PLAN + ["--config", "configs/tiny.py", "--mesh", "data=2,fsdp=-1"],
+                                 "python -m infllava_jax.plan", ["--mesh data=2,fsdp=-1", "every axis's size"]),
 }
 
 
