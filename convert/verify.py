@@ -44,18 +44,22 @@ def _lowest_precision(config) -> str:
 
 
 def prompt_ids(source: Source, n_tokens: int, tokenizer_dirs=()) -> np.ndarray:
-    """(1, L) ids with one image token: the Llama-3 chat template around QUESTION when a
-    tokenizer.json is at hand, else `n_tokens` deterministic pseudo-random ids."""
+    """(1, L) ids with one image token: QUESTION in the family's chat template (INF-LLaVA:
+    Llama-3; LLaVA-1.5: Vicuna v1 after BOS) when a tokenizer.json is at hand, else `n_tokens`
+    deterministic pseudo-random ids."""
     img, vocab = source.config.image_token_index, source.config.llm.vocab_size
     for d in tokenizer_dirs:
         f = None if d is None else Path(d) / "tokenizer.json"
         if f is not None and f.is_file():
             from tokenizers import Tokenizer
-            from infllava_jax.data.template import IMAGE_TOKEN, build_prompt
+            from infllava_jax import conversation
+            from infllava_jax.data.template import IMAGE_TOKEN
             tok = Tokenizer.from_file(str(f))
-            before, after = build_prompt(QUESTION).split(IMAGE_TOKEN)
-            ids = (tok.encode(before, add_special_tokens=False).ids + [img]
-                   + tok.encode(after, add_special_tokens=False).ids)
+            template = conversation.family_usage(source.config.dem is not None).template
+            before, after = conversation.prompt_text(template, conversation.user_text(QUESTION, 1)).split(IMAGE_TOKEN)
+            bos = tok.token_to_id("<s>") if template == "vicuna_v1" else None   # llama3: in the text
+            ids = ([] if bos is None else [bos]) + (tok.encode(before, add_special_tokens=False).ids + [img]
+                                                    + tok.encode(after, add_special_tokens=False).ids)
             if max(ids) < vocab:
                 return np.asarray([ids], np.int64)
     rng = np.random.default_rng(0)

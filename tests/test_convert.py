@@ -427,6 +427,25 @@ def test_verify_prompt_uses_a_tokenizer_when_there_is_one(tmp_path):
     assert rand.shape == (1, 300) and (rand == -200).sum() == 1
 
 
+@pytest.mark.parametrize("family", ["llava15", "infllava"])
+def test_verify_prompt_speaks_the_family_template(tmp_path, family):
+    """--verify compares logits on QUESTION in the template the checkpoint will be used with."""
+    from tokenizers import Tokenizer
+    from convert.verify import prompt_ids
+    from tests import fixtures
+    make = fixtures.vicuna_tokenizer_dir if family == "llava15" else fixtures.llama3_tokenizer_dir
+    n = make(tmp_path / "tok")
+    config = presets.tiny(grid=None if family == "llava15" else 3, vocab_size=n)
+    ids = prompt_ids(formats.Source(family, config, [], {}), 300, [tmp_path / "tok"])[0]
+    tok = Tokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json"))
+    k = int(np.flatnonzero(ids == config.image_token_index)[0])
+    text = tok.decode([int(i) for i in ids[k + 1:]], skip_special_tokens=False)
+    if family == "llava15":
+        assert ids[0] == tok.token_to_id("<s>") and "ASSISTANT:" in text and "<|start_header_id|>" not in text
+    else:
+        assert "<|start_header_id|>" in text and "ASSISTANT:" not in text
+
+
 # ----------------------------------------------------------------------------- refusals
 
 def test_malicious_pickle_is_refused(tmp_path):
