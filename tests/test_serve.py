@@ -316,9 +316,8 @@ def test_a_batch_waits_for_requests_still_being_prepared(monkeypatch):
 def test_throughput_benchmark_runs_and_checks_its_answers():
     """`python -m benchmarks.serve` as docs/serving.md runs it, small: both phases, every
     concurrent answer compared with its sequential one (exit 1 otherwise), the CPU accounting."""
-    repo = Path(__file__).resolve().parent.parent
     r = subprocess.run([sys.executable, "-m", "benchmarks.serve", "--requests", "6", "--clients", "3",
-                        "--max-tokens", "4"], cwd=repo, capture_output=True, text=True, timeout=900,
+                        "--max-tokens", "4"], cwd=ROOT, capture_output=True, text=True, timeout=900,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
