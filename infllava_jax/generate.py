@@ -25,6 +25,7 @@ from jax.experimental import io_callback
 
 from .llama import LlamaConfig, LlamaForCausalLM, init_cache
 from .model import InfLlavaModel
+from .pixels import normalise
 
 def top_p_filter(logits: jax.Array, top_p) -> jax.Array:
     """Mask (to -inf) every logit outside the smallest set whose probability mass >= top_p."""
@@ -103,7 +104,10 @@ def generate(config, params, input_ids, pixel_values, attention_mask, stop_ids, 
     """The one generation program of the multimodal model: image features spliced into the prompt
     embeddings (`InfLlavaModel.embed_inputs`), then `generate_core`. `config` is an
     InfLlavaConfig, `params` the whole tree; input_ids (B, L) left-padded with one sentinel per
-    image, pixel_values (B, H, W, 3) or (B, K, H, W, 3). Returns (tokens, lengths)."""
+    image, pixel_values (B, H, W, 3) or (B, K, H, W, 3): normalised floats, or the uint8 bytes of
+    `pixels.resized_bytes` (normalised here, the same bits). Returns (tokens, lengths)."""
+    if pixel_values.dtype == jnp.uint8:
+        pixel_values = normalise(pixel_values)
     x = InfLlavaModel(config).apply({"params": params}, input_ids, pixel_values, attention_mask,
                                     method=InfLlavaModel.embed_inputs)
     return generate_core(config.llm, params["language_model"], x["inputs_embeds"], x["attention_mask"],

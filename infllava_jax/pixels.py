@@ -8,9 +8,11 @@ is the torchvision backend (tensor resize, not PIL's), so it is not what we matc
 Resizes work on channels-last arrays (..., H, W, C) with any leading batch dims. They are a
 separable pair of small dense matrices, W_h (out_h, in_h) and W_w (out_w, in_w), built in
 numpy from static shapes with PyTorch's own fp32 index/weight arithmetic and applied with
-two einsums (precision HIGHEST, no gathers), so they run well on TPU/GPU. The weights are
-bit-identical to those of `torch.nn.functional.interpolate(..., align_corners=False)` on the
-CPU build; outputs differ only by summation order (~1e-6 on normalised pixels).
+two einsums (precision HIGHEST, no gathers), so they run well on TPU/GPU; a matrix that only
+selects (odd-factor bicubic downsampling: 1008 -> 336, 252 -> 84) is a strided slice instead.
+The weights are bit-identical to those of `torch.nn.functional.interpolate(...,
+align_corners=False)` on the CPU build; outputs differ only by summation order (~1e-6 on
+normalised pixels).
 """
 from __future__ import annotations
 
@@ -88,16 +90,35 @@ def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     return m
 
 
+def _selection(m: np.ndarray) -> slice | None:
+    """The slice that `m` applies, when `m` is a strided selection (every row a single 1.0, the
+    rest 0: bicubic downsampling by an odd integer factor samples each cell's centre)."""
+    out, n = m.shape
+    cols = np.argmax(m, axis=1)
+    if not (np.all(m[np.arange(out), cols] == 1) and np.count_nonzero(m) == out):
+        return None
+    step = int(cols[1] - cols[0]) if out > 1 else 1
+    if step < 1 or np.any(cols != cols[0] + step * np.arange(out)):
+        return None
+    return slice(int(cols[0]), int(cols[0]) + step * (out - 1) + 1, step)
+
+
 def _separable(x: jax.Array, wh: np.ndarray, ww: np.ndarray) -> jax.Array:
-    """y[..., o, p, c] = sum_hw wh[o, h] ww[p, w] x[..., h, w, c], in fp32 (or wider), HIGHEST."""
+    """y[..., o, p, c] = sum_hw wh[o, h] ww[p, w] x[..., h, w, c], in fp32 (or wider), HIGHEST.
+    A selection matrix is applied as a strided slice: the same values (x * 1 + 0s), no matmul."""
     x = jnp.asarray(x)
     dtype = jnp.promote_types(x.dtype, jnp.float32)
     xf = x.astype(dtype)
-    wh, ww = jnp.asarray(wh, dtype), jnp.asarray(ww, dtype)
-    (oh, ih), (ow, iw) = wh.shape, ww.shape
+    sh, sw = _selection(wh), _selection(ww)
+    if sh is not None:
+        xf, wh = xf[..., sh, :, :], None
+    if sw is not None:
+        xf, ww = xf[..., sw, :], None
     hp = jax.lax.Precision.HIGHEST
-    apply_h = lambda z: jnp.einsum("oh,...hwc->...owc", wh, z, precision=hp)
-    apply_w = lambda z: jnp.einsum("pw,...hwc->...hpc", ww, z, precision=hp)
+    apply_h = lambda z: z if wh is None else jnp.einsum("oh,...hwc->...owc", jnp.asarray(wh, dtype), z, precision=hp)
+    apply_w = lambda z: z if ww is None else jnp.einsum("pw,...hwc->...hpc", jnp.asarray(ww, dtype), z, precision=hp)
+    ih, iw = xf.shape[-3:-1]
+    oh, ow = ih if wh is None else wh.shape[0], iw if ww is None else ww.shape[0]
     # contract first along the axis that makes the intermediate cheaper
     if oh * ih * iw + oh * ow * iw <= ih * ow * iw + oh * ih * ow:
         y = apply_w(apply_h(xf))
@@ -135,7 +156,14 @@ def preprocess(img, size: int = 336, mode: str = "pad") -> np.ndarray:
     mode="square": the CLIP processor alone: shortest edge -> size, centre crop (stage 1).
     CLIP processor = PIL bicubic resize of the shortest edge to `size`, centre crop size x size,
     * 1/255 (float64, then fp32), (x - mean) / std in fp32 -- as transformers 4.37 did.
+    `preprocess = normalise(resized_bytes(...))`; the server sends the bytes and normalises on
+    the device (`normalise` is the same table lookup in numpy and in jax: the same bits).
     """
+    return normalise(resized_bytes(img, size, mode))
+
+
+def resized_bytes(img, size: int = 336, mode: str = "pad") -> np.ndarray:
+    """`preprocess` up to the normalisation: (size, size, 3) uint8."""
     if mode not in ("pad", "square"):
         raise ValueError(f"mode must be 'pad' or 'square', got {mode!r}")
     if not isinstance(img, Image.Image):
@@ -150,13 +178,21 @@ def preprocess(img, size: int = 336, mode: str = "pad") -> np.ndarray:
     new_w, new_h = (size, new_long) if w <= h else (new_long, size)
     img = img.resize((new_w, new_h), resample=Image.BICUBIC)
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    arr = np.asarray(img)[top:top + size, left:left + size]
-    return np.take(_normalised(), arr + np.array([0, 256, 512], np.uint16))   # channel c: entries 256c..
+    return np.asarray(img)[top:top + size, left:left + size]
+
+
+def normalise(x):
+    """uint8 (..., 3) -> float32 rescaled and normalised as `preprocess` documents: a lookup in
+    a (3 x 256) table (the same bits as computing it per pixel, 5x faster). numpy in, numpy out;
+    a jax array in (inside a program), jax out."""
+    offset = np.array([0, 256, 512], np.uint16)           # channel c: entries 256c ..
+    if isinstance(x, np.ndarray):
+        return np.take(_normalised(), x + offset)
+    return jnp.take(jnp.asarray(_normalised()), x.astype(jnp.int32) + offset.astype(np.int32))
 
 
 @functools.cache
 def _normalised() -> np.ndarray:
-    """(3 x 256,) float32: each byte value of each channel rescaled and normalised exactly as
-    `preprocess` documents (a table lookup: the same bits as computing it per pixel, 5x faster)."""
+    """(3 x 256,) float32: each byte value of each channel rescaled and normalised."""
     v = (np.arange(256, dtype=np.float64)[:, None] * (1 / 255)).astype(np.float32)
     return ((v - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)).T.reshape(-1)

@@ -16,8 +16,10 @@ from infllava_jax.pixels import (
     bicubic_matrix,
     bilinear_matrix,
     expand2square,
+    normalise,
     preprocess,
     resize_bicubic,
+    resized_bytes,
 )
 
 
@@ -128,6 +130,19 @@ def test_odd_factor_samples_cell_centre(n):
     np.testing.assert_array_equal(np.asarray(resize_bicubic(x, sh, sw)), x[:, c::n, c::n])
 
 
+def test_selection_is_sliced_and_other_resizes_multiply():
+    """An odd-factor downsample runs as a slice (no dot in the program), with the bits of the
+    dense product; an upsample or an even factor still multiplies."""
+    x = normal((2, 252, 252, 3), seed=5)
+    dense = np.asarray(jnp.einsum("oh,pw,bhwc->bopc", bicubic_matrix(252, 84), bicubic_matrix(252, 84), x,
+                                  precision=jax.lax.Precision.HIGHEST))
+    np.testing.assert_array_equal(np.asarray(resize_bicubic(x, 84, 84)), dense)
+    dots = lambda *shape: jax.jit(resize_bicubic, static_argnums=(1, 2)).lower(*shape).as_text().count("dot_general")
+    assert dots(x, 84, 84) == 0
+    assert dots(x, 126, 126) == 2 and dots(x[:, :84, :84], 252, 252) == 2
+    assert dots(x, 84, 126) == 1           # one axis selects, the other is even (252 -> 126)
+
+
 def test_even_factor_does_not_sample_a_pixel():
     x = normal((64, 64, 3), seed=4)
     y = np.asarray(resize_bicubic(x, 32, 32))
@@ -216,3 +231,13 @@ def test_preprocess_normalises_every_byte_as_the_formula():
     x = (img.astype(np.float64) * (1 / 255)).astype(np.float32)
     want = (x - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
     assert ours.dtype == np.float32 and np.array_equal(ours, want)
+
+
+def test_normalise_on_the_device_gives_the_host_bits():
+    """The server sends `resized_bytes` and normalises inside the program: the same floats."""
+    img = Image.fromarray(skdata.astronaut())
+    b = resized_bytes(img, 84, "pad")
+    assert b.dtype == np.uint8 and b.shape == (84, 84, 3)
+    host = preprocess(img, 84, "pad")
+    device = jax.jit(normalise)(jnp.asarray(b))
+    assert device.dtype == jnp.float32 and np.array_equal(np.asarray(device), host)

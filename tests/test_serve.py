@@ -312,6 +312,33 @@ def test_a_batch_waits_for_requests_still_being_prepared(monkeypatch):
     assert not engine._thread.is_alive()    # close() waits for the worker: none left inside XLA at exit
 
 
+def test_engine_answers_as_the_python_api():
+    """The engine sends each image as its resized bytes and normalises inside the program; its
+    tokens are those of `InfLlava.generate` on the host-normalised pixels, alone and in a batch."""
+    from functools import partial
+    from infllava_jax import presets
+    from infllava_jax.api import InfLlava
+    from infllava_jax.evaluation.runner import Sampling
+    from infllava_jax.serving import images
+    from infllava_jax.serving.engine import Engine, Limits
+    from infllava_jax.serving.prompt import prepare
+    from infllava_jax.serving.schema import ChatRequest
+    from infllava_jax.sharding import make_mesh
+    mesh = make_mesh("data=-1")
+    model = InfLlava.init(presets.tiny(), mesh=mesh, tokenizer="tiny")
+    engine = Engine(model, mesh, limits=Limits(batch_sizes=(1, 4), length_buckets=(64,), image_buckets=(1,),
+                                         token_buckets=(8,)))
+    load = partial(images.load_image_url, image_dir=None, max_bytes=1 << 20, max_pixels=1 << 20)
+    urls = [png_url(seed=s) for s in range(3)]
+    jobs = [engine.make_job(prepare(model, ChatRequest.model_validate({"messages": user(u)}).messages, load, 1),
+                            8, Sampling()) for u in urls]
+    assert jobs[0].prepared.images[0].dtype == np.uint8
+    want = [model.generate(**model.prepare(load(u, "url"), QUESTION),
+                           max_new_tokens=8)[0] for u in urls]
+    assert [r.tokens for r in engine.decode(jobs)] == [[int(t) for t in w if t not in model.stop_ids] for w in want]
+    assert engine.decode(jobs[1:2])[0].tokens == engine.decode(jobs)[1].tokens
+
+
 @slow
 def test_throughput_benchmark_runs_and_checks_its_answers():
     """`python -m benchmarks.serve` as docs/serving.md runs it, small: both phases, every

@@ -91,7 +91,8 @@ def _host(x: jax.Array) -> np.ndarray:
 @dataclasses.dataclass
 class Request:
     ids: np.ndarray            # (L,) int32, IMAGE_TOKEN_INDEX where each image goes
-    images: list               # preprocessed images, (S, S, 3) float32 channels-last, one per sentinel
+    images: list               # preprocessed images, (S, S, 3) channels-last, one per sentinel: float32
+                               # (pixels.preprocess) or uint8 (pixels.resized_bytes, normalised on the device)
 
 
 @dataclasses.dataclass
@@ -165,14 +166,16 @@ class Generator:
                 out[j, L - len(reqs[i].ids):] = 1
             return out
 
+        dtype = np.uint8 if all(np.asarray(img).dtype == np.uint8 for r in reqs for img in r.images) else np.float32
+
         def pix_rows(rows):
-            out = np.zeros((len(rows), K, S, S, 3), np.float32)
+            out = np.zeros((len(rows), K, S, S, 3), dtype)
             for j, i in enumerate(rows):
                 for k, img in enumerate(reqs[i].images):
                     out[j, k] = img
             return out
 
-        return (self._global((B, L), np.int32, ids_rows), self._global((B, K, S, S, 3), np.float32, pix_rows),
+        return (self._global((B, L), np.int32, ids_rows), self._global((B, K, S, S, 3), dtype, pix_rows),
                 self._global((B, L), np.int32, mask_rows))
 
     def generate(self, config: InfLlavaConfig, requests: Sequence[Request], *, max_new_tokens: int,
@@ -195,7 +198,7 @@ class Generator:
         rng = put(jax.random.fold_in(jax.random.key(s.seed), self.batches if batch_index is None else batch_index))
         temp, top_p = put(jnp.float32(s.temperature if do_sample else 1.0)), put(jnp.float32(s.top_p))
         args = (self.params, ids, pix, mask, stop, rng if do_sample else None, temp, top_p)
-        key = (config, int(max_new_tokens), do_sample, self.pad_id, ids.shape, pix.shape[:4], len(self.stop_ids),
+        key = (config, int(max_new_tokens), do_sample, self.pad_id, ids.shape, pix.shape[:4], pix.dtype, len(self.stop_ids),
                on_token)
         exe = self._compiled.get(key)
         if exe is None:

@@ -266,7 +266,7 @@ class Engine:
             for L in self.limits.length_buckets:
                 for k in self.limits.image_buckets:
                     ids = np.array([0] * (L - k) + [IMAGE_TOKEN_INDEX] * k, np.int32)
-                    images = [np.zeros((size, size, 3), np.float32)] * k
+                    images = [np.zeros((size, size, 3), np.uint8)] * k   # what prepare gives
                     for n, stream in itertools.product(self.limits.token_buckets, (False, True)):
                         job = Job(Prepared(ids, images, self.stop_ids), n, s, bucket=n, stream=stream)
                         self.decode([job] * b)

@@ -21,14 +21,14 @@ from infllava_jax.serving.schema import APIError, Message
 @dataclasses.dataclass
 class Prepared:
     ids: np.ndarray                 # (L,) int32, -200 where each image goes
-    images: list[np.ndarray]        # (S, S, 3) float32, one per -200
+    images: list[np.ndarray]        # (S, S, 3) uint8 (pixels.resized_bytes; the program normalises), one per -200
     stop_ids: tuple[int, ...]
 
 
 def prepare(model, messages: list[Message], load_image: Callable[[str, str], object], max_images: int) -> Prepared:
     """`load_image(url, param)` -> PIL image (images.load_image_url with the server's limits)."""
     from infllava_jax.inputs import encode_row, image_size
-    from infllava_jax.pixels import preprocess
+    from infllava_jax.pixels import resized_bytes
     if len(messages) != 1 or messages[0].role != "user":
         roles = [m.role for m in messages]
         raise APIError(400, f"messages: this server answers one user message (got roles {roles}); the "
@@ -49,7 +49,7 @@ def prepare(model, messages: list[Message], load_image: Callable[[str, str], obj
         raise APIError(400, f"messages: {len(urls)} images, more than this server's limit of {max_images}",
                        param="messages", code="too_many_images")
     usage, size = model.usage, image_size(model.config, model.usage.pixels)
-    images = [preprocess(load_image(url, param), size, usage.image_mode) for url, param in urls]
+    images = [resized_bytes(load_image(url, param), size, usage.image_mode) for url, param in urls]
     try:
         ids = encode_row(model.tokenizer, usage, "\n".join(texts), len(images))
     except InputError as e:
