@@ -56,6 +56,7 @@ def _start(ckpt: Path, a, log) -> tuple[subprocess.Popen, int]:
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "infllava_jax.serve", "--ckpt", str(ckpt), "--port", str(port), "--model-name", "m",
            "--batch-sizes", a.batch_sizes or f"1,4,{max(4, a.clients // 2)}", "--length-buckets", a.length_buckets,
+           "--workers", str(a.workers),
            "--image-buckets", "1", "--max-tokens-buckets", str(a.max_tokens), "--max-pending", str(4 * a.clients)]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     import httpx2 as httpx
@@ -134,6 +135,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--batch-sizes", default="", help='the server\'s --batch-sizes ("": 1,4,CLIENTS/2: one batch is prepared while the other decodes)')
     p.add_argument("--length-buckets", default="64", help="the server's --length-buckets (prompt ids)")
+    p.add_argument("--workers", type=int, default=2, help="the server's --workers (batches decoding at once)")
     p.add_argument("--nice", type=int, default=0, help="niceness of server and clients while measuring")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:

@@ -267,6 +267,8 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path):
                                                      f"(not a checkpoint directory)"
     r = run("--ckpt", tmp_path, "--image-dir", tmp_path / "none", "--port", free_port())
     assert r.returncode == 2 and r.stderr.strip().endswith("none: not a directory")
+    r = run("--ckpt", tmp_path, "--workers", 0, "--port", free_port())
+    assert r.returncode == 2 and r.stderr.strip() == "serve: error: --workers 0: at least 1"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
@@ -309,7 +311,47 @@ def test_a_batch_waits_for_requests_still_being_prepared(monkeypatch):
         assert ran == [2, 1] and engine.batch_sizes == {2: 1, 1: 1}
     finally:
         engine.close()
-    assert not engine._thread.is_alive()    # close() waits for the worker: none left inside XLA at exit
+    assert len(engine._threads) == 2 and not any(t.is_alive() for t in engine._threads)   # close() waits for
+    # the workers: none left inside XLA at exit
+
+
+def test_two_workers_decode_two_batches_at_once(monkeypatch):
+    """--workers 2: while one batch decodes the next one is formed and decoded beside it; each
+    request is in exactly one batch and no worker runs an empty one."""
+    from infllava_jax import presets
+    from infllava_jax.api import InfLlava
+    from infllava_jax.evaluation.runner import Sampling
+    from infllava_jax.serving.engine import Engine, Job, Limits
+    from infllava_jax.serving.prompt import Prepared
+    engine = Engine(InfLlava.init(presets.tiny(), tokenizer="tiny"),
+                    limits=Limits(batch_sizes=(1, 2), batch_wait_s=0.01, workers=2))
+    running, most, lock, seen = [0], [0], threading.Lock(), []
+
+    def decode(jobs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            seen.extend(jobs)
+        time.sleep(0.3)                # a program running (XLA releases the GIL)
+        with lock:
+            running[0] -= 1
+        return [None] * len(jobs)
+    monkeypatch.setattr(engine, "decode", decode)
+    jobs = [Job(Prepared(np.array([1, 2], np.int32), [], ()), 4, Sampling(), bucket=4, notify=lambda event: None)
+            for _ in range(5)]
+    engine.start()
+    try:
+        for j in jobs:
+            engine.submit(j)
+            time.sleep(0.02)
+        for _ in range(500):
+            if engine.pending == 0:
+                break
+            time.sleep(0.01)
+    finally:
+        engine.close()
+    assert most[0] == 2 and sorted(map(id, seen)) == sorted(map(id, jobs))
+    assert 0 not in engine.batch_sizes and sum(k * v for k, v in engine.batch_sizes.items()) == 5
 
 
 def test_engine_answers_as_the_python_api():

@@ -1,8 +1,9 @@
 """The batching engine: requests that arrive together are decoded together through the eval
 runner's jitted generator (`evaluation.runner.Generator`, one `generate.generate` program per
-shape bucket), one batch at a time on one worker thread.
+shape bucket), on `Limits.workers` worker threads: two batches decode at once by default (a
+program's decode steps are small and serial; a second program uses the cores the first leaves).
 
-Static batches: the worker takes the oldest waiting request and every waiting request of the
+Static batches: a worker takes the oldest waiting request and every waiting request of the
 same program key (new-token bucket, greedy or sampled) up to the largest batch size. It waits
 `batch_wait_s` after the oldest one arrived (or after the previous batch ended, if later: the
 clients just answered send their next requests) for the batch to fill, longer (up to
@@ -17,8 +18,10 @@ Programs are bounded and compiled by `warmup()` before the first request: batch 
 length buckets x image-count buckets x new-token buckets, greedy, plus the same at batch size 1
 sampled, each twice: a batch with a streaming request runs the program whose every step hands
 its tokens to the host (the `on_token` callback gives each streaming request its own row's
-token); a batch with none runs the one without that callback, which never waits for Python
-between steps (the callback needs the GIL, which the server's request threads hold often).
+token; one such batch at a time, the callback object being shared); a batch with none runs the
+one without that callback, which never waits for Python between steps (the callback needs the
+GIL, which the server's request threads hold often). Images arrive as their resized bytes
+(`pixels.resized_bytes`) and are normalised inside the program.
 """
 from __future__ import annotations
 
@@ -52,6 +55,7 @@ class Limits:
     max_pending: int = 64                            # waiting + decoding; more -> 429
     batch_wait_s: float = 0.01                       # a batch waits this long to fill ...
     batch_max_wait_s: float = 0.25                   # ... and up to this while requests are being prepared
+    workers: int = 2                                 # batches decoding at once
 
 
 @dataclasses.dataclass
@@ -120,10 +124,12 @@ class Engine:
         self.pending = 0
         self.arriving = 0                                  # requests received, not yet submitted
         self.batch_sizes: collections.Counter = collections.Counter()   # batches run, by row count
-        self.busy_s = 0.0                                  # seconds the worker spent decoding batches
+        self.busy_s = 0.0                                  # seconds with at least one batch decoding
+        self._running, self._busy_since = 0, 0.0
+        self._stream_lock = threading.Lock()               # one streaming batch at a time: the sink is shared
         self._closed = False
         self._last_end = 0.0                               # when the previous batch ended
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     # -- admission ---------------------------------------------------------------------------
     def make_job(self, prepared: Prepared, max_tokens: int | None, sampling: Sampling, **kw) -> Job:
@@ -180,47 +186,61 @@ class Engine:
 
     # -- the worker ----------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._serve, name="infllava-engine", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._serve, name=f"infllava-engine-{i}", daemon=True)
+                         for i in range(self.limits.workers)]
+        for t in self._threads:
+            t.start()
 
     def close(self) -> None:
-        """Stop taking batches and wait for the running one (a thread left inside XLA aborts the exit)."""
+        """Stop taking batches and wait for the running ones (a thread left inside XLA aborts the exit)."""
         with self._cv:
             self._closed = True
             self._cv.notify_all()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join()
 
     def _serve(self) -> None:
         while (jobs := self._next_batch()) is not None:
             self.run(jobs)
 
     def _next_batch(self) -> list[Job] | None:
+        """The next batch (each worker takes its own); None once the engine is closed."""
         with self._cv:
-            while not self._waiting and not self._closed:
-                self._cv.wait()
-            if self._closed:
-                return None
-            first = self._waiting[0]
-            limit = 1 if first.key[1] else self.max_batch
-            start = max(first.arrived, self._last_end)
-            deadline = start + self.limits.batch_wait_s
-            cap = start + max(self.limits.batch_wait_s, self.limits.batch_max_wait_s)
             while True:
-                same = [j for j in self._waiting if j.key == first.key][:limit]
-                left = (cap if self.arriving else deadline) - time.monotonic()
-                if len(same) >= limit or left <= 0 or self._closed:
-                    break
-                self._cv.wait(left)
-            for j in same:
-                self._waiting.remove(j)
-            return same
+                while not self._waiting and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    return None
+                same = self._fill(self._waiting[0])
+                for j in same:
+                    self._waiting.remove(j)
+                if same:
+                    return same
+
+    def _fill(self, first: Job) -> list[Job]:
+        """Waiting jobs of `first`'s key, once they fill a batch or its wait is over (the
+        condition held); [] if another worker took `first` meanwhile."""
+        limit = 1 if first.key[1] else self.max_batch
+        start = max(first.arrived, self._last_end)
+        deadline = start + self.limits.batch_wait_s
+        cap = start + max(self.limits.batch_wait_s, self.limits.batch_max_wait_s)
+        while first in self._waiting:
+            same = [j for j in self._waiting if j.key == first.key][:limit]
+            left = (cap if self.arriving else deadline) - time.monotonic()
+            if len(same) >= limit or left <= 0 or self._closed:
+                return same
+            self._cv.wait(left)
+        return []
 
     def run(self, jobs: list[Job]) -> None:
         """Decode a batch and notify each job; a failure fails this batch only."""
         live = [j for j in jobs if not j.cancelled]
-        self.batch_sizes[len(live)] += 1
-        t0 = time.perf_counter()
+        with self._cv:
+            self.batch_sizes[len(live)] += 1
+            if self._running == 0:
+                self._busy_since = time.perf_counter()
+            self._running += 1
         try:
             for job, result in zip(live, self.decode(live) if live else []):
                 job.notify(("done", result))
@@ -232,19 +252,25 @@ class Engine:
             with self._cv:
                 self.pending -= len(jobs)
                 self._last_end = time.monotonic()
-                self.busy_s += time.perf_counter() - t0
+                self._running -= 1
+                if self._running == 0:
+                    self.busy_s += time.perf_counter() - self._busy_since
 
     def decode(self, jobs: list[Job]) -> list[Result]:
         """One program run for jobs of one key (synchronous; predict.py calls it directly)."""
         gen = self.generators[bucket(len(jobs), tuple(self.generators))]
         reqs = [Request(j.prepared.ids.copy(), list(j.prepared.images)) for j in jobs]
-        self._sink.jobs = jobs
-        sink = self._sink if any(j.stream for j in jobs) else None   # no stream: no per-step host callback
-        try:
-            out = gen.generate(self.config, reqs, max_new_tokens=jobs[0].bucket, sampling=jobs[0].sampling,
-                               batch_index=0, on_token=sink)
-        finally:
-            self._sink.jobs = []
+        run = lambda sink: gen.generate(self.config, reqs, max_new_tokens=jobs[0].bucket, sampling=jobs[0].sampling,
+                                        batch_index=0, on_token=sink)
+        if not any(j.stream for j in jobs):
+            out = run(None)                  # the program without the per-step host callback
+        else:
+            with self._stream_lock:          # one streaming batch at a time: the sink is shared
+                self._sink.jobs = jobs
+                try:
+                    out = run(self._sink)
+                finally:
+                    self._sink.jobs = []
         return [self._result(j, toks) for j, toks in zip(jobs, out)]
 
     def _result(self, job: Job, tokens) -> Result:
