@@ -88,27 +88,53 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _phase(port: int, server_pid: int, requests: list, clients: int, max_tokens: int) -> dict:
-    """Send every request once from `clients` threads, one `openai` client each (made before the
-    clock starts); answers, latencies, wall time, the batches the server ran for them
-    ({rows: count}) and the share of the wall it spent decoding."""
+def _http_client(port: int):
+    """One keep-alive HTTP/1.1 connection (the standard library's) posting the JSON body the
+    `openai` client posts; on 2 cores shared with the server, a lighter client leaves more of
+    them to the server it measures."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+
+    def ask(messages, max_tokens):
+        body = json.dumps({"model": "m", "messages": messages, "max_tokens": max_tokens, "temperature": 0})
+        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        data = r.read()
+        if r.status != 200:
+            raise RuntimeError(f"HTTP {r.status}: {data[:500]!r}")
+        out = json.loads(data)
+        return out["choices"][0]["message"]["content"], out["usage"]["completion_tokens"]
+    return ask
+
+
+def _openai_client(port: int):
     import openai
+    c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
+
+    def ask(messages, max_tokens):
+        r = c.chat.completions.create(model="m", messages=messages, max_tokens=max_tokens, temperature=0)
+        return r.choices[0].message.content, r.usage.completion_tokens
+    return ask
+
+
+def _phase(port: int, server_pid: int, requests: list, clients: int, max_tokens: int, client_kind: str) -> dict:
+    """Send every request once from `clients` threads, one client each (made before the clock
+    starts); answers, latencies, wall time, the batches the server ran for them ({rows: count})
+    and the share of the wall it spent decoding."""
     before = _health(port)
     answers, latency, tokens, lock, nxt = [None] * len(requests), [0.0] * len(requests), [0] * len(requests), \
         threading.Lock(), iter(range(len(requests)))
-    made = [openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
-            for _ in range(clients)]
+    made = [(_http_client if client_kind == "http" else _openai_client)(port) for _ in range(clients)]
 
-    def client(c):
+    def client(ask):
         while True:
             with lock:
                 i = next(nxt, None)
             if i is None:
                 return
             t = time.perf_counter()
-            r = c.chat.completions.create(model="m", messages=requests[i], max_tokens=max_tokens, temperature=0)
-            latency[i], answers[i], tokens[i] = time.perf_counter() - t, r.choices[0].message.content, \
-                r.usage.completion_tokens
+            answers[i], tokens[i] = ask(requests[i], max_tokens)
+            latency[i] = time.perf_counter() - t
 
     t0, cpu0 = time.perf_counter(), (_cpu_s(server_pid), _cpu_s(os.getpid()))
     threads = [threading.Thread(target=client, args=(c,)) for c in made]
@@ -136,6 +162,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-sizes", default="", help='the server\'s --batch-sizes ("": 1,4,CLIENTS/2: one batch is prepared while the other decodes)')
     p.add_argument("--length-buckets", default="64", help="the server's --length-buckets (prompt ids)")
     p.add_argument("--workers", type=int, default=2, help="the server's --workers (batches decoding at once)")
+    p.add_argument("--client", choices=("http", "openai"), default="http",
+                   help="http: one stdlib keep-alive connection per client thread; openai: the openai package's client")
     p.add_argument("--nice", type=int, default=0, help="niceness of server and clients while measuring")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -153,14 +181,14 @@ def main(argv=None) -> int:
                 if a.nice:
                     _renice(proc.pid, a.nice)
                     _renice(os.getpid(), a.nice)   # the client threads start after this
-                seq = _phase(port, proc.pid, requests, 1, a.max_tokens)
-                conc = _phase(port, proc.pid, requests, a.clients, a.max_tokens)
+                seq = _phase(port, proc.pid, requests, 1, a.max_tokens, a.client)
+                conc = _phase(port, proc.pid, requests, a.clients, a.max_tokens, a.client)
             finally:
                 proc.terminate()
                 proc.wait(60)
     same = sum(x == y for x, y in zip(seq.pop("answers"), conc.pop("answers")))
     out = {"ckpt": a.ckpt or "random tiny (presets.tiny())", "requests": a.requests, "max_tokens": a.max_tokens,
-           "startup_s": round(startup, 1), "sequential": seq, "concurrent": conc,
+           "client": a.client, "workers": a.workers, "startup_s": round(startup, 1), "sequential": seq, "concurrent": conc,
            "throughput_ratio": conc["requests_per_s"] / seq["requests_per_s"], "same_answers": f"{same}/{a.requests}",
            "cpus": os.cpu_count(), "nice": a.nice, "load_avg_1min": os.getloadavg()[0]}
     print(f"{'':<22}{'requests/s':>12}{'tokens/s':>12}{'p50 s':>9}{'p99 s':>9}{'decoding':>10}"
