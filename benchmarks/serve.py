@@ -1,22 +1,24 @@
 """Serving throughput: sequential requests against concurrent clients, one server, one run.
 
 Starts `python -m infllava_jax.serve` on 127.0.0.1 (batch sizes 1, 4 and half the clients, so
-one batch's requests are prepared while the other batch decodes; a prompt bucket of 64 ids; every
-program compiled before it listens), then sends the same --requests chat requests (distinct
-random images and questions, greedy, max_tokens=--max-tokens) twice with the `openai` client:
-one after another from one client, then from --clients concurrent clients. Reports requests/s,
-generated tokens/s, p50/p99 latency of each, the share of the wall the server spent decoding
-batches, the CPU time per request of the server and of the clients (this process), the
-throughput ratio, and whether every concurrent answer equals its sequential (greedy) answer.
-Without --ckpt it uses a random tiny checkpoint (presets.tiny()). On a machine shared with
-other jobs, --nice -15 (root only) raises the priority of the server's and the clients' threads
-once the server is up (compiling runs at normal priority), so both phases measure the server
-rather than the neighbours; the load average is reported.
+one batch's requests are prepared while the other batch decodes; a prompt bucket of 64 ids;
+--workers batches decoding at once; every program compiled before it listens), then sends the
+same --requests chat requests (distinct random images and questions, greedy,
+max_tokens=--max-tokens) twice: one after another from one client, then from --clients
+concurrent clients (threads; --client http: one keep-alive stdlib connection each, posting the
+body the `openai` client posts; --client openai: that client). Reports requests/s, generated
+tokens/s, p50/p99 latency of each, the share of the wall the server had a batch decoding, the
+CPU time per request of the server and of the clients (this process), the throughput ratio, and
+whether every concurrent answer equals its sequential (greedy) answer. Without --ckpt it uses a
+random tiny checkpoint (presets.tiny()). On a machine shared with other jobs, --nice -15 (root
+only) raises the priority of the server's and the clients' threads once the server is up
+(compiling runs at normal priority), so both phases measure the server rather than the
+neighbours; the load average is reported.
 
     python -m benchmarks.serve [--ckpt DIR] [--requests 48] [--clients 16] [--max-tokens 32]
-        [--batch-sizes 1,4,8] [--length-buckets 64] [--nice -15]
+        [--batch-sizes 1,4,8] [--length-buckets 64] [--workers 2] [--client http] [--nice -15]
 
-Last line: JSON.
+Last line: JSON; exit 1 if a concurrent answer differs from its sequential one.
 """
 from __future__ import annotations
 
