@@ -93,7 +93,7 @@ def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
 def _selection(m: np.ndarray) -> slice | None:
     """The slice that `m` applies, when `m` is a strided selection (every row a single 1.0, the
     rest 0: bicubic downsampling by an odd integer factor samples each cell's centre)."""
-    out, n = m.shape
+    out = m.shape[0]
     cols = np.argmax(m, axis=1)
     if not (np.all(m[np.arange(out), cols] == 1) and np.count_nonzero(m) == out):
         return None

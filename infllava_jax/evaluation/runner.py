@@ -198,8 +198,8 @@ class Generator:
         rng = put(jax.random.fold_in(jax.random.key(s.seed), self.batches if batch_index is None else batch_index))
         temp, top_p = put(jnp.float32(s.temperature if do_sample else 1.0)), put(jnp.float32(s.top_p))
         args = (self.params, ids, pix, mask, stop, rng if do_sample else None, temp, top_p)
-        key = (config, int(max_new_tokens), do_sample, self.pad_id, ids.shape, pix.shape[:4], pix.dtype, len(self.stop_ids),
-               on_token)
+        key = (config, int(max_new_tokens), do_sample, self.pad_id, ids.shape, pix.shape[:4], pix.dtype,
+               len(self.stop_ids), on_token)
         exe = self._compiled.get(key)
         if exe is None:
             t = time.perf_counter()
