@@ -16,7 +16,7 @@ only) raises the priority of the server's and the clients' threads once the serv
 neighbours; the load average is reported.
 
     python -m benchmarks.serve [--ckpt DIR] [--requests 48] [--clients 16] [--max-tokens 32]
-        [--batch-sizes 1,4,8] [--length-buckets 64] [--workers 2] [--client http] [--nice -15]
+        [--batch-sizes 1,4,8] [--length-buckets 64] [--workers 0] [--client http] [--nice -15]
 
 Last line: JSON; exit 1 if a concurrent answer differs from its sequential one.
 """
@@ -163,7 +163,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--batch-sizes", default="", help='the server\'s --batch-sizes ("": 1,4,CLIENTS/2: one batch is prepared while the other decodes)')
     p.add_argument("--length-buckets", default="64", help="the server's --length-buckets (prompt ids)")
-    p.add_argument("--workers", type=int, default=2, help="the server's --workers (batches decoding at once)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="the server's --workers (batches decoding at once; 0: its default, 2 on one device)")
     p.add_argument("--client", choices=("http", "openai"), default="http",
                    help="http: one stdlib keep-alive connection per client thread; openai: the openai package's client")
     p.add_argument("--nice", type=int, default=0, help="niceness of server and clients while measuring")

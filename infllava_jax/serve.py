@@ -51,8 +51,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits to fill")
     p.add_argument("--batch-max-wait-ms", type=float, default=250.0,
                    help="how long it waits at most while received requests are still being prepared")
-    p.add_argument("--workers", type=int, default=2, help="batches decoding at once (one program's serial decode "
-                                                          "steps leave cores the other uses)")
+    p.add_argument("--workers", type=int, default=0, help="batches decoding at once (0: 2 on a one-device mesh, "
+                                                          "where one program's serial steps leave cores idle; else 1)")
     p.add_argument("--max-pending", type=int, default=64, help="requests waiting or decoding; more get 429")
     p.add_argument("--max-body-bytes", type=int, default=32 << 20)
     a = p.parse_args(argv)
@@ -60,8 +60,8 @@ def main(argv=None) -> int:
     try:
         if a.image_dir is not None and not a.image_dir.is_dir():
             raise InputError(f"--image-dir {a.image_dir}: not a directory")
-        if a.workers < 1:
-            raise InputError(f"--workers {a.workers}: at least 1")
+        if a.workers < 0:
+            raise InputError(f"--workers {a.workers}: 0 (automatic) or more")
         _check_port(a.host, a.port)   # before minutes of compiling
         engine = load_engine(a, batch_sizes=a.batch_sizes, batch_wait_s=a.batch_wait_ms / 1000,
                              batch_max_wait_s=a.batch_max_wait_ms / 1000,

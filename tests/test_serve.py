@@ -267,8 +267,8 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path):
                                                      f"(not a checkpoint directory)"
     r = run("--ckpt", tmp_path, "--image-dir", tmp_path / "none", "--port", free_port())
     assert r.returncode == 2 and r.stderr.strip().endswith("none: not a directory")
-    r = run("--ckpt", tmp_path, "--workers", 0, "--port", free_port())
-    assert r.returncode == 2 and r.stderr.strip() == "serve: error: --workers 0: at least 1"
+    r = run("--ckpt", tmp_path, "--workers", -1, "--port", free_port())
+    assert r.returncode == 2 and r.stderr.strip() == "serve: error: --workers -1: 0 (automatic) or more"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
@@ -311,20 +311,26 @@ def test_a_batch_waits_for_requests_still_being_prepared(monkeypatch):
         assert ran == [2, 1] and engine.batch_sizes == {2: 1, 1: 1}
     finally:
         engine.close()
-    assert len(engine._threads) == 2 and not any(t.is_alive() for t in engine._threads)   # close() waits for
-    # the workers: none left inside XLA at exit
+    assert engine._threads and not any(t.is_alive() for t in engine._threads)   # close() waits for the
+    # workers: none left inside XLA at exit
 
 
 def test_two_workers_decode_two_batches_at_once(monkeypatch):
-    """--workers 2: while one batch decodes the next one is formed and decoded beside it; each
-    request is in exactly one batch and no worker runs an empty one."""
+    """Two workers (one device's default; refused on a multi-device mesh): while one batch decodes
+    the next one is formed and decoded beside it; each request is in exactly one batch and no
+    worker runs an empty one."""
     from infllava_jax import presets
     from infllava_jax.api import InfLlava
     from infllava_jax.evaluation.runner import Sampling
     from infllava_jax.serving.engine import Engine, Job, Limits
     from infllava_jax.serving.prompt import Prepared
-    engine = Engine(InfLlava.init(presets.tiny(), tokenizer="tiny"),
-                    limits=Limits(batch_sizes=(1, 2), batch_wait_s=0.01, workers=2))
+    from infllava_jax.errors import InputError
+    from infllava_jax.sharding import make_mesh
+    model = InfLlava.init(presets.tiny(), tokenizer="tiny")
+    assert Engine(model).workers == 1 and Engine(model, make_mesh("data=1")).workers == 2   # 8 devices here
+    with pytest.raises(InputError, match="workers=2 on a mesh of 8 devices"):
+        Engine(model, limits=Limits(workers=2))
+    engine = Engine(model, make_mesh("data=1"), limits=Limits(batch_sizes=(1, 2), batch_wait_s=0.01, workers=2))
     running, most, lock, seen = [0], [0], threading.Lock(), []
 
     def decode(jobs):
@@ -382,13 +388,14 @@ def test_engine_answers_as_the_python_api():
 
 
 @slow
-@pytest.mark.parametrize("client,workers", [("http", 2), ("openai", 1)])
+@pytest.mark.parametrize("client,workers", [("http", 2), ("openai", 1)])   # one CPU device: 2 is allowed
 def test_throughput_benchmark_runs_and_checks_its_answers(client, workers):
     """`python -m benchmarks.serve` as docs/serving.md runs it, small: both phases, every
     concurrent answer compared with its sequential one (exit 1 otherwise), the CPU accounting."""
     r = subprocess.run([sys.executable, "-m", "benchmarks.serve", "--requests", "6", "--clients", "3",
                         "--max-tokens", "4", "--client", client, "--workers", str(workers)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=900, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                       capture_output=True, text=True, timeout=900,
+                       env={**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["same_answers"] == "6/6" and out["throughput_ratio"] > 0

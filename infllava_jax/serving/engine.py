@@ -1,7 +1,9 @@
 """The batching engine: requests that arrive together are decoded together through the eval
 runner's jitted generator (`evaluation.runner.Generator`, one `generate.generate` program per
-shape bucket), on `Limits.workers` worker threads: two batches decode at once by default (a
-program's decode steps are small and serial; a second program uses the cores the first leaves).
+shape bucket), on `Limits.workers` worker threads: on a one-device server two batches decode at
+once by default (a program's decode steps are small and serial; a second program uses the cores
+the first leaves); on a multi-device mesh one (two programs with collectives, launched from two
+threads, could deadlock).
 
 Static batches: a worker takes the oldest waiting request and every waiting request of the
 same program key (new-token bucket, greedy or sampled) up to the largest batch size. It waits
@@ -55,7 +57,7 @@ class Limits:
     max_pending: int = 64                            # waiting + decoding; more -> 429
     batch_wait_s: float = 0.01                       # a batch waits this long to fill ...
     batch_max_wait_s: float = 0.25                   # ... and up to this while requests are being prepared
-    workers: int = 2                                 # batches decoding at once
+    workers: int = 0                                 # batches decoding at once; 0: 2 on one device, else 1
 
 
 @dataclasses.dataclass
@@ -116,6 +118,13 @@ class Engine:
                           image_buckets=limits.image_buckets)
             self.generators.setdefault(g.batch_size, g)
         self.max_batch = max(self.generators)
+        devices = next(iter(self.generators.values())).mesh.size
+        if limits.workers > 1 and devices > 1:
+            # two SPMD programs launched from two threads can enqueue their collectives in
+            # opposite orders on two devices: a deadlock (NCCL gives no cross-program ordering)
+            raise InputError(f"workers={limits.workers} on a mesh of {devices} devices: concurrent batches are "
+                             f"for one-device servers; use 1")
+        self.workers = limits.workers or (2 if devices == 1 else 1)
         self.max_images, self.max_tokens = max(limits.image_buckets), max(limits.token_buckets)
         self.context = int(self.config.llm.max_position_embeddings)
         self._sink = _Sink()
@@ -187,7 +196,7 @@ class Engine:
     # -- the worker ----------------------------------------------------------------------------
     def start(self) -> None:
         self._threads = [threading.Thread(target=self._serve, name=f"infllava-engine-{i}", daemon=True)
-                         for i in range(self.limits.workers)]
+                         for i in range(self.workers)]
         for t in self._threads:
             t.start()
 
