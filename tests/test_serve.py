@@ -403,4 +403,5 @@ def test_throughput_benchmark_runs_and_checks_its_answers(client, workers):
     for phase in ("sequential", "concurrent"):
         p = out[phase]
         assert sum(int(k) * v for k, v in p["batches"].items()) == 6      # every request decoded once
-        assert 0 < p["decoding"] <= 1 and p["server_cpu_ms"] > 0 and p["client_cpu_ms"] >= 0   # 10 ms ticks
+        assert 0 < p["decoding"] <= 1 and p["server_cpu_ms"] > 0
+        assert p["client_cpu_ms"] > 0 or client == "http"   # 6 light requests can stay under one 10 ms tick

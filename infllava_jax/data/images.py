@@ -3,7 +3,7 @@
 - `load_resized`: file -> RGB -> pad/square -> PIL bicubic resize + centre crop -> uint8 (S, S, 3)
   (what the ArrayRecord builder stores);
 - `normalize`: uint8 -> float32 CLIP-normalised, bit-identical to `pixels.preprocess`
-  (a 256-entry table per channel computed with the same float64 -> float32 steps).
+  (`pixels.normalisation_table`: 256 entries per channel, the same float64 -> float32 steps).
 The pipeline runs both per sample in its read threads/workers; batching only stacks.
 """
 from __future__ import annotations
@@ -14,27 +14,18 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from infllava_jax.pixels import CLIP_MEAN, CLIP_STD, MEAN_COLOR, expand2square
+from infllava_jax.pixels import normalisation_table, resized_bytes
 
 MODES = ("pad", "square")
 MAX_IMAGE_PIXELS = 1 << 26   # 67 Mpx (8192 x 8192): larger images are refused before decoding
 
 
 def resize_uint8(img: Image.Image, size: int, mode: str = "pad") -> np.ndarray:
-    """The geometric half of `pixels.preprocess`: RGB, expand2square (pad), shortest edge -> size
-    with PIL bicubic, centre crop. Returns uint8 (size, size, 3)."""
+    """The geometric half of `pixels.preprocess` (`pixels.resized_bytes`) after `to_rgb`: RGB,
+    expand2square (pad), shortest edge -> size with PIL bicubic, centre crop. uint8 (size, size, 3)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    img = to_rgb(img)
-    if mode == "pad":
-        img = expand2square(img, MEAN_COLOR)
-    w, h = img.size
-    short, long = min(w, h), max(w, h)
-    new_long = int(size * long / short)  # the same float expression as transformers
-    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
-    img = img.resize((new_w, new_h), resample=Image.BICUBIC)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    return np.ascontiguousarray(np.asarray(img)[top:top + size, left:left + size])
+    return np.ascontiguousarray(resized_bytes(to_rgb(img), size, mode))
 
 
 def load_resized(path: str, size: int, mode: str = "pad", max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
@@ -102,21 +93,12 @@ class ImageCache:
 CACHE = ImageCache()
 
 
-def _table() -> np.ndarray:
-    v = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)[:, None]
-    return (v - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)  # (256, 3) f32
-
-
-_LUT = _table()
-_LUT.flags.writeable = False
-
-
 def normalize(pixels: np.ndarray) -> np.ndarray:
     """uint8 (..., 3) -> float32 (..., 3): (x/255 - mean) / std exactly as `pixels.preprocess`
     (~12 ms for 1008 x 1008: one table lookup per channel)."""
     if pixels.dtype != np.uint8 or pixels.shape[-1] != 3:
         raise TypeError(f"normalize expects uint8 (..., 3) pixels, got {pixels.dtype} {pixels.shape}")
-    out = np.empty(pixels.shape, np.float32)
+    out, table = np.empty(pixels.shape, np.float32), normalisation_table()
     for c in range(3):
-        np.take(_LUT[:, c], pixels[..., c], out=out[..., c])
+        np.take(table[c], pixels[..., c], out=out[..., c])
     return out
