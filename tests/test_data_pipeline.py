@@ -133,6 +133,20 @@ def test_determinism_and_epochs(data_root, tok):
     assert other.tolist() != idx.tolist()
 
 
+@pytest.mark.parametrize("budget_mb", [64, 0])
+def test_token_cache_tokenizes_each_record_once_and_changes_no_batch(data_root, tok, monkeypatch, budget_mb):
+    from infllava_jax.data import examples
+    calls, real = [], examples.tokenize_record
+    monkeypatch.setattr(examples, "tokenize_record", lambda r, *a: calls.append(r["id"]) or real(r, *a))
+    cfg = config(data_root, num_epochs=3, drop_remainder=False)
+    plain = list(batches(cfg, tok))
+    n = len(calls)
+    cached = list(batches(dataclasses.replace(cfg, token_cache_mb=budget_mb), tok))
+    assert_batches_equal(plain, cached)
+    # three epochs: every record tokenized once with the cache (its budget is large enough), 3 times without
+    assert len(calls) - n == (n // 3 if budget_mb else n) and len(set(calls[n:])) == n // 3
+
+
 def test_process_shards(data_root, tok):
     cfg = config(data_root)
     shards = [np.concatenate([b["index"] for b in one_epoch(cfg, tok, p, 2)]) for p in range(2)]

@@ -180,3 +180,34 @@ def test_caption_probe_fact_spans_decode_to_the_facts():
         for fact, span in _spans(text, values, tok).items():
             assert span == list(range(span[0], span[-1] + 1))
             assert tok.decode([ids[k] for k in span]) == " " + values[fact], (fact, text)
+
+
+@pytest.mark.slow   # writes the default training set (4000 images)
+def test_each_stage_bucket_holds_its_longest_record_with_little_padding(tmp_path):
+    from infllava_jax.data import template
+    from infllava_jax.data.tokenizer import load_tokenizer
+    from infllava_jax.study import scenes
+    scenes.generate(tmp_path, n_train=4000, n_val=0, n_test=0)      # the study's default set
+    from infllava_jax import presets
+    tok, T = load_tokenizer(None), presets.tiny().tokens_per_image   # visual tokens per image
+    for stage, name in ((1, "train_caption.json"), (2, "train_vqa.json")):
+        longest = 0
+        for r in json.loads((tmp_path / name).read_text()):
+            n = int("image" in r)
+            ids = template.encode_conversation(r["conversations"], tok, num_images=n,
+                                               template="plain" if stage == 1 else "llama3")[0]
+            longest = max(longest, len(ids) + n * (T - 1))
+        # nothing truncated, and at most 8 tokens of padding on the longest record
+        assert longest <= study_cfg.BUCKET[stage] <= longest + 8, (stage, longest)
+
+
+@pytest.mark.slow   # compiles a train step at two lengths
+def test_study_step_benchmark_times_each_length():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    p = subprocess.run([sys.executable, "-m", "benchmarks.study_step", "--rows", "plain_336", "--lengths", "48,56",
+                        "--steps", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["lengths"] == [48, 56] and set(out["rows"]) == {"plain_336"}
+    assert all(t > 0 for t in out["rows"]["plain_336"].values())
+    assert "| plain_336 | 56 |" in p.stdout

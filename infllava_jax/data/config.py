@@ -37,6 +37,7 @@ class DataConfig:
     prefetch_buffer: int = 64             # samples read ahead per thread pool
     num_workers: int = 0                  # >0: grain mp_prefetch worker processes
     image_cache_mb: int = 0               # >0: keep decoded images in memory (images.ImageCache)
+    token_cache_mb: int = 0               # >0: keep each record's token ids in memory (tokenized once)
     allow_outside_paths: bool = False     # image paths may be absolute or leave image_folder with ".."
     max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images are skipped (too_many_pixels), never decoded
     packing: bool = False                 # True: several conversations per row up to max_len (packing.py)
@@ -44,7 +45,8 @@ class DataConfig:
     def __post_init__(self):
         for name in ("max_len", "batch_size", "max_image_pixels"):
             _at_least(self, name, 1)
-        for name in ("min_bad_samples", "num_threads", "prefetch_buffer", "num_workers", "image_cache_mb"):
+        for name in ("min_bad_samples", "num_threads", "prefetch_buffer", "num_workers", "image_cache_mb",
+                     "token_cache_mb"):
             _at_least(self, name, 0)
         if self.num_epochs is not None:
             _at_least(self, "num_epochs", 1)

@@ -128,10 +128,12 @@ class JsonRecordProcessor:
     """grain map function: (index, LLaVA record) -> example or bad. Picklable (mp workers)."""
 
     def __init__(self, tokenizer, spec: SampleSpec, image_folder: str, image_cache_mb: int = 0,
-                 allow_outside_paths: bool = False, max_image_pixels: int = MAX_IMAGE_PIXELS, features=None):
+                 allow_outside_paths: bool = False, max_image_pixels: int = MAX_IMAGE_PIXELS, features=None,
+                 token_cache_mb: int = 0):
         self.tokenizer, self.spec = tokenizer, spec
         self.images = ImagePolicy(image_folder, allow_outside_paths, max_image_pixels, image_cache_mb << 20)
         self.features = features    # training/feature_bank.FeatureBank: the frozen tower's features instead
+        self._tokens, self._token_room = {}, token_cache_mb << 20   # record index -> tokens(record)
 
     def image(self, rel: str) -> np.ndarray:
         """One image's model input: float32 CLIP-normalised pixels (S, S, 3), or with a feature bank
@@ -150,6 +152,18 @@ class JsonRecordProcessor:
                                             f"do not fit max_len={self.spec.max_len}")
         return (*truncate(ids, labels, budget), rels, len(ids))  # cheap checks before decoding
 
+    def cached_tokens(self, index: int, record):
+        """tokens(record), kept by record index while `token_cache_mb` has room: a record is
+        tokenized once, not once per epoch (read-only arrays: shared by every later read)."""
+        hit = self._tokens.get(index)
+        if hit is None:
+            hit = self.tokens(record)
+            size = hit[0].nbytes + hit[1].nbytes
+            if size <= self._token_room:
+                hit[0].flags.writeable = hit[1].flags.writeable = False
+                self._tokens[index], self._token_room = hit, self._token_room - size
+        return hit
+
     def plan_size(self, record) -> tuple[int, int]:
         """(spliced length, number of images) of a record, what data/packing.py plans rows with;
         (1, 0) for a sample that will turn out bad (it keeps a one-position slot)."""
@@ -162,7 +176,7 @@ class JsonRecordProcessor:
     def __call__(self, item) -> dict:
         index, record = item
         try:
-            ids, labels, rels, n = self.tokens(record)
+            ids, labels, rels, n = self.cached_tokens(index, record)
             images = [self.image(rel) for rel in rels]
         except TemplateError as e:
             return bad(e.reason, index, str(e))

@@ -76,7 +76,7 @@ def open_source(cfg: DataConfig, tokenizer, features=None):
         return open_array_record(cfg.data_path, cfg.spec)
     return read_llava_json(cfg.data_path), JsonRecordProcessor(
         tokenizer, cfg.spec, cfg.image_folder, cfg.image_cache_mb, allow_outside_paths=cfg.allow_outside_paths,
-        max_image_pixels=cfg.max_image_pixels, features=features)
+        max_image_pixels=cfg.max_image_pixels, features=features, token_cache_mb=cfg.token_cache_mb)
 
 
 def _packed(cfg: DataConfig, ds, records, processor):

@@ -44,7 +44,9 @@ def _recipe(row: str, a, seed: int) -> dict:
 
 def _stage0_recipe(a) -> dict:
     from infllava_jax.study import recipe as study_cfg
-    return {"steps": a.stage0_steps or round(a.scale * study_cfg.STAGE0["steps"]), "n_train": a.n_train}
+    from infllava_jax.study import scenes
+    return {"steps": a.stage0_steps or round(a.scale * study_cfg.STAGE0["steps"]), "n_train": a.n_train,
+            "data_version": scenes.VERSION}       # a new data version: stage 0 and the rows run anew
 
 
 def stage0(a, out: Path) -> dict:

@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-VERSION = 4
+VERSION = 5   # 5: the answer instruction on the first question of a record only
 GRID = 18                        # cells per side
 SPLITS = ("train", "val", "test")
 SHORT = "Answer the question using a single word or phrase."   # as the eval task's post-prompt
@@ -313,10 +313,13 @@ def question(qtype: str, variant: int) -> str:
 
 
 def _turns(items, image: bool):
+    """The answer instruction once, on the first question (as the eval prompt): the later turns
+    follow the first one's format, and the 11 tokens each are a sixth of a record's length."""
     conv = []
     for k, (q, a) in enumerate(items):
         prefix = "<image>\n" if image and k == 0 else ""
-        conv += [{"from": "human", "value": f"{prefix}{q}\n{SHORT}"}, {"from": "gpt", "value": a}]
+        suffix = f"\n{SHORT}" if k == 0 else ""
+        conv += [{"from": "human", "value": f"{prefix}{q}{suffix}"}, {"from": "gpt", "value": a}]
     return conv
 
 
