@@ -14,6 +14,8 @@ tokenizer files) and by training's `final/` (what training used):
                 released inference path); "native": preprocessed straight to n*s (our training)
     image_mode  "pad" (expand to square with the mean colour) | "square" (centre crop)
     double_bos  a second BOS in front of the prompt (the released loader's doubled BOS)
+    system_prompt  false: the prompt has no system turn / text (a model trained without it:
+                data.system_prompt=false, the study's)
 
 A checkpoint without usage.json (written before it existed) reads as the released INF-LLaVA
 defaults: llama3, its tokenizer files, released pixels, pad, doubled BOS.
@@ -54,6 +56,7 @@ class Usage:
     pixels: str = "released"
     image_mode: str = "pad"
     double_bos: bool = True
+    system_prompt: bool = True
 
     def __post_init__(self):
         for name, allowed in (("template", TEMPLATES), ("tokenizer", TOKENIZERS), ("pixels", PIXELS),
@@ -61,7 +64,8 @@ class Usage:
             if getattr(self, name) not in allowed:
                 raise InputError(f"{name}={getattr(self, name)!r}: expected one of {', '.join(map(repr, allowed))}")
         object.__setattr__(self, "stop_ids", tuple(int(s) for s in self.stop_ids))
-        object.__setattr__(self, "double_bos", as_bool(self.double_bos, "double_bos"))
+        for name in ("double_bos", "system_prompt"):
+            object.__setattr__(self, name, as_bool(getattr(self, name), name))
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
@@ -192,12 +196,13 @@ def user_text(text: str, num_images: int) -> str:
     return " ".join([llama3_template.IMAGE_TOKEN] * num_images) + "\n" + text
 
 
-def prompt_text(template: str, user: str) -> str:
+def prompt_text(template: str, user: str, system_prompt: bool = True) -> str:
     """The generation prompt of one user turn, ending with the open assistant turn."""
     if template == "llama3":
-        return llama3_template.build_prompt(user, with_image=False)
+        return llama3_template.build_prompt(user, with_image=False,
+                                            system=llama3_template.SYSTEM if system_prompt else None)
     if template == "vicuna_v1":   # LLaVA conv_vicuna_v1 (sep " ", sep2 "</s>"); BOS added as ids
-        return f"{VICUNA_SYSTEM} USER: {user} ASSISTANT:"
+        return f"{VICUNA_SYSTEM + ' ' if system_prompt else ''}USER: {user} ASSISTANT:"
     raise InputError(f"template={template!r}: expected one of {', '.join(TEMPLATES)}")
 
 
@@ -205,7 +210,8 @@ def encode_prompt(tokenizer, text: str, num_images: int, usage: Usage) -> np.nda
     """Prompt ids, IMAGE_TOKEN_INDEX (-200) per image. llama3: the template text begins with
     <|begin_of_text|>; vicuna_v1: BOS, then the text (LLaVA's tokenizer_image_token);
     double_bos puts one more BOS in front (the released loader)."""
-    ids = llama3_template.tokenize(prompt_text(usage.template, user_text(text, num_images)), tokenizer)
+    ids = llama3_template.tokenize(prompt_text(usage.template, user_text(text, num_images), usage.system_prompt),
+                                   tokenizer)
     bos = int(tokenizer.convert_tokens_to_ids(BOS)) if usage.template == "llama3" else tokenizer.bos_token_id
     lead = ([] if usage.template == "llama3" else [bos]) + ([bos] if usage.double_bos else [])
     return np.asarray(lead + ids, np.int32)
@@ -235,7 +241,8 @@ def family_usage(has_dem: bool, tokenizer=None, template: str | None = None) -> 
 def training_usage(tokenizer_spec: str, data_cfg) -> Usage:
     """What training's final/ records: the llama3 template (the only one training encodes), its
     tokenizer (a directory's files, or the tiny one for tokenizer=""), native pixels (training
-    preprocesses straight to n*s), the data's image mode and BOS."""
+    preprocesses straight to n*s), the data's image mode, BOS and system turn."""
     files = bool(tokenizer_spec) and tokenizer_spec != "tiny"
     return Usage(template="llama3", tokenizer="files" if files else "tiny", pixels="native",
-                 image_mode=data_cfg.image_mode, double_bos=data_cfg.double_bos)
+                 image_mode=data_cfg.image_mode, double_bos=data_cfg.double_bos,
+                 system_prompt=data_cfg.system_prompt)

@@ -95,3 +95,12 @@ def test_rebuild_reuses_or_refuses(data_root, tok, built):
     with pytest.raises(ValueError, match="holds a build"):
         build_array_record(os.path.join(data_root, "clean.json"), data_root, tok,
                            os.path.join(data_root, "array_record"), name="bad", image_size=IMAGE_SIZE)
+
+
+def test_a_build_is_read_only_with_its_own_system_turn(data_root, built):
+    from infllava_jax.data.arrayrecord import open_array_record
+    (path, _), _ = built
+    spec = config(data_root, data_path=path).spec
+    open_array_record(path, spec)                      # built with the system turn (the default)
+    with pytest.raises(ValueError, match="'system_prompt': True.*'system_prompt': False"):
+        open_array_record(path, dataclasses.replace(spec, system_prompt=False))

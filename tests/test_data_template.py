@@ -192,6 +192,20 @@ def test_encode_prompt(tok):
     assert IMAGE_TOKEN_INDEX not in encode(tok, "Hi", 0)
 
 
+def test_without_system_turn_training_ids_and_prompt_agree(tok):
+    """data.system_prompt=false / Usage.system_prompt=false: BOS, then the first user turn."""
+    conv = _conv("<image>\nWhat is this?", "A cat.")
+    full, full_labels = encode_conversation(conv, tok, has_image=True)
+    ids, labels = encode_conversation(conv, tok, has_image=True, system=None)
+    n = len(encode_conversation(conv, tok, has_image=True)[0]) - len(ids)      # the system turn's tokens
+    assert n > 0 and ids.tolist() == [tok.bos_token_id] + full[n + 1:].tolist()
+    assert labels.tolist() == [IGNORE_INDEX] + full_labels[n + 1:].tolist()
+    assert tok.decode(ids[1:4]) == "<|start_header_id|>user<|end_header_id|>"
+    prompt = encode(tok, "What is this?", 1, usage=Usage(double_bos=False, system_prompt=False))
+    assert ids[:len(prompt)].tolist() == prompt.tolist()
+    assert "system" not in tok.decode(prompt[prompt >= 0])
+
+
 @pytest.mark.parametrize("conv, has_image, reason", [
     (_conv("<image>\nA?", "B"), False, "image_token_mismatch"),
     (_conv("A?", "B"), True, "image_token_mismatch"),

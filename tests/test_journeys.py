@@ -94,7 +94,7 @@ def test_training_final_is_used_as_trained(tmp_path):
     final = work / "final"
     assert json.loads((final / "usage.json").read_text()) == {
         "template": "llama3", "stop_ids": [], "tokenizer": "tiny", "pixels": "native", "image_mode": "pad",
-        "double_bos": False}
+        "double_bos": False, "system_prompt": True}
     run("-m", "infllava_jax.chat", "--ckpt", final, "--image", ASTRONAUT, "What is in the image?",
         "--max-new-tokens", "4")
     data = demo_fixtures.make_data(tmp_path / "bench", tasks=("pope",))
@@ -142,7 +142,7 @@ def test_released_convert_sweep_lora_finetune_export_reference(tmp_path):
         "--config.log_every=1", "--config.checkpoint_every=2", "--config.data.max_len=160")
     assert json.loads((final / "usage.json").read_text()) == {
         "template": "llama3", "stop_ids": [], "tokenizer": "files", "pixels": "native", "image_mode": "pad",
-        "double_bos": False}
+        "double_bos": False, "system_prompt": True}
     assert (final / "tokenizer.json").read_bytes() == (tok_dir / "tokenizer.json").read_bytes()
     run("-m", "convert.export", final, tmp_path / "exported", "--format", "released", "--no-progress")
     assert (tmp_path / "exported" / "tokenizer_config.json").is_file()

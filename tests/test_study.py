@@ -48,6 +48,8 @@ def test_study_end_to_end_and_reuse(tmp_path):
     cfg = json.loads((out / "runs" / "dcm_dem_672" / "stage2" / "final" / "config.json").read_text())
     assert (cfg["dem"]["nH"], cfg["dem"]["nW"], cfg["dem"]["views"]) == (2, 2, "both")
     assert json.loads((out / "runs" / "plain_336" / "stage2" / "final" / "config.json").read_text())["dem"] is None
+    usage = json.loads((out / "runs" / "plain_336" / "stage2" / "final" / "usage.json").read_text())
+    assert usage["system_prompt"] is study_cfg.SYSTEM_PROMPT     # the eval prompts as stage 2 trained
     # stage 0: the tower every row starts from, trained once, in our checkpoint format
     assert (out / "vision" / "final" / "config.json").is_file() and (out / "vision" / "metrics.jsonl").is_file()
     assert set(res["stage0"]["holdout_accuracy"]) >= {"local252/digit", "whole84/x"}
@@ -184,19 +186,22 @@ def test_caption_probe_fact_spans_decode_to_the_facts():
 
 @pytest.mark.slow   # writes the default training set (4000 images)
 def test_each_stage_bucket_holds_its_longest_record_with_little_padding(tmp_path):
-    from infllava_jax.data import template
+    from infllava_jax.data.examples import JsonRecordProcessor
     from infllava_jax.data.tokenizer import load_tokenizer
     from infllava_jax.study import scenes
+    from infllava_jax.training.loop import data_config, model_config
     scenes.generate(tmp_path, n_train=4000, n_val=0, n_test=0)      # the study's default set
-    from infllava_jax import presets
-    tok, T = load_tokenizer(None), presets.tiny().tokens_per_image   # visual tokens per image
+    tok = load_tokenizer(None)
     for stage, name in ((1, "train_caption.json"), (2, "train_vqa.json")):
-        longest = 0
+        cfg = study_cfg.get_config(f"row=dcm_dem_1008,stage={stage}")
+        cfg.data.path, cfg.data.image_folder = str(tmp_path / name), str(tmp_path)
+        mc = model_config(cfg, len(tok))
+        spec = data_config(cfg, mc, tmp_path, cfg.micro_batch).spec    # the recipe's template, system turn, ...
+        assert spec.system_prompt is study_cfg.SYSTEM_PROMPT          # (the plain template of stage 1 has none)
+        proc, longest = JsonRecordProcessor(tok, spec, str(tmp_path)), 0
         for r in json.loads((tmp_path / name).read_text()):
-            n = int("image" in r)
-            ids = template.encode_conversation(r["conversations"], tok, num_images=n,
-                                               template="plain" if stage == 1 else "llama3")[0]
-            longest = max(longest, len(ids) + n * (T - 1))
+            _, _, rels, n = proc.tokens(r)                            # n: the untruncated length
+            longest = max(longest, n + len(rels) * (mc.tokens_per_image - 1))
         # nothing truncated, and at most 8 tokens of padding on the longest record
         assert longest <= study_cfg.BUCKET[stage] <= longest + 8, (stage, longest)
 

@@ -51,6 +51,9 @@ def test_vicuna_v1_prompt_is_llava15s(toks):
     assert conversation.stop_ids(u, tok) == (2,)
     two = conversation.encode_prompt(tok, "What is in the image?", 1, Usage(template="vicuna_v1", double_bos=True))
     assert list(two[:2]) == [1, 1] and list(two[1:]) == list(ids)
+    bare = conversation.encode_prompt(tok, "What is in the image?", 1, Usage(template="vicuna_v1", double_bos=False,
+                                                                               system_prompt=False))
+    assert tok.decode(bare[1:list(bare).index(IMAGE_TOKEN_INDEX)]) == "USER: "     # no system text
 
 
 def test_llama3_tokenizer_as_downloaded(toks):
@@ -87,6 +90,15 @@ def test_usage_json_values_are_checked(tmp_path):
     u = Usage(stop_ids=(5,)).override(pixels="native", double_bos="false", image_mode="")
     assert (u.pixels, u.double_bos, u.image_mode, u.stop_ids) == ("native", False, "pad", (5,))
     assert Usage(stop_ids=(5,)).override(template="vicuna_v1").stop_ids == ()   # the other template's stops
+    (tmp_path / "usage.json").write_text(json.dumps({"system_prompt": "false"}))
+    assert conversation.read_usage(tmp_path).system_prompt is False
+
+
+def test_training_records_the_datas_system_turn(tmp_path):
+    from infllava_jax.data.config import DataConfig
+    for flag in (True, False):
+        u = conversation.training_usage("", DataConfig(data_path="x.json", system_prompt=flag))
+        assert u.system_prompt is flag and Usage(**json.loads(u.to_json())) == u
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -115,7 +127,7 @@ def test_stage1_start_carries_the_llama_tokenizer(hf_dirs, toks, tmp_path, capsy
     tok = load_tokenizer(str(dst))
     eot, eos = tok.convert_tokens_to_ids("<|eot_id|>"), tok.convert_tokens_to_ids("<|end_of_text|>")
     assert _usage(dst) == {"template": "llama3", "stop_ids": [eot, eos], "tokenizer": "files",
-                           "pixels": "released", "image_mode": "pad", "double_bos": True}
+                           "pixels": "released", "image_mode": "pad", "double_bos": True, "system_prompt": True}
     m = InfLlava.from_pretrained(dst)
     assert len(m.tokenizer) == m.config.llm.vocab_size == cfg.llm.vocab_size + 1   # <pad> row and token agree
     assert m.stop_ids == (eot, eos)
@@ -139,7 +151,7 @@ def test_llava15_records_vicuna_and_export_carries_the_tokenizer(llava_hf, tmp_p
     assert convert_main([str(src), str(dst), "--no-progress"]) == 0
     assert "template vicuna_v1, stop ids [2]" in capsys.readouterr().out
     assert _usage(dst) == {"template": "vicuna_v1", "stop_ids": [2], "tokenizer": "files", "pixels": "released",
-                           "image_mode": "pad", "double_bos": False}
+                           "image_mode": "pad", "double_bos": False, "system_prompt": True}
     assert (dst / "added_tokens.json").is_file() and not (dst / "preprocessor_config.json").exists()
     m = InfLlava.from_pretrained(dst)
     batch = m.prepare(str(ASTRONAUT), "What is in the image?")

@@ -34,7 +34,8 @@ from infllava_jax.data.images import normalize
 from infllava_jax.data.llava_json import read_llava_json
 
 VERSION = "1.0.0"
-_BUILD_KEYS = ("template", "image_size", "image_mode", "double_bos")  # must match at read time
+_BUILD_KEYS = ("template", "image_size", "image_mode", "double_bos", "system_prompt")  # must match at read time
+_BUILT_BEFORE = {"system_prompt": True}     # keys a build written before them lacks: what it used
 
 
 @dataclasses.dataclass
@@ -45,6 +46,7 @@ class LlavaConfig(tfds.core.BuilderConfig):
     image_size: int = 1008
     image_mode: str = "pad"
     double_bos: bool = False
+    system_prompt: bool = True
     image_format: str = "png"
     allow_outside_paths: bool = False
 
@@ -58,7 +60,8 @@ class _Encoder:
     def __call__(self, item):
         index, record = item
         try:
-            ids, labels, rels = tokenize_record(record, self.tokenizer, self.cfg.template, self.cfg.double_bos)
+            ids, labels, rels = tokenize_record(record, self.tokenizer, self.cfg.template, self.cfg.double_bos,
+                                               self.cfg.system_prompt)
             if len(rels) > 1:
                 raise TemplateError("bad_fields", f"{len(rels)} images: the ArrayRecord build stores one "
                                                   "image per sample (multi-image data: use the JSON path)")
@@ -134,8 +137,9 @@ class LlavaArrayRecord(tfds.core.GeneratorBasedBuilder):
 
 def build_array_record(json_path: str, image_folder: str, tokenizer, out_dir: str, *, name: str = "llava",
                        template: str = "llama3", image_size: int = 1008, image_mode: str = "pad",
-                       double_bos: bool = False, image_format: str = "png", num_workers: int = 0,
-                       max_bad_fraction: float = 0.01, allow_outside_paths: bool = False) -> tuple[str, dict]:
+                       double_bos: bool = False, system_prompt: bool = True, image_format: str = "png",
+                       num_workers: int = 0, max_bad_fraction: float = 0.01,
+                       allow_outside_paths: bool = False) -> tuple[str, dict]:
     """Pre-process a LLaVA JSON dataset once -> (dataset directory, bad-record counts).
 
     The directory is `out_dir/llava_array_record/<name>/1.0.0`; calling again with the same
@@ -145,7 +149,8 @@ def build_array_record(json_path: str, image_folder: str, tokenizer, out_dir: st
         raise ValueError(f"image_format must be 'png' or 'jpeg', got {image_format!r}")
     cfg = LlavaConfig(name=name, json_path=json_path, image_folder=image_folder, template=template,
                       image_size=image_size, image_mode=image_mode, double_bos=double_bos,
-                      image_format=image_format, allow_outside_paths=allow_outside_paths)
+                      system_prompt=system_prompt, image_format=image_format,
+                      allow_outside_paths=allow_outside_paths)
     builder = LlavaArrayRecord(tokenizer=tokenizer, num_workers=num_workers, config=cfg,
                                data_dir=out_dir, file_format="array_record")
     report_path = os.path.join(builder.data_dir, "llava_build.json")
@@ -198,7 +203,7 @@ def open_array_record(data_dir: str, spec: SampleSpec):
     """-> (grain ArrayRecordDataSource, decoder) for pipeline.make_dataset; checks the build matches."""
     import grain
     info = tfds.builder_from_directory(data_dir).info
-    built = {k: info.metadata[k] for k in _BUILD_KEYS}
+    built = {k: info.metadata[k] if k in info.metadata else _BUILT_BEFORE[k] for k in _BUILD_KEYS}
     wanted = {k: getattr(spec, k) for k in _BUILD_KEYS}
     if built != wanted:
         raise ValueError(f"{data_dir} was built with {built}, but the pipeline wants {wanted}")

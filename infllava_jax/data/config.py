@@ -25,6 +25,7 @@ class DataConfig:
     tokens_per_image: int = 576           # InfLlavaConfig.tokens_per_image
     max_len: int = 2048                   # after splicing
     double_bos: bool = False              # True: the released doubled BOS (template.py)
+    system_prompt: bool = True            # False: llama3 records without the system turn (template.py)
     batch_size: int = 8                   # per process
     buckets: tuple[int, ...] | None = None  # spliced lengths; None: default_buckets(max_len, T)
     seed: int = 0
@@ -60,7 +61,7 @@ class DataConfig:
     def spec(self) -> SampleSpec:
         return SampleSpec(template=self.template, image_size=self.image_size, image_mode=self.image_mode,
                           tokens_per_image=self.tokens_per_image, max_len=self.max_len,
-                          double_bos=self.double_bos)
+                          double_bos=self.double_bos, system_prompt=self.system_prompt)
 
     @property
     def bucket_lengths(self) -> tuple[int, ...]:

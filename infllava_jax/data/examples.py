@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from infllava_jax.data.images import CACHE, MAX_IMAGE_PIXELS, MODES, TooManyPixels, load_resized, normalize
-from infllava_jax.data.template import TEMPLATES, TemplateError, encode_conversation
+from infllava_jax.data.template import SYSTEM, TEMPLATES, TemplateError, encode_conversation
 from infllava_jax.splice import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 BAD_REASONS = ("bad_fields", "bad_roles", "no_answer", "image_token_mismatch",
@@ -61,6 +61,7 @@ class SampleSpec:
     tokens_per_image: int = 576      # T: one `<image>` id becomes T positions after splicing
     max_len: int = 2048              # after splicing (docs/model.md §6)
     double_bos: bool = False         # True: the released doubled BOS
+    system_prompt: bool = True       # False: no system turn (template.py)
 
     def __post_init__(self):
         if self.template not in TEMPLATES:
@@ -109,14 +110,15 @@ def image_paths(record: dict, image_folder: str) -> list[str]:
     return [os.path.join(image_folder, i) for i in imgs]
 
 
-def tokenize_record(record, tokenizer, template: str, double_bos: bool):
+def tokenize_record(record, tokenizer, template: str, double_bos: bool, system_prompt: bool = True):
     """-> (input_ids, labels, relative image paths), untruncated. Raises TemplateError."""
     if not isinstance(record, dict):
         raise TemplateError("bad_fields", "record is not a JSON object")
     paths = image_paths(record, "")
     try:
         ids, labels = encode_conversation(record.get("conversations"), tokenizer, num_images=len(paths),
-                                          template=template, double_bos=double_bos)
+                                          template=template, double_bos=double_bos,
+                                          system=SYSTEM if system_prompt else None)
     except TemplateError:
         raise
     except (TypeError, ValueError, AttributeError, KeyError) as e:   # a field shape nobody foresaw
@@ -145,7 +147,8 @@ class JsonRecordProcessor:
     def tokens(self, record):
         """-> (input_ids, labels, relative image paths, untruncated length), truncated to the
         budget of its image count. Raises TemplateError."""
-        ids, labels, rels = tokenize_record(record, self.tokenizer, self.spec.template, self.spec.double_bos)
+        ids, labels, rels = tokenize_record(record, self.tokenizer, self.spec.template, self.spec.double_bos,
+                                           self.spec.system_prompt)
         budget = self.spec.budget(len(rels))
         if budget < 2:
             raise TemplateError("too_long", f"{len(rels)} images of {self.spec.tokens_per_image} tokens "

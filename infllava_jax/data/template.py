@@ -6,7 +6,9 @@
     <|start_header_id|>user<|end_header_id|>\\n\\n<image>\\n{question}<|eot_id|>
     <|start_header_id|>assistant<|end_header_id|>\\n\\n{answer}<|eot_id|>   (user/assistant repeat)
 
-(one line in reality). Loss only on each answer and its trailing `<|eot_id|>`; everything up
+(one line in reality). `system=None` leaves the system turn out (BOS, then the first user
+turn), as Llama-3's own chat template renders a conversation without a system message
+(`data.system_prompt=false`; the study's tiny model). Loss only on each answer and its trailing `<|eot_id|>`; everything up
 to and including each assistant header is IGNORE_INDEX. `plain` (stage 1): BOS, `<image>`,
 caption + "\\n"; the human text is dropped and the loss covers caption + "\\n" (released
 `preprocess_plain` masks only BOS and the image; with Llama-3's split regex a final "." and
@@ -51,8 +53,9 @@ def header(role: str) -> str:
     return f"{START_HEADER}{role}{END_HEADER}\n\n"
 
 
-def system_text(system: str = SYSTEM) -> str:
-    return f"{BOS}{header('system')}{system}{EOT}"
+def system_text(system: str | None = SYSTEM) -> str:
+    """BOS and the system turn; system=None: BOS alone (no system turn)."""
+    return BOS if system is None else f"{BOS}{header('system')}{system}{EOT}"
 
 
 # ----------------------------------------------------------------------------- turns
@@ -97,7 +100,7 @@ def normalize_turns(conversations, num_images: int) -> list[tuple[str, str]]:
 
 # ----------------------------------------------------------------------------- text
 
-def build_prompt(question: str, with_image: bool = True, system: str = SYSTEM) -> str:
+def build_prompt(question: str, with_image: bool = True, system: str | None = SYSTEM) -> str:
     """Generation prompt: system, one user turn ("<image>\\n" + question), open assistant header."""
     q = f"{IMAGE_TOKEN}\n{question}" if with_image else question
     return f"{system_text(system)}{header(USER)}{q}{EOT}{header(ASSISTANT)}"
@@ -124,10 +127,11 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 def encode_conversation(conversations, tokenizer, *, has_image: bool | None = None, num_images: int | None = None,
-                        template: str = "llama3", double_bos: bool = False, system: str = SYSTEM):
+                        template: str = "llama3", double_bos: bool = False, system: str | None = SYSTEM):
     """LLaVA `conversations` -> (input_ids, labels), int32 arrays of equal length (unshifted:
     labels[i] is the target of position i's token, as in HF; the loss shifts).
-    `num_images` (or `has_image`: 1 or 0) `<image>` tags must be in the text.
+    `num_images` (or `has_image`: 1 or 0) `<image>` tags must be in the text; system=None: no
+    system turn (llama3 only).
 
     Raises TemplateError (with a bad-sample `reason`) for conversations that cannot be encoded.
     """
