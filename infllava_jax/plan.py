@@ -65,7 +65,8 @@ def train_step_setup(cfg, mesh_shape: dict[str, int], micro_batch_per_device: in
     parts = trainable_parts(cfg, mc)
     abstract_state, state_sh = partition.state_shardings(mc, parts, tx, mesh)
     batch_sh = partition.batch_shardings(batch, mesh)
-    step = jax.jit(step_lib.make_train_step(mc, tx, schedule, cfg.loss_chunk),
+    step = jax.jit(step_lib.make_train_step(mc, tx, schedule, cfg.loss_chunk,
+                                            loss_positions=cfg.get("loss_positions", 0)),
                    in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
     return {"mesh": mesh, "mc": mc, "parts": parts, "tx": tx, "step": step, "state": abstract_state, "state_shardings": state_sh,
             "batch": batch, "batch_shardings": batch_sh, "accum": accum, "sequences": accum * micro_global, "seq": seq}

@@ -198,12 +198,15 @@ def test_each_stage_bucket_holds_its_longest_record_with_little_padding(tmp_path
         mc = model_config(cfg, len(tok))
         spec = data_config(cfg, mc, tmp_path, cfg.micro_batch).spec    # the recipe's template, system turn, ...
         assert spec.system_prompt is study_cfg.SYSTEM_PROMPT          # (the plain template of stage 1 has none)
-        proc, longest = JsonRecordProcessor(tok, spec, str(tmp_path)), 0
+        proc, longest, supervised = JsonRecordProcessor(tok, spec, str(tmp_path)), 0, 0
         for r in json.loads((tmp_path / name).read_text()):
-            _, _, rels, n = proc.tokens(r)                            # n: the untruncated length
+            _, labels, rels, n = proc.tokens(r)                       # n: the untruncated length
             longest = max(longest, n + len(rels) * (mc.tokens_per_image - 1))
+            supervised = max(supervised, int((labels[1:] != -100).sum()))     # shifted: the first predicts nothing
         # nothing truncated, and at most 8 tokens of padding on the longest record
         assert longest <= study_cfg.BUCKET[stage] <= longest + 8, (stage, longest)
+        # the gathered loss holds every supervised position (never the whole-sequence fallback)
+        assert study_cfg.LOSS_POSITIONS[stage] in (0, *range(supervised, supervised + 8)), (stage, supervised)
 
 
 @pytest.mark.slow   # compiles a train step at two lengths

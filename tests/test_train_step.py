@@ -137,6 +137,33 @@ def test_chunked_loss_equals_full_logits_loss():
         np.testing.assert_allclose(float(s), float(ref), rtol=1e-5)
 
 
+def test_loss_at_the_supervised_positions_only_is_the_same_loss_and_gradients():
+    """loss_positions: the head at the first K supervised positions of a row; a batch with a row of
+    more than K falls back to every position, so the sum is always the same."""
+    from infllava_jax.training.loss import first_supervised_nll
+    rng = np.random.default_rng(0)
+    B, L, D, V = 4, 24, 8, 32
+    hidden, head = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((B, L, D), (D, V)))
+    t = np.where(rng.random((B, L)) < 0.2, rng.integers(0, V, (B, L)), IGNORE_INDEX).astype(np.int32)
+    t[0, -6:] = [1, 2, 3, 4, 5, IGNORE_INDEX]              # row 0: the most, at the end
+    most = int((t != IGNORE_INDEX).sum(1).max())
+    full = jax.value_and_grad(lambda h, k, t: cross_entropy_sum(h, k, t)[0], argnums=(0, 1))
+    (ref, ref_g), count = full(hidden, head, t), int((t != IGNORE_INDEX).sum())
+    for K in (most, most + 3, most - 2):                   # fits, fits with room, a row too many (fallback)
+        f = jax.jit(lambda h, k, t: cross_entropy_sum(h, k, t, positions=K))
+        s, c = f(hidden, head, t)
+        assert int(c) == count
+        np.testing.assert_allclose(float(s), float(ref), rtol=1e-6)
+        g = jax.grad(lambda h, k: f(h, k, t)[0], argnums=(0, 1))(hidden, head)
+        for a, b in zip(g, ref_g):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    s, c = first_supervised_nll(hidden, t, head, most)     # the gathered path alone: the same sum
+    np.testing.assert_allclose(float(s), float(ref), rtol=1e-6)
+    assert int(c) == count
+    s, c = first_supervised_nll(hidden, t, head, most - 2)  # ... and what the fallback guards against
+    assert int(c) < count and float(s) < float(ref)
+
+
 def test_stage_names_extra_trainable_parts():
     from infllava_jax.training.step import split_params, trainable_parts
     params = {k: {"w": k} for k in ("vision_tower", "spatial_embed", "mm_projector", "language_model")}

@@ -39,6 +39,7 @@ LR_MULT = {"spatial_embed": 3.0}  # the DEM (new, randomly initialised) learns 3
 BATCH = 32                      # four rows per fake device (at 24, see README: the study's time)
 STAGE0 = {"steps": 400, "batch": 16, "lr": 2e-3}   # stage0.run
 BUCKET = {1: 80, 2: 136}        # one spliced length per stage (longest record: 73 / 133): one compile
+LOSS_POSITIONS = {1: 0, 2: 16}  # stage 2: the LM head at the (at most 10) answer tokens of a record, not all 136
 SYSTEM_PROMPT = False           # stage 2 without the system turn: 33 fixed tokens a model trained from scratch
                                 # learns nothing from, 20% of the sequence (docs/study.md, "The 15-minute budget")
 
@@ -72,4 +73,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.feature_bank = True                  # the tower is frozen: its features of each image, computed once
     c.data.image_mode = "pad"                   # the scenes are square (pad = square): stage 2 reuses stage 1's bank
     c.loss_chunk = max(BUCKET.values())         # the whole (short) sequence in one chunk: no loss loop
+    c.loss_positions = LOSS_POSITIONS[stage]
     return c

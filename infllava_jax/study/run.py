@@ -38,6 +38,7 @@ def _recipe(row: str, a, seed: int) -> dict:
     return {"row": row, "grid": grid, "views": views, "variant": variant, "res": res, "seed": seed, "n_train": a.n_train,
             "n_test": a.n_test, "stage0": _stage0_recipe(a), "batch": study_cfg.BATCH,
             "system_prompt": study_cfg.SYSTEM_PROMPT, **{f"stage{k}_bucket": v for k, v in study_cfg.BUCKET.items()},
+            **{f"stage{k}_loss_positions": v for k, v in study_cfg.LOSS_POSITIONS.items()},
             **{f"stage{k}_lr": v for k, v in study_cfg.LR.items()}, "lr_mult": study_cfg.LR_MULT,
             **{f"stage{k}_steps": getattr(a, f"stage{k}_steps") or round(a.scale * study_cfg.STEPS[k])
                for k in (1, 2)}}

@@ -50,6 +50,7 @@ def base_config() -> ConfigDict:
                          "export": "merged"})
 
     c.loss_chunk = 512
+    c.loss_positions = 0            # > 0: the LM head only at the first K supervised positions of a row (loss.py)
     c.optimizer = ConfigDict({"lr": 2e-5, "warmup_ratio": 0.03, "weight_decay": 0.0, "max_grad_norm": 1.0})
     # a part's learning rate = lr x its factor (e.g. --config.optimizer.lr_mult.spatial_embed=3)
     c.optimizer.lr_mult = ConfigDict({p: 1.0 for p in step_parts.PARTS})
@@ -110,7 +111,7 @@ RULES = {
     "stage": ("stage1", "stage2"), "also_train": _parts, "mesh": _mesh, "model.preset": _presets,
     **{k: [1, None] for k in ("total_steps", "global_batch", "micro_batch", "log_every", "checkpoint_every",
                               "keep_checkpoints", "loss_chunk")},
-    "eval_every": [0, None], "seed": [0, None],
+    "eval_every": [0, None], "seed": [0, None], "loss_positions": [0, None],
     "runtime.dtype": ("float32", "bfloat16", "float16"), "runtime.remat_policy": tuple(REMAT_POLICIES),
     "runtime.layer_loop": LAYER_LOOPS, "runtime.attention_impl": IMPLS,
     "data.template": ("", *TEMPLATES), "data.image_mode": ("", *MODES),

@@ -190,7 +190,8 @@ class Trainer:
         self.data = self._data(counts)
         _, state_sh = partition.state_shardings(self.mc, self.parts, self.tx, self.mesh)
         self.step_fn = jax.jit(step_lib.make_train_step(self.mc, self.tx, schedule, cfg.loss_chunk,
-                                                        features=self.bank is not None),
+                                                        features=self.bank is not None,
+                                                        loss_positions=cfg.get("loss_positions", 0)),
                                in_shardings=(state_sh, None), out_shardings=(state_sh, None), donate_argnums=0)
         self.compiled, self.compile_seconds, self.final_loss = {}, 0.0, None
         # skipped steps: counted on the device, read at log steps (`skipped_logged`: the last read)

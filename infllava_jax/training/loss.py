@@ -2,7 +2,9 @@
 
 The vocabulary projection runs chunk by chunk over the sequence inside a rematerialised scan:
 only one (B, chunk, V) block of logits exists at a time, forward and backward. A sequence of
-one chunk or less runs without the scan and without recomputing its logits.
+one chunk or less runs without the scan and without recomputing its logits. With `positions`
+K > 0 the projection runs only at the first K supervised positions of each row (stage-2 VQA
+records supervise a few answer tokens of hundreds): B x K rows instead of B x L, the same sum.
 """
 from __future__ import annotations
 
@@ -23,11 +25,30 @@ def shift_labels(labels, segment_ids=None):
     return jnp.where(same, targets, IGNORE_INDEX)
 
 
-def cross_entropy_sum(hidden, head_kernel, targets, chunk: int = 512):
+def cross_entropy_sum(hidden, head_kernel, targets, chunk: int = 512, positions: int = 0):
     """Sum of -log p(target) over positions with target != IGNORE, and their count.
 
     hidden (B, L, D) final normed states; head_kernel (D, V); targets (B, L) (already shifted).
+    positions K > 0: only the supervised positions, gathered (the first K of each row, in order);
+    exact, since a batch with a row of more than K takes the whole-sequence path (a lax.cond:
+    one of the two runs).
     """
+    if not 0 < positions < hidden.shape[1]:
+        return _every_position(hidden, targets, head_kernel, chunk)
+    fits = jnp.max(jnp.sum(targets != IGNORE_INDEX, axis=1)) <= positions
+    return jax.lax.cond(fits, lambda h, t: first_supervised_nll(h, t, head_kernel, positions),
+                        lambda h, t: _every_position(h, t, head_kernel, chunk), hidden, targets)
+
+
+def first_supervised_nll(hidden, targets, head_kernel, positions: int):
+    """(sum of -log p(target), count) over the first `positions` supervised positions of each row,
+    gathered (B x positions rows through the head): the whole sum when no row has more."""
+    idx = jnp.argsort(targets == IGNORE_INDEX, axis=1, stable=True)[:, :positions]   # supervised first, in order
+    return _chunk_nll(jnp.take_along_axis(hidden, idx[..., None], axis=1), jnp.take_along_axis(targets, idx, axis=1),
+                      head_kernel)
+
+
+def _every_position(hidden, targets, head_kernel, chunk: int):
     B, L, D = hidden.shape
     if L <= chunk:   # one chunk: the logits exist once either way; no scan, no recomputation
         return _chunk_nll(hidden, targets, head_kernel)

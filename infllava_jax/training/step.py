@@ -99,10 +99,11 @@ def compute_params(config: InfLlavaConfig, params):
     return jax.tree.map(cast, params, is_leaf=quant.is_quantized)
 
 
-def make_loss_fn(config: InfLlavaConfig, loss_chunk: int = 512, features: bool = False) -> Callable:
+def make_loss_fn(config: InfLlavaConfig, loss_chunk: int = 512, features: bool = False,
+                 loss_positions: int = 0) -> Callable:
     """loss_sum(trainable, frozen, micro_batch) -> (sum of token NLL, supervised token count).
     features=True: micro_batch["pixel_values"] holds the frozen tower's features of each image
-    (training/feature_bank.py)."""
+    (training/feature_bank.py); loss_positions: training/loss.py."""
     model = InfLlavaModel(config)
 
     def loss_sum(trainable, frozen, mb, rng=None):
@@ -115,15 +116,17 @@ def make_loss_fn(config: InfLlavaConfig, loss_chunk: int = 512, features: bool =
         K = 1 if mb["pixel_values"].ndim == 4 else mb["pixel_values"].shape[1]
         layout = splice_layout(mb["input_ids"], config.tokens_per_image, K, out_len=None if seg is None else seg.shape[1])
         labels = splice_labels(mb["labels"], layout)
-        return cross_entropy_sum(hidden, head_kernel(params, config), shift_labels(labels, seg), loss_chunk)
+        return cross_entropy_sum(hidden, head_kernel(params, config), shift_labels(labels, seg), loss_chunk,
+                                 loss_positions)
 
     return loss_sum
 
 
-def make_grad_fn(config: InfLlavaConfig, loss_chunk: int = 512, features: bool = False) -> Callable:
+def make_grad_fn(config: InfLlavaConfig, loss_chunk: int = 512, features: bool = False,
+                 loss_positions: int = 0) -> Callable:
     """grads(state, batch) -> (mean loss, token count, mean grads); batch leaves are (A, b, ...):
     A micro-batches accumulated in a scan, normalised by the total supervised token count."""
-    vg = jax.value_and_grad(make_loss_fn(config, loss_chunk, features), has_aux=True)
+    vg = jax.value_and_grad(make_loss_fn(config, loss_chunk, features, loss_positions), has_aux=True)
     dropout = config.llm.lora is not None and config.llm.lora.dropout > 0
 
     def grads(state, batch):
@@ -147,11 +150,11 @@ def make_grad_fn(config: InfLlavaConfig, loss_chunk: int = 512, features: bool =
 
 
 def make_train_step(config: InfLlavaConfig, tx: optax.GradientTransformation, schedule: Callable,
-                    loss_chunk: int = 512, features: bool = False) -> Callable:
+                    loss_chunk: int = 512, features: bool = False, loss_positions: int = 0) -> Callable:
     """step(state, batch) -> (state, metrics). A batch with no supervised token, or a non-finite
     loss or gradient, leaves the state unchanged (but for the step counter) and is flagged in
     metrics["skipped"], never trained on silently."""
-    grads_fn = make_grad_fn(config, loss_chunk, features)
+    grads_fn = make_grad_fn(config, loss_chunk, features, loss_positions)
 
     def step(state: dict[str, Any], batch):
         loss, count, grads = grads_fn(state, batch)
