@@ -1,13 +1,16 @@
-"""The study's stage-2 train step at several spliced lengths: what `recipe.BUCKET[2]` costs.
+"""The study's stage-2 train step at several spliced lengths and loss positions: what
+`recipe.BUCKET[2]` and `recipe.LOSS_POSITIONS[2]` cost.
 
-    python -m benchmarks.study_step [--rows plain_336,dcm_dem_1008] [--lengths 168,200] [--steps 10]
+    python -m benchmarks.study_step [--rows plain_336,dcm_dem_1008] [--lengths 168,136]
+                                    [--loss-positions 0,16] [--steps 10]
 
 On the study's fake 8-device CPU mesh (set here when XLA_FLAGS is unset), for each row and length:
 the row's stage-2 train step exactly as the study compiles it (`study/recipe.py`: batch 32, all
 devices data-parallel, the frozen tower's features in place of the pixels, DEM + projector + LLM
-trained) on a random batch, the lengths timed in alternation (median of --steps each, after one
-compiling call). The table gives seconds per step, spliced tokens per second and each length's
-time against the first's. The last line is a JSON object.
+trained) on a random batch (about 5% of the text positions supervised), every (length, loss positions)
+pair timed in alternation (median of --steps each, after one compiling call). The table gives
+seconds per step, spliced tokens per second and each pair's time against the first's. The last
+line is a JSON object.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from infllava_jax.training import partition, step as step_lib
 from infllava_jax.training.loop import model_config, trainable_parts
 
 
-def row_step(row: str, mesh):
+def row_step(row: str, mesh, loss_positions: int = 0):
     """(jitted step, its initial state, a function length -> a random batch) for `row`'s stage 2."""
     cfg = recipe.get_config(f"row={row},stage=2")
     mc = model_config(cfg, len(load_tokenizer(None)))
@@ -40,7 +43,8 @@ def row_step(row: str, mesh):
     _, state_sh = partition.state_shardings(mc, parts, tx, mesh)
     params = params_lib.init_params(mc, 0, mesh)
     state = jax.jit(lambda p: step_lib.init_state(p, parts, tx, mc), out_shardings=state_sh)(params)
-    step = jax.jit(step_lib.make_train_step(mc, tx, schedule, max(recipe.BUCKET.values()), features=True),
+    step = jax.jit(step_lib.make_train_step(mc, tx, schedule, max(recipe.BUCKET.values()), features=True,
+                                            loss_positions=loss_positions),
                    in_shardings=(state_sh, None), out_shardings=(state_sh, None), donate_argnums=0)
     H, W = mc.image_size
     feats = jax.eval_shape(lambda p, x: InfLlavaModel(mc).apply({"params": p}, x, method=InfLlavaModel.tower_features),
@@ -63,28 +67,33 @@ def row_step(row: str, mesh):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default="plain_336,dcm_dem_1008")
-    ap.add_argument("--lengths", default="168,200", help="spliced lengths; ratios are against the first")
+    ap.add_argument("--lengths", default="168,136", help="spliced lengths")
+    ap.add_argument("--loss-positions", default="0,16", help="0 = the loss at every position (training/loss.py)")
     ap.add_argument("--steps", type=int, default=10)
     a = ap.parse_args(argv)
-    lengths = [int(x) for x in a.lengths.split(",")]
+    pairs = [(int(L), int(K)) for L in a.lengths.split(",") for K in a.loss_positions.split(",")]
     mesh = sharding.make_mesh(dict(recipe.get_config().mesh))
     print(f"{jax.device_count()} {jax.devices()[0].platform} devices; stage 2, batch {recipe.BATCH}; "
-          f"median of {a.steps} steps per length, lengths alternating")
-    print(f"| row | spliced length | s/step | tokens/s | time vs {lengths[0]} |\n|---|---|---|---|---|")
-    out = {"lengths": lengths, "rows": {}}
+          f"median of {a.steps} steps per pair, pairs alternating")
+    print(f"| row | spliced length | loss positions | s/step | tokens/s | time vs {pairs[0][0]}, {pairs[0][1]} |\n"
+          "|---|---|---|---|---|---|")
+    out = {"pairs": [list(p) for p in pairs], "rows": {}}
     with jax.set_mesh(mesh):
         for row in a.rows.split(","):
-            step, state, batch = row_step(row, mesh)
-            holder, batches = {"state": state}, {L: batch(L) for L in lengths}
+            runs = {}
+            for K in dict.fromkeys(K for _, K in pairs):
+                step, state, batch = row_step(row, mesh, K)
+                runs[K] = {"step": step, "state": state, "batches": {L: batch(L) for L, k in pairs if k == K}}
 
-            def run(L):
-                holder["state"], m = step(holder["state"], batches[L])
+            def run(L, K):
+                r = runs[K]
+                r["state"], m = r["step"](r["state"], r["batches"][L])
                 jax.block_until_ready(m["loss"])
 
-            ts = interleaved([lambda L=L: run(L) for L in lengths], a.steps)
-            out["rows"][row] = {str(L): t for L, t in zip(lengths, ts)}
-            for L, t in zip(lengths, ts):
-                print(f"| {row} | {L} | {t:.3f} | {recipe.BATCH * L / t:,.0f} | {t / ts[0]:.2f}x |")
+            ts = interleaved([lambda p=p: run(*p) for p in pairs], a.steps)
+            out["rows"][row] = {f"{L},{K}": t for (L, K), t in zip(pairs, ts)}
+            for (L, K), t in zip(pairs, ts):
+                print(f"| {row} | {L} | {K or 'all'} | {t:.3f} | {recipe.BATCH * L / t:,.0f} | {t / ts[0]:.2f}x |")
     print(json.dumps(out))
     return out
 

@@ -209,13 +209,14 @@ def test_each_stage_bucket_holds_its_longest_record_with_little_padding(tmp_path
         assert study_cfg.LOSS_POSITIONS[stage] in (0, *range(supervised, supervised + 8)), (stage, supervised)
 
 
-@pytest.mark.slow   # compiles a train step at two lengths
-def test_study_step_benchmark_times_each_length():
+@pytest.mark.slow   # compiles two train steps (loss positions) at two lengths
+def test_study_step_benchmark_times_each_length_and_loss_positions():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     p = subprocess.run([sys.executable, "-m", "benchmarks.study_step", "--rows", "plain_336", "--lengths", "48,56",
-                        "--steps", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                        "--loss-positions", "0,8", "--steps", "1"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
-    assert out["lengths"] == [48, 56] and set(out["rows"]) == {"plain_336"}
+    assert out["pairs"] == [[48, 0], [48, 8], [56, 0], [56, 8]] and set(out["rows"]) == {"plain_336"}
     assert all(t > 0 for t in out["rows"]["plain_336"].values())
-    assert "| plain_336 | 56 |" in p.stdout
+    assert "| plain_336 | 56 | 8 |" in p.stdout and "| plain_336 | 48 | all |" in p.stdout

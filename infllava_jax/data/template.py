@@ -8,11 +8,12 @@
 
 (one line in reality). `system=None` leaves the system turn out (BOS, then the first user
 turn), as Llama-3's own chat template renders a conversation without a system message
-(`data.system_prompt=false`; the study's tiny model). Loss only on each answer and its trailing `<|eot_id|>`; everything up
-to and including each assistant header is IGNORE_INDEX. `plain` (stage 1): BOS, `<image>`,
-caption + "\\n"; the human text is dropped and the loss covers caption + "\\n" (released
-`preprocess_plain` masks only BOS and the image; with Llama-3's split regex a final "." and
-the "\\n" often are one token, so "caption only" could not be cut at a token boundary anyway).
+(`data.system_prompt=false`; the study's tiny model). Loss only on each answer and its trailing
+`<|eot_id|>`; everything up to and including each assistant header is IGNORE_INDEX. `plain`
+(stage 1): BOS, `<image>`, caption + "\\n"; the human text is dropped and the loss covers
+caption + "\\n" (released `preprocess_plain` masks only BOS and the image; with Llama-3's split
+regex a final "." and the "\\n" often are one token, so "caption only" could not be cut at a
+token boundary anyway).
 
 `<image>` becomes the single id IMAGE_TOKEN_INDEX (-200); text is never tokenised across it.
 Each piece of text lies between special tokens or `<image>`, so tokenising piece by piece gives

@@ -5,7 +5,7 @@ and image preprocessing (`InfLlava.usage`, conversation.py; "<image>\\n" + quest
 and the benchmarks build it). One user message per request: its text parts joined by newlines,
 its images in order (placed in front of the text, or where the text spells "<image>" tags).
 Earlier turns and system messages are refused rather than dropped: the templates here encode
-one question with the checkpoint's fixed system prompt.
+one question with the checkpoint's fixed system prompt (or none: `Usage.system_prompt`).
 """
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ LR_MULT = {"spatial_embed": 3.0}  # the DEM (new, randomly initialised) learns 3
 BATCH = 32                      # four rows per fake device (at 24, see README: the study's time)
 STAGE0 = {"steps": 400, "batch": 16, "lr": 2e-3}   # stage0.run
 BUCKET = {1: 80, 2: 136}        # one spliced length per stage (longest record: 73 / 133): one compile
-LOSS_POSITIONS = {1: 0, 2: 16}  # stage 2: the LM head at the (at most 10) answer tokens of a record, not all 136
+LOSS_POSITIONS = {1: 0, 2: 16}  # stage 2: the LM head at the (at most 9) answer tokens of a record, not all 136
 SYSTEM_PROMPT = False           # stage 2 without the system turn: 33 fixed tokens a model trained from scratch
                                 # learns nothing from, 20% of the sequence (docs/study.md, "The 15-minute budget")
 
