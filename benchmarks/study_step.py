@@ -7,10 +7,10 @@
 On the study's fake 8-device CPU mesh (set here when XLA_FLAGS is unset), for each row and length:
 the row's stage-2 train step exactly as the study compiles it (`study/recipe.py`: batch 32, all
 devices data-parallel, the frozen tower's features in place of the pixels, DEM + projector + LLM
-trained) on a random batch (about 5% of the text positions supervised), every (length, loss positions)
-pair timed in alternation (median of --steps each, after one compiling call). The table gives
-seconds per step, spliced tokens per second and each pair's time against the first's. The last
-line is a JSON object.
+trained) on a random batch (about 5% of the text positions supervised), every (length, loss
+positions) pair timed in alternation (median of --steps each, after one compiling call). The
+table gives seconds per step, spliced tokens per second and each pair's time against the
+first's. The last line is a JSON object.
 """
 from __future__ import annotations
 
@@ -75,8 +75,8 @@ def main(argv=None) -> dict:
     mesh = sharding.make_mesh(dict(recipe.get_config().mesh))
     print(f"{jax.device_count()} {jax.devices()[0].platform} devices; stage 2, batch {recipe.BATCH}; "
           f"median of {a.steps} steps per pair, pairs alternating")
-    print(f"| row | spliced length | loss positions | s/step | tokens/s | time vs {pairs[0][0]}, {pairs[0][1]} |\n"
-          "|---|---|---|---|---|---|")
+    first = f"{pairs[0][0]}, {pairs[0][1] or 'all'}"
+    print(f"| row | spliced length | loss positions | s/step | tokens/s | time vs {first} |\n|---|---|---|---|---|---|")
     out = {"pairs": [list(p) for p in pairs], "rows": {}}
     with jax.set_mesh(mesh):
         for row in a.rows.split(","):
