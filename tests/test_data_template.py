@@ -197,7 +197,7 @@ def test_without_system_turn_training_ids_and_prompt_agree(tok):
     conv = _conv("<image>\nWhat is this?", "A cat.")
     full, full_labels = encode_conversation(conv, tok, has_image=True)
     ids, labels = encode_conversation(conv, tok, has_image=True, system=None)
-    n = len(encode_conversation(conv, tok, has_image=True)[0]) - len(ids)      # the system turn's tokens
+    n = len(full) - len(ids)                                 # the system turn's tokens
     assert n > 0 and ids.tolist() == [tok.bos_token_id] + full[n + 1:].tolist()
     assert labels.tolist() == [IGNORE_INDEX] + full_labels[n + 1:].tolist()
     assert tok.decode(ids[1:4]) == "<|start_header_id|>user<|end_header_id|>"
