@@ -14,7 +14,7 @@ esac
 
 # (Re)install only when the requirements changed since the last install into this venv.
 # --no-compile: Python compiles a module when it is first imported; compiling every installed
-# file up front (pip's default) is 40% of a fresh install and most files are never imported. The
+# file up front (pip's default) is over half of a fresh install, and most are never imported. The
 # tests start many processes, so `test` compiles everything once, after the install.
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
 stamp=".venv/.installed-$(cat requirements*.txt | sha256sum | cut -c1-16)-$reqs"
