@@ -28,8 +28,10 @@ def test_stage0_reads_detail_at_full_resolution_and_where_patches_lie(tmp_path):
     # digit: chance 1/6 (measured 0.40 at d151e22, 0.10 through the 84 px view)
     assert acc["local252/digit"] >= 0.33 and acc["local252/digit"] >= acc["whole84/digit"] + 0.2, acc
     assert acc["local252/mark"] >= 0.95, acc
-    assert acc["local252/x"] >= 0.7 and acc["local252/y"] >= 0.7, acc      # from the frame (patch index alone: 1/3)
-    assert acc["whole84/object"] >= 0.85 and acc["whole84/x"] >= 0.8, acc      # chance: 1/11, 1/6
+    # where: from the frame (patch index alone: 1/3); the x, y heads at half weight (stage0.POSITION_WEIGHT):
+    # measured 0.65 / 0.75 in a local crop, 0.58 through the 84 px view (chance 1/6)
+    assert acc["local252/x"] >= 0.55 and acc["local252/y"] >= 0.55, acc
+    assert acc["whole84/object"] >= 0.85 and acc["whole84/x"] >= 0.45, acc      # chance: 1/11, 1/6
     lines = [json.loads(line) for line in (tmp_path / "vision" / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["step"] == 300 and lines[-1]["loss"] < lines[0]["loss"]
     assert (tmp_path / "vision" / "final" / "config.json").is_file()

@@ -18,6 +18,8 @@ its features, not in its heads.
 
     python -m infllava_jax.study.stage0 DATA OUT [--steps N]   (the study calls `run`)
 
+run alone, it takes the study's recipe and 8 fake devices, so it trains the study's tower.
+
 Writes OUT/metrics.jsonl (loss per head, rate), OUT/final (our checkpoint: the plain tiny model of
 `presets.tiny(grid=None)`, its vision tower pretrained, its projector and LLM at their seed-`seed`
 initialisation; `train.py --config.init_vision_tower=OUT/final` takes the tower from it) and
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -47,6 +50,11 @@ from infllava_jax.vision import CLIPVisionTransformer
 log = logging.getLogger("infllava_jax")
 NAMES = list(st.HEADS)
 DETAIL_WEIGHT = 2.0     # the detail heads' weight in the loss
+# The x and y heads' weight: every patch of a visual token shares its x and y, so the position code
+# survives the token's mean pooling at full size while a detail in one patch of nine shrinks ninefold;
+# at 1/2 the detail stays readable under it and the rows still find where things lie (docs/study.md,
+# "What decides the routing").
+POSITION_WEIGHT = 0.5
 HEAD_L2 = 1e-3          # L2 penalty on the heads: what the tower knows must be large in its features
 
 
@@ -86,8 +94,8 @@ def logits_fn(vision_config, params, images, view_index=None):
 
 
 def loss_fn(vision_config, params, images, view_index, targets):
-    """Sum over heads of the mean cross-entropy (the detail heads weigh DETAIL_WEIGHT). Every view
-    learns object, x and y; the detail heads (digit, count, mark) learn in the views that show a
+    """Sum over heads of the mean cross-entropy (the detail heads weigh DETAIL_WEIGHT, x and y
+    POSITION_WEIGHT). Every view learns object, x and y; the detail heads (digit, count, mark) learn in the views that show a
     detail pixel for pixel (st.LEGIBLE), each family averaging its patches that hold an item and
     those that do not separately (half weight each): the few patches that hold a detail weigh as
     much as the many that do not."""
@@ -107,7 +115,7 @@ def loss_fn(vision_config, params, images, view_index, targets):
         else:
             ce_n = ce.mean()
         out[n] = ce_n
-        total = total + (DETAIL_WEIGHT if n in st.SPARSE else 1.0) * ce_n
+        total = total + (DETAIL_WEIGHT if n in st.SPARSE else POSITION_WEIGHT if n in ("x", "y") else 1.0) * ce_n
     out["rms"] = jnp.mean(rms)
     total = total + 0.1 * jnp.mean(jnp.square(jnp.log(rms)))       # features of RMS ~1, as a LayerNorm's
     total = total + HEAD_L2 * sum(jnp.sum(jnp.square(params["heads"][n]["kernel"])) for n in NAMES)
@@ -188,7 +196,7 @@ def run(data_dir, out_dir, *, steps: int = 600, batch: int = 16, lr: float = 2e-
     params = jax.device_get(params)
     acc = accuracy(config.vision, params, {s: v[n:] for s, v in images.items()}, targets[n:])
     checkpoint.save_checkpoint(out / "final", config, {**model_params, "vision_tower": params["vision_tower"]})
-    result = {"steps": steps, "batch_images": batch, "views_per_step": batch * len(st.view_families(sampled=True)), "lr": lr, "seed": seed,
+    result = {"steps": steps, "devices": mesh.size, "batch_images": batch, "views_per_step": batch * len(st.view_families(sampled=True)), "lr": lr, "seed": seed,
               "n_train": n, "holdout": holdout, "final_loss": meter.last_loss, "holdout_accuracy": acc,
               "seconds": round(time.perf_counter() - t0, 1)}
     (out / "result.json").write_text(json.dumps(result, indent=1))
@@ -218,15 +226,20 @@ class _Meter:
 
 
 def main(argv=None) -> int:
+    """The study's stage 0 alone: its recipe (study/recipe.py STAGE0) on its 8 fake devices, so the
+    data-parallel mean rounds as in the study and the tower is the study's."""
+    from infllava_jax.study import recipe as study_cfg
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("data")
     ap.add_argument("out")
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    for k in ("steps", "batch"):
+        ap.add_argument(f"--{k}", type=int, default=study_cfg.STAGE0[k])
+    ap.add_argument("--lr", type=float, default=study_cfg.STAGE0["lr"])
+    ap.add_argument("--holdout", type=int, default=200, help="train images held out (the study: min(200, n/10))")
     a = ap.parse_args(argv)
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")   # before jax starts
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    r = run(a.data, a.out, steps=a.steps, batch=a.batch, lr=a.lr)
+    r = run(a.data, a.out, steps=a.steps, batch=a.batch, lr=a.lr, holdout=a.holdout)
     print(json.dumps(r["holdout_accuracy"], indent=1))
     return 0
 
