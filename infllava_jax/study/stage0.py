@@ -18,7 +18,7 @@ its features, not in its heads.
 
     python -m infllava_jax.study.stage0 DATA OUT [--steps N]   (the study calls `run`)
 
-run alone, it takes the study's recipe and 8 fake devices, so it trains the study's tower.
+Run alone, it takes the study's recipe and 8 fake devices, so it trains the study's tower.
 
 Writes OUT/metrics.jsonl (loss per head, rate), OUT/final (our checkpoint: the plain tiny model of
 `presets.tiny(grid=None)`, its vision tower pretrained, its projector and LLM at their seed-`seed`
@@ -95,10 +95,10 @@ def logits_fn(vision_config, params, images, view_index=None):
 
 def loss_fn(vision_config, params, images, view_index, targets):
     """Sum over heads of the mean cross-entropy (the detail heads weigh DETAIL_WEIGHT, x and y
-    POSITION_WEIGHT). Every view learns object, x and y; the detail heads (digit, count, mark) learn in the views that show a
-    detail pixel for pixel (st.LEGIBLE), each family averaging its patches that hold an item and
-    those that do not separately (half weight each): the few patches that hold a detail weigh as
-    much as the many that do not."""
+    POSITION_WEIGHT). Every view learns object, x and y; the detail heads (digit, count, mark)
+    learn in the views that show a detail pixel for pixel (st.LEGIBLE), each family averaging its
+    patches that hold an item and those that do not separately (half weight each): the few patches
+    that hold a detail weigh as much as the many that do not."""
     fam = st.view_families(sampled=True)
     legible = [f for f in st.FAMILIES if f in st.LEGIBLE]
     onehot = jnp.asarray([[f == g for g in legible] for f in np.array(list(st.FAMILIES))[fam]], jnp.float32)
