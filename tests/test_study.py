@@ -79,7 +79,7 @@ def test_stage0_tower_is_frozen_in_stages_1_and_2(tmp_path):
     # stage 0 alone (docs/study.md) trains the same tower: the study's recipe on the study's 8 devices
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     p = subprocess.run([sys.executable, "-m", "infllava_jax.study.stage0", str(out / "data"), str(tmp_path / "alone"),
-                        "--steps", "2", "--holdout", "1"], cwd=ROOT, env={**env, "JAX_PLATFORMS": "cpu"},
+                        "--steps", "2"], cwd=ROOT, env={**env, "JAX_PLATFORMS": "cpu"},
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads((tmp_path / "alone" / "result.json").read_text())["devices"] == 8

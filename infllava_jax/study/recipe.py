@@ -21,6 +21,8 @@ The released recipe (docs/model.md §7), scaled down: the vision tower is the st
 DEM + projector on the captions (plain template) and, unlike the released recipe, the tiny LLM too
 (it has no pretrained weights); stage 2 trains DEM + projector + LLM on the VQA records.
 """
+import os
+
 import ml_collections
 
 from infllava_jax.training.defaults import base_config, parse_arg
@@ -42,6 +44,13 @@ BUCKET = {1: 80, 2: 136}        # one spliced length per stage (longest record: 
 LOSS_POSITIONS = {1: 0, 2: 16}  # stage 2: the LM head at the (at most 9) answer tokens of a record, not all 136
 SYSTEM_PROMPT = False           # stage 2 without the system turn: 33 fixed tokens a model trained from scratch
                                 # learns nothing from, 20% of the sequence (docs/study.md, "The 15-minute budget")
+DEVICES = 8                     # fake CPU devices, all data-parallel: stage 0 and every row
+
+
+def use_study_devices() -> None:
+    """XLA_FLAGS for the study's DEVICES fake CPU devices, unless set (call before jax starts: the
+    data-parallel mean rounds with the device count, so stage 0 alone trains the study's tower)."""
+    os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={DEVICES}")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -62,8 +61,7 @@ def stage0(a, out: Path) -> dict:
         return json.loads(done.read_text())
     shutil.rmtree(vdir, ignore_errors=True)
     kw = {k: v for k, v in study_cfg.STAGE0.items() if k != "steps"}
-    result = {**stage0.run(out / "data", vdir, steps=recipe["steps"], holdout=min(200, a.n_train // 10 or 1),
-                                    **kw), "recipe": recipe}
+    result = {**stage0.run(out / "data", vdir, steps=recipe["steps"], **kw), "recipe": recipe}
     done.write_text(json.dumps(result, indent=1))
     return result
 
@@ -332,7 +330,8 @@ def _setup_logging() -> None:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")   # before jax starts
+    from infllava_jax.study import recipe as study_cfg
+    study_cfg.use_study_devices()
     _setup_logging()
     import jax
     from infllava_jax.study import scenes

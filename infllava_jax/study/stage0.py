@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -159,14 +158,15 @@ def batches(rng: np.random.Generator, n: int, batch: int):
             yield np.sort(order[b:b + batch])
 
 
-def run(data_dir, out_dir, *, steps: int = 600, batch: int = 16, lr: float = 2e-3, holdout: int = 200,
+def run(data_dir, out_dir, *, steps: int = 600, batch: int = 16, lr: float = 2e-3, holdout: int | None = None,
         seed: int = 0, log_every: int = 50, vocab_size: int = 512) -> dict:
     """Train the tower on the train split of `data_dir` (its last `holdout` images held out for the
-    accuracies), data-parallel over every device; write OUT (module docstring) and return
+    accuracies; default: a tenth, at most 200), data-parallel over every device; write OUT (module docstring) and return
     result.json's content."""
     out, t0 = Path(out_dir), time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     records = scenes.read_scenes(data_dir, "train")
+    holdout = min(200, len(records) // 10 or 1) if holdout is None else holdout
     if len(records) <= holdout:
         raise ValueError(f"{data_dir}: {len(records)} train images; stage 0 holds out {holdout}")
     images, targets = load_split(data_dir, records)
@@ -235,11 +235,10 @@ def main(argv=None) -> int:
     for k in ("steps", "batch"):
         ap.add_argument(f"--{k}", type=int, default=study_cfg.STAGE0[k])
     ap.add_argument("--lr", type=float, default=study_cfg.STAGE0["lr"])
-    ap.add_argument("--holdout", type=int, default=200, help="train images held out (the study: min(200, n/10))")
     a = ap.parse_args(argv)
-    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")   # before jax starts
+    study_cfg.use_study_devices()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    r = run(a.data, a.out, steps=a.steps, batch=a.batch, lr=a.lr, holdout=a.holdout)
+    r = run(a.data, a.out, steps=a.steps, batch=a.batch, lr=a.lr)
     print(json.dumps(r["holdout_accuracy"], indent=1))
     return 0
 
